@@ -79,7 +79,7 @@ def train_adapter(
                     optimizer.zero_grad(set_to_none=True)
                     objective.backward()
                     optimizer.step()
-                    losses.append(float(objective))
+                    losses.append(float(objective.detach()))
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.close()
@@ -128,4 +128,4 @@ def _train_lbfgs(
         return objective
 
     for _ in range(config.epochs):
-        losses.append(float(optimizer.step(closure)))
+        losses.append(float(optimizer.step(closure).detach()))

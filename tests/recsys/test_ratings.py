@@ -26,12 +26,14 @@ def write(path: Path, text: str, encoding: str = "utf-8", crlf: bool = False) ->
 
 def recbole_dir(root: Path, with_time: bool = True) -> Path:
     directory = root / "toy"
-    time_col = "timestamp:float\t" if with_time else ""
-    rows = [("5.0", "10", "1", "3"), ("9.0", "11", "1", "5"), ("7.0", "10", "2", "2"), ("8.0", "99", "2", "4")]
-    body = "".join(
-        f"{t + chr(9) if with_time else ''}{r}\t{i}\t{u}\tjunk\n" for t, i, u, r in rows
-    )
-    write(directory / "toy.inter", f"{time_col}rating:float\titem_id:token\tuser_id:token\textra:token\n{body}\n\n", crlf=True)
+    # columns out of the usual order, plus an extra one; rows are (timestamp, rating, item, user)
+    rows = [("5.0", "3", "10", "1"), ("9.0", "5", "11", "1"), ("7.0", "2", "10", "2"), ("8.0", "4", "99", "2")]
+    header = ["timestamp:float", "rating:float", "item_id:token", "user_id:token", "extra:token"]
+    lines = [[*row, "junk"] for row in rows]
+    if not with_time:
+        header, lines = header[1:], [line[1:] for line in lines]
+    text = "".join("\t".join(fields) + "\n" for fields in [header, *lines]) + "\n\n"
+    write(directory / "toy.inter", text, crlf=True)
     write(
         directory / "toy.item",
         "movie_title:token_seq\titem_id:token\trelease_year:token\n"
@@ -104,7 +106,8 @@ def test_movielens_100k_layout(tmp_path: Path, header: bool) -> None:
 
 def test_movielens_latest_layout_quoted_titles_crlf_and_column_order(tmp_path: Path) -> None:
     directory = tmp_path / "ml-latest-small"
-    write(directory / "ratings.csv", "timestamp,rating,movieId,userId\n964982703,4.5,1,1\n964981247,0.5,11,1\n", crlf=True)
+    ratings = "timestamp,rating,movieId,userId\n964982703,4.5,1,1\n964981247,0.5,11,1\n"
+    write(directory / "ratings.csv", ratings, crlf=True)
     write(
         directory / "movies.csv",
         'movieId,title,genres\n1,Toy Story (1995),Animation|Comedy\n11,"American President, The (1995)",Comedy\n',

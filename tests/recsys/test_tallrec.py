@@ -33,7 +33,8 @@ def movielens_fixture(root: Path, n_users: int = 6, per_user: int = 16, seed: in
     directory = root / "ml-fixture"
     directory.mkdir()
     (directory / "u.data").write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
-    (directory / "u.item").write_text("".join(f"{i}|Movie {i} (19{i:02d})|01-Jan-1990||http://x|0\n" for i in range(1, 61)))
+    titles = "".join(f"{i}|Movie {i} (19{i:02d})|01-Jan-1990||http://x|0\n" for i in range(1, 61))
+    (directory / "u.item").write_text(titles)
     return directory
 
 
@@ -59,7 +60,8 @@ def check_invariants(data: RatingData, splits: TallRecSplits, threshold: float |
             assert record.target not in {item for item, _ in record.history}
             if threshold is not None:
                 assert record.label == (target.rating > threshold)
-                assert all(liked == (rating[(record.user_id, item)].rating > threshold) for item, liked in record.history)
+                for item, liked in record.history:
+                    assert liked == (rating[(record.user_id, item)].rating > threshold)
             assert example.response == (YES if record.label else NO)
             assert example.prompt.endswith("\nAnswer:")
             assert example.prompt == render_prompt(record.history, record.target, splits.item_titles, splits.item_noun)
@@ -116,8 +118,10 @@ def test_user_median_rule_for_play_counts(tmp_path: Path) -> None:
     directory.mkdir()
     plays = [(1, a, w) for a, w in zip(range(1, 8), [50, 10, 40, 20, 30, 70, 60])]
     plays += [(2, a, w) for a, w in zip(range(1, 6), [1, 2, 3, 4, 5])]
-    (directory / "user_artists.dat").write_text("userID\tartistID\tweight\n" + "".join(f"{u}\t{a}\t{w}\n" for u, a, w in plays))
-    (directory / "artists.dat").write_text("id\tname\turl\tpictureURL\n" + "".join(f"{a}\tBand {a}\tu\tp\n" for a in range(1, 8)))
+    play_rows = "".join(f"{u}\t{a}\t{w}\n" for u, a, w in plays)
+    (directory / "user_artists.dat").write_text("userID\tartistID\tweight\n" + play_rows)
+    artist_rows = "".join(f"{a}\tBand {a}\tu\tp\n" for a in range(1, 8))
+    (directory / "artists.dat").write_text("id\tname\turl\tpictureURL\n" + artist_rows)
     data = load_ratings(directory)
     splits = build_tallrec(data, TallRecConfig(history_length=2, valid_fraction=0.0, test_fraction=0.0))
     check_invariants(data, splits, threshold=None)

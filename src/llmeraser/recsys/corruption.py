@@ -94,7 +94,7 @@ def removal_task(
     _check_ids(train)
     rng = random.Random(f"{seed}:removal")
     if by_user:
-        owner = {e.id: (records[e.id].user_id if records is not None else user_of(e.id)) for e in train}
+        owner = {e.id: records[e.id].user_id if records and e.id in records else user_of(e.id) for e in train}
         users = list(dict.fromkeys(owner[e.id] for e in train))
         chosen_users = set(rng.sample(users, _count(fraction, len(users), "users", allow_all=False)))
         removed = {e.id for e in train if owner[e.id] in chosen_users}

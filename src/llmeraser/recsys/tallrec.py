@@ -32,7 +32,14 @@ from pathlib import Path
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError
-from llmeraser.recsys.ratings import RatingData, default_ml100k_path, load_ratings, natural_key, placeholder_title
+from llmeraser.recsys.ratings import (
+    RatingData,
+    bulk_allocation,
+    default_ml100k_path,
+    load_ratings,
+    natural_key,
+    placeholder_title,
+)
 
 YES = " Yes"
 NO = " No"
@@ -179,6 +186,11 @@ def build_records(data: RatingData, config: TallRecConfig = TallRecConfig()) -> 
     """The records of each split (``{"train": [...], "valid": [...], "test": [...]}``), users in natural
     order, each user's records in time order. No prompt is rendered."""
     config.validate()
+    with bulk_allocation():
+        return _build_records(data, config)
+
+
+def _build_records(data: RatingData, config: TallRecConfig) -> dict[str, list[TallRecRecord]]:
     min_history = config.history_length if config.min_history is None else config.min_history
     rule = config.like_threshold if config.like_threshold is not None else data.scale.like_above
     if rule is None:

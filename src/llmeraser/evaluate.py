@@ -1,0 +1,104 @@
+"""Metrics: per-example losses, Yes/No answer scores and AUC, and function-space distances between adapters.
+
+- loss: the per-example mean response NLL in nats per token (``llmeraser.data.response_nll``);
+  perplexity = exp(mean loss).
+- answer score: log P(positive answer | prompt) − log P(negative answer | prompt), the sums of the answer
+  tokens' log-probabilities (EOS excluded); for single-token answers this is logit(Yes) − logit(No).
+- AUC: ROC AUC of the answer scores against the true Yes/No labels (scikit-learn).
+- KL: mean over examples of the token-averaged KL(P_a ‖ P_b) of the next-token distributions on the
+  response positions, between the same model under two adapter vectors θ_a, θ_b (nats per token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llmeraser.data import Example, TokenizationConfig, iter_batches, model_inputs, response_nll, shifted_targets, tokenize_examples
+from llmeraser.model import AdapterParameters
+
+
+@torch.no_grad()
+def example_loss_values(
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
+) -> np.ndarray:
+    """Per-example mean response NLL (nats per token), shape (n,)."""
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+    values = [response_nll(model(**model_inputs(batch)).logits, batch["labels"]) for batch in iter_batches(items, batch_size, tokenizer.pad_token_id)]
+    return torch.cat(values).double().numpy()
+
+
+@torch.no_grad()
+def answer_log_likelihoods(
+    model: Any, tokenizer: Any, prompts: Sequence[str], answer: str, max_length: int = 256, batch_size: int = 8
+) -> np.ndarray:
+    """log P(answer | prompt) summed over the answer's tokens (no EOS), shape (n,)."""
+    examples = [Example(str(i), prompt, answer) for i, prompt in enumerate(prompts)]
+    config = TokenizationConfig(max_length=max_length, append_eos=False)
+    items = tokenize_examples(tokenizer, examples, config)
+    values = []
+    for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
+        mean_nll = response_nll(model(**model_inputs(batch)).logits, batch["labels"])
+        counts = (batch["labels"][:, 1:] != -100).sum(dim=1)
+        values.append(-(mean_nll * counts))
+    return torch.cat(values).double().numpy()
+
+
+def answer_scores(
+    model: Any, tokenizer: Any, examples: Sequence[Example], positive: str = " Yes", negative: str = " No", **kwargs: Any
+) -> np.ndarray:
+    """log P(positive | prompt) − log P(negative | prompt) per example, shape (n,)."""
+    prompts = [e.prompt for e in examples]
+    return answer_log_likelihoods(model, tokenizer, prompts, positive, **kwargs) - answer_log_likelihoods(
+        model, tokenizer, prompts, negative, **kwargs
+    )
+
+
+def binary_labels(examples: Sequence[Example], positive: str = " Yes") -> np.ndarray:
+    """1 where the response is the positive answer (compared without surrounding whitespace), else 0."""
+    return np.array([int(e.response.strip() == positive.strip()) for e in examples])
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC; NaN when only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(set(labels.tolist())) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+@torch.no_grad()
+def mean_kl(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    theta_a: Tensor,
+    theta_b: Tensor,
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> float:
+    """Mean over examples of the token-averaged KL(P_θa ‖ P_θb) on response positions (nats per token).
+
+    The model's own θ is restored afterwards.
+    """
+    params = AdapterParameters.of(model)
+    original = params.flat()
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+    total = 0.0
+    try:
+        for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
+            params.assign(theta_a)
+            log_p = torch.log_softmax(model(**model_inputs(batch)).logits[:, :-1].double(), dim=-1)
+            params.assign(theta_b)
+            log_q = torch.log_softmax(model(**model_inputs(batch)).logits[:, :-1].double(), dim=-1)
+            _, weights = shifted_targets(batch["labels"])
+            kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+            total += float((kl * weights.double()).sum())
+    finally:
+        params.assign(original)
+    return total / len(items)
