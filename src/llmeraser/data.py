@@ -158,7 +158,7 @@ def shifted_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
     of example i and 0 elsewhere, so that ``(weights * token_nll).sum(1)`` is the per-example mean.
     """
     targets = labels[:, 1:]
-    mask = (targets != IGNORE_INDEX).to(torch.float32)
+    mask = (targets != IGNORE_INDEX).to(torch.float64)  # float64: 1/T_i exact to the caller's precision
     counts = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
     return targets, mask / counts
 
@@ -171,8 +171,10 @@ def response_nll(logits: Tensor, labels: Tensor) -> Tensor:
     """
     targets, weights = shifted_targets(labels)
     logits = logits[:, :-1, :]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # upcast half precision only; float64 models keep float64 losses
     token_nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
+        logits.reshape(-1, logits.shape[-1]),
         targets.clamp_min(0).reshape(-1),
         reduction="none",
     ).view(targets.shape)

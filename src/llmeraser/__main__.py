@@ -1,0 +1,3 @@
+from llmeraser.cli import main
+
+raise SystemExit(main())
