@@ -1,18 +1,29 @@
 """The ``llmeraser`` command: a thin shell over the library.
 
-Exit codes: 0 success, 2 usage error (argparse), 3 bad input (files, ids, adapters), 4 numerical failure.
+Subcommands: ``train``, ``erase``, ``retrain``, ``evaluate``, ``demo``. Every option can also come from a
+TOML file (``--config run.toml``: top-level keys, or a table named after the subcommand; keys spelled as
+the flags, with ``-`` or ``_``); flags given on the command line override the file.
+
+Exit codes: 0 success, 2 usage error, 3 bad input (files, ids, mismatched adapters), 4 numerical failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tomllib
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 from llmeraser.errors import InputError, NumericalError
 
-EXIT_INPUT, EXIT_NUMERICAL = 3, 4
+EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL = 2, 3, 4
+
+
+# ----------------------------------------------------------------------------------------------- commands
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -22,109 +33,332 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(replace(config, seed=args.seed), out_dir=args.out)
 
 
+def _lora_settings(args: argparse.Namespace) -> Any:
+    from llmeraser.model import LoraSettings
+
+    return LoraSettings(args.lora_r, args.lora_alpha, 0.0, tuple(args.target_modules), args.seed)
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    from llmeraser.train import TrainConfig
+
+    return TrainConfig(args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, args.max_length)
+
+
+def _train_and_save(model_name: str, examples: list, lora: Any, recipe: Any, out: str, extra: dict | None = None) -> None:
+    """Fresh LoRA on the base model, trained with ``recipe``, saved with its training record."""
+    from llmeraser.hashing import dataset_hash
+    from llmeraser.model import attach_lora, load_base_model, save_adapter
+    from llmeraser.provenance import TRAINING_RECORD, TrainingRecord, model_fingerprint
+    from llmeraser.train import train_adapter
+
+    _refuse_existing(out)
+    base, tokenizer = load_base_model(model_name, seed=recipe.seed)
+    record = TrainingRecord(model_name, model_fingerprint(base), dataset_hash(examples), len(examples), recipe, lora)
+    model = attach_lora(base, lora)
+    result = train_adapter(model, tokenizer, examples, recipe, progress=True)
+    save_adapter(model, out, extra_files={TRAINING_RECORD: {**record.to_json(), **(extra or {})}})
+    print(f"trained on {len(examples)} examples in {result.wall_time_s:.1f} s; final objective {result.losses[-1]:.4f}")
+    print(f"adapter written to {out}")
+
+
+def _refuse_existing(out: str) -> None:
+    if Path(out).exists():
+        raise InputError("output directory already exists (choose a new one; nothing is overwritten)", out)
+
+
 def _train(args: argparse.Namespace) -> None:
     from llmeraser.data import read_examples
-    from llmeraser.model import LoraSettings, attach_lora, load_base_model, save_adapter
-    from llmeraser.train import TrainConfig, train_adapter
 
-    examples = read_examples(args.data)
-    base, tokenizer = load_base_model(args.model, seed=args.seed)
-    model = attach_lora(base, LoraSettings(args.lora_r, args.lora_alpha, 0.0, tuple(args.target_modules), args.seed))
-    recipe = TrainConfig(args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, args.max_length)
-    result = train_adapter(model, tokenizer, examples, recipe, progress=True)
-    save_adapter(model, args.out, extra_files={"llmeraser_recipe.json": {"recipe": recipe.to_json(), "model": args.model}})
-    print(f"trained {len(examples)} examples in {result.wall_time_s:.1f} s; final loss {result.losses[-1]:.4f}")
-    print(f"adapter written to {args.out}")
+    _train_and_save(args.model, read_examples(args.data), _lora_settings(args), _recipe(args), args.out)
+
+
+def _load_for_adapter(model_arg: str | None, adapter: str) -> tuple[Any, Any, Any, Any]:
+    """(model with the adapter loaded, tokenizer, base, training record) for an existing adapter."""
+    from llmeraser.model import load_adapter, load_base_model
+    from llmeraser.provenance import read_training_record
+
+    record = read_training_record(adapter)
+    name = model_arg or (record.model if record else None)
+    if name is None:
+        raise InputError("--model is required: the adapter has no llmeraser training record", adapter)
+    base, tokenizer = load_base_model(name, seed=record.recipe.seed if record else 0)
+    return load_adapter(base, adapter), tokenizer, base, record
 
 
 def _erase(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
     from llmeraser.data import read_examples
     from llmeraser.eraser import EraseConfig, erase, save_erased_adapter
-    from llmeraser.model import load_adapter, load_base_model
-    from llmeraser.requests import read_requests
+    from llmeraser.hashing import adapter_hash, dataset_hash, sha256_file
+    from llmeraser.provenance import TRAINING_RECORD, check_matches
+    from llmeraser.requests import edited_training_set, read_requests
 
     requests = read_requests(args.requests)
     examples = read_examples(args.data)
-    if Path(args.out).exists():
-        raise InputError("output directory already exists (choose a new one)", args.out)
-    recipe_file = Path(args.adapter) / "llmeraser_recipe.json"
-    recipe = json.loads(recipe_file.read_text())["recipe"] if recipe_file.is_file() else {}
-    weight_decay = args.weight_decay if args.weight_decay is not None else recipe.get("weight_decay", 0.0)
-    base, tokenizer = load_base_model(args.model)
-    model = load_adapter(base, args.adapter)
+    _refuse_existing(args.out)
+    if Path(args.out).resolve() == Path(args.adapter).resolve():
+        raise InputError("--out must differ from --adapter (the input adapter is never modified)", args.out)
+    input_hash = adapter_hash(args.adapter)
+    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter)
+    mismatches = check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
+    recipe = record.recipe if record else None
     config = EraseConfig(
-        solver=args.solver, curvature=args.curvature, damping=args.damping, scaling=args.scaling,
-        weight_decay=weight_decay, max_iters=args.max_iters, tol=args.tol, batch_size=args.batch_size,
-        curvature_examples=args.curvature_examples, max_length=recipe.get("max_length", args.max_length),
+        solver=args.solver,
+        curvature=args.curvature,
+        damping=args.damping,
+        scaling=args.scaling,
+        weight_decay=args.weight_decay if args.weight_decay is not None else (recipe.weight_decay if recipe else 0.0),
+        max_iters=args.max_iters,
+        tol=args.tol,
+        batch_size=args.batch_size,
+        curvature_examples=args.curvature_examples,
+        max_length=args.max_length if args.max_length is not None else (recipe.max_length if recipe else 256),
+        seed=args.seed,
     )
     result = erase(model, tokenizer, examples, requests, config)
-    save_erased_adapter(model, result, args.out)
-    print(f"{result.report['requests']}: solver {result.solver.status}, relative residual "
-          f"{result.solver.final_residual:.2e}, ‖v‖ = {result.report['update_norm']:.3e}")
-    print(f"erased adapter written to {args.out} (report: {Path(args.out) / 'erasure_report.json'})")
+    result.report.update(
+        {
+            "input_adapter_sha256": input_hash,
+            "requests_file_sha256": sha256_file(args.requests),
+            "training_data_sha256": record.data_sha256 if record else None,
+            "mismatches_allowed": mismatches,
+        }
+    )
+    extra_files = {}
+    if record is not None:  # the erased adapter stands for a model trained on the edited set
+        edited = edited_training_set(examples, result.pairs)
+        extra_files[TRAINING_RECORD] = {**record.to_json(), "data_sha256": dataset_hash(edited), "n_examples": len(edited)}
+    save_erased_adapter(model, result, args.out, extra_files)
+    report_path = Path(args.out) / "erasure_report.json"
+    solver = result.solver
+    print(f"requests {result.report['requests']}; {solver.solver}: {solver.status}, {solver.iterations} iterations, "
+          f"relative residual {solver.final_residual:.2e}; ‖v‖ = {result.report['update_norm']:.3e}; "
+          f"{result.report['timings_s']['total_s']:.1f} s")
+    print(f"erased adapter written to {args.out} (report: {report_path})")
+
+
+def _retrain(args: argparse.Namespace) -> None:
+    from llmeraser.data import read_examples
+    from llmeraser.provenance import read_training_record
+    from llmeraser.requests import edited_training_set, read_requests, resolve
+
+    examples = read_examples(args.data)
+    edited = edited_training_set(examples, resolve(read_requests(args.requests), examples))
+    if args.like:
+        record = read_training_record(args.like)
+        if record is None:
+            raise InputError("no llmeraser training record to copy the recipe from", args.like)
+        model_name, lora, recipe = args.model or record.model, record.lora, record.recipe
+    else:
+        if not args.model:
+            raise InputError("retrain needs --model (or --like ADAPTER_DIR to copy model and recipe)")
+        model_name, lora, recipe = args.model, _lora_settings(args), _recipe(args)
+    print(f"retraining on the edited set: {len(edited)} of {len(examples)} examples")
+    _train_and_save(model_name, edited, lora, recipe, args.out)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from llmeraser.data import read_examples
+    from llmeraser.evaluate import evaluate_examples, example_loss_values, function_space_distance
+    from llmeraser.hashing import example_hash
+    from llmeraser.model import AdapterParameters, adapter_vector
+    from llmeraser.requests import read_requests, resolve
+
+    examples = read_examples(args.data)
+    model, tokenizer, _, record = _load_for_adapter(args.model, args.adapter)
+    max_length = args.max_length or (record.recipe.max_length if record else 256)
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    results: dict[str, Any] = {"adapter": args.adapter, "data": args.data}
+    results["data_metrics"] = evaluate_examples(model, tokenizer, examples, max_length, args.batch_size)
+    rows = [("data", results["data_metrics"])]
+    edited_old, edited_new = [], []
+    if args.requests:
+        train = read_examples(args.train_data) if args.train_data else examples
+        pairs = resolve(read_requests(args.requests), train)
+        edited_old = [p.old for p in pairs]
+        edited_new = [p.new for p in pairs if p.new is not None]
+        old_losses = example_loss_values(model, tokenizer, edited_old, max_length, args.batch_size)
+        new_losses = example_loss_values(model, tokenizer, edited_new, max_length, args.batch_size) if edited_new else []
+        new_iter = iter(new_losses)
+        results["edited_examples"] = [
+            {"id_sha256": example_hash(p.old)[:16], "op": p.request.op, "loss_old": float(old),
+             "loss_new": float(next(new_iter)) if p.new is not None else None}
+            for p, old in zip(pairs, old_losses)
+        ]
+        rows.append(("edited (old versions)", evaluate_examples(model, tokenizer, edited_old, max_length, args.batch_size)))
+        if edited_new:
+            rows.append(("edited (new versions)", evaluate_examples(model, tokenizer, edited_new, max_length, args.batch_size)))
+    comparisons = []
+    for other in args.compare or []:
+        theta_other = adapter_vector(model, other)
+        entry: dict[str, Any] = {"adapter": other}
+        entry["data"] = function_space_distance(model, tokenizer, examples, theta_other, theta, max_length, args.batch_size)
+        if edited_old:
+            entry["edited_old"] = function_space_distance(model, tokenizer, edited_old, theta_other, theta, max_length, args.batch_size)
+        if edited_new:
+            entry["edited_new"] = function_space_distance(model, tokenizer, edited_new, theta_other, theta, max_length, args.batch_size)
+        comparisons.append(entry)
+    results["compare"] = comparisons
+
+    print(f"adapter {args.adapter} on {args.data}")
+    print(_table(["set", "n", "mean loss", "perplexity", "accuracy", "AUC"],
+                 [[name, int(m["n"]), m["mean_loss"], m["perplexity"], m.get("accuracy", "-"), m.get("auc", "-")]
+                  for name, m in rows]))
+    for edited in results.get("edited_examples", []):
+        new = "-" if edited["loss_new"] is None else f"{edited['loss_new']:.4f}"
+        print(f"  {edited['op']:<17} example {edited['id_sha256']}: loss old {edited['loss_old']:.4f}  new {new}")
+    if comparisons:
+        print("function-space distance from each --compare adapter (KL(other ‖ this), nats/token; top-1 agreement):")
+        table_rows = []
+        for entry in comparisons:
+            for key in ("data", "edited_old", "edited_new"):
+                if key in entry:
+                    table_rows.append([entry["adapter"], key, entry[key]["kl"], entry[key]["top1_agreement"]])
+        print(_table(["other adapter", "on", "KL", "top-1 agreement"], table_rows))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"results written to {args.json}")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *(fmt(r) for r in cells)])
+
+
+# ------------------------------------------------------------------------------------------------- parser
+
+
+def _add_model(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--model", required=required, default=None,
+                        help="base model: smollm2-135m, tiny, a Hugging Face id or a local directory"
+                        + ("" if required else " (default: the one recorded with the adapter)"))
+
+
+def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / r)")
+    parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], help="module names to adapt")
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the data")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per optimisation step")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="λ_wd of the L2 term (λ_wd/2)‖θ‖²")
+    parser.add_argument("--seed", type=int, default=0, help="seed of adapter initialisation and example order")
+    parser.add_argument("--max-length", type=int, default=256, help="max tokens per example (prompt cut from the left)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llmeraser",
-        description="Unlearn training examples from a LoRA adapter by influence functions.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="llmeraser", formatter_class=fmt,
+        description="Unlearn training examples from a LoRA adapter by influence functions, without retraining.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="train, erase and retrain on built-in MovieLens data; print one table",
-                               formatter_class=fmt)
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
+        sub.add_argument("--config", default=None, help="TOML file with default values for these options")
+        return sub
+
+    demo = command("demo", "train, erase and retrain on built-in MovieLens data; print one table")
     demo.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny, a hub id or a local directory")
     demo.add_argument("--seed", type=int, default=0, help="seed of data sampling, adapter init and training order")
-    demo.add_argument("--out", default=None, help="directory for demo_results.json (optional)")
+    demo.add_argument("--out", default=None, help="directory for demo_results.json")
     demo.set_defaults(run=_demo)
 
-    train = commands.add_parser("train", help="LoRA fine-tuning on a JSONL data file", formatter_class=fmt)
-    train.add_argument("--model", required=True, help="smollm2-135m, tiny, a hub id or a local directory")
+    train = command("train", "LoRA fine-tuning on a JSONL data file; records recipe, base model and data hash")
+    _add_model(train, required=True)
     train.add_argument("--data", required=True, help="training data, JSONL {id, prompt, response}")
-    train.add_argument("--out", required=True, help="new adapter directory")
-    train.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    train.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale alpha/r)")
-    train.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], help="modules to adapt")
-    train.add_argument("--epochs", type=int, default=3, help="passes over the data")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    train.add_argument("--batch-size", type=int, default=8, help="examples per step")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="L2 coefficient λ_wd of (λ_wd/2)‖θ‖²")
-    train.add_argument("--seed", type=int, default=0, help="seed of adapter init and example order")
-    train.add_argument("--max-length", type=int, default=256, help="max tokens per example (prompt cut from the left)")
+    train.add_argument("--out", required=True, help="new adapter directory (must not exist)")
+    _add_recipe(train)
     train.set_defaults(run=_train)
 
-    erase_cmd = commands.add_parser("erase", help="apply a request file to an adapter; write a new adapter",
-                                    formatter_class=fmt)
-    erase_cmd.add_argument("--model", required=True, help="base model of the adapter")
-    erase_cmd.add_argument("--adapter", required=True, help="input PEFT adapter directory (never modified)")
-    erase_cmd.add_argument("--data", required=True, help="the training data the adapter was trained on (JSONL)")
-    erase_cmd.add_argument("--requests", required=True, help="request file (JSONL: remove / modify_query / correct_response)")
-    erase_cmd.add_argument("--out", required=True, help="new adapter directory (must not exist)")
-    erase_cmd.add_argument("--solver", default="cg", choices=["direct", "cg", "lissa", "sgd"], help="inverse-HVP solver")
-    erase_cmd.add_argument("--curvature", default="gauss-newton", choices=["gauss-newton", "hessian"], help="curvature matrix")
-    erase_cmd.add_argument("--damping", type=float, default=1e-2, help="λ added to the curvature")
-    erase_cmd.add_argument("--scaling", default="retrain", choices=["retrain", "paper"],
-                           help="retrain: Newton step to the retraining objective (1/(n-k)); paper: 1/n")
-    erase_cmd.add_argument("--weight-decay", type=float, default=None,
-                           help="the recipe's λ_wd (default: read from the adapter's llmeraser_recipe.json, else 0)")
-    erase_cmd.add_argument("--max-iters", type=int, default=50, help="solver iterations")
-    erase_cmd.add_argument("--tol", type=float, default=1e-4, help="relative residual to stop at")
-    erase_cmd.add_argument("--batch-size", type=int, default=8, help="examples per forward pass / stochastic mini-batch")
-    erase_cmd.add_argument("--curvature-examples", type=int, default=None,
-                           help="random subset of training examples for the curvature (default: all)")
-    erase_cmd.add_argument("--max-length", type=int, default=256, help="max tokens (default: the recipe's)")
-    erase_cmd.set_defaults(run=_erase)
+    erase = command("erase", "apply a request file to an adapter and write a new adapter (the input is never modified)")
+    _add_model(erase, required=False)
+    erase.add_argument("--adapter", required=True, help="input PEFT adapter directory")
+    erase.add_argument("--data", required=True, help="the training data the adapter was trained on (JSONL)")
+    erase.add_argument("--requests", required=True, help="request file, JSONL: remove / modify_query / correct_response")
+    erase.add_argument("--out", required=True, help="new adapter directory (must not exist)")
+    erase.add_argument("--solver", default="cg", choices=["direct", "cg", "lissa", "sgd"], help="inverse-HVP solver")
+    erase.add_argument("--curvature", default="gauss-newton", choices=["gauss-newton", "hessian"], help="curvature matrix H")
+    erase.add_argument("--damping", type=float, default=1e-2, help="λ added to H (also a trust region for long steps)")
+    erase.add_argument("--scaling", default="retrain", choices=["retrain", "paper"],
+                       help="retrain: Newton step to the retraining objective, 1/(n-k); paper: 1/n")
+    erase.add_argument("--weight-decay", type=float, default=None, help="recipe's λ_wd (default: from the training record, else 0)")
+    erase.add_argument("--max-iters", type=int, default=50, help="solver iterations")
+    erase.add_argument("--tol", type=float, default=1e-4, help="relative residual ‖(H+λI)v − b‖/‖b‖ to stop at")
+    erase.add_argument("--batch-size", type=int, default=8, help="examples per forward pass and stochastic mini-batch")
+    erase.add_argument("--curvature-examples", type=int, default=None, help="estimate H on a random subset of this many examples (default: all)")
+    erase.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's, else 256)")
+    erase.add_argument("--seed", type=int, default=0, help="seed of subsets and stochastic solvers")
+    erase.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
+    erase.set_defaults(run=_erase)
+
+    retrain = command("retrain", "train from scratch on the edited training set with the same recipe (exact reference)")
+    _add_model(retrain, required=False)
+    retrain.add_argument("--data", required=True, help="the original training data (JSONL)")
+    retrain.add_argument("--requests", required=True, help="request file to apply to the data")
+    retrain.add_argument("--out", required=True, help="new adapter directory (must not exist)")
+    retrain.add_argument("--like", default=None, help="adapter directory whose recorded model and recipe to reuse")
+    _add_recipe(retrain)
+    retrain.set_defaults(run=_retrain)
+
+    evaluate = command("evaluate", "losses, perplexity, Yes/No accuracy and AUC, forgetting of edited examples, distances between adapters")
+    _add_model(evaluate, required=False)
+    evaluate.add_argument("--adapter", required=True, help="adapter directory to evaluate")
+    evaluate.add_argument("--data", required=True, help="evaluation data (JSONL)")
+    evaluate.add_argument("--requests", default=None, help="request file: also report each edited example's old and new loss")
+    evaluate.add_argument("--train-data", default=None, help="training data the requests refer to (default: --data)")
+    evaluate.add_argument("--compare", nargs="+", default=None, help="other adapter directories to measure distances to")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    evaluate.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
+    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """Apply ``--config FILE`` (if given) as defaults of the chosen subcommand's parser."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("command", nargs="?")
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config or not known.command:
+        return
+    path = Path(known.config)
     try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("config file not found", path) from None
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"malformed TOML: {err}", path) from None
+    section = table.get(known.command, {})
+    values = {k: v for k, v in table.items() if not isinstance(v, dict)} | (section if isinstance(section, dict) else {})
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.get(known.command)
+    if sub is None:
+        return
+    dests = {a.dest for a in sub._actions}
+    defaults = {}
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in dests:
+            raise InputError(f"unknown option '{key}' for '{known.command}'", path)
+        defaults[dest] = value
+    sub.set_defaults(**defaults)
+    for action in sub._actions:  # options given in the file are no longer required on the command line
+        if action.dest in defaults:
+            action.required = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        _config_defaults(parser, argv)
+        args = parser.parse_args(argv)
         args.run(args)
     except InputError as err:
         print(f"llmeraser: error: {err}", file=sys.stderr)
@@ -132,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NumericalError as err:
         print(f"llmeraser: numerical failure: {err}", file=sys.stderr)
         return EXIT_NUMERICAL
+    except ValueError as err:  # invalid option values detected by the library
+        print(f"llmeraser: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

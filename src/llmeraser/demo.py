@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
-from llmeraser.evaluate import answer_scores, auc, binary_labels, example_loss_values, mean_kl
+from llmeraser.evaluate import answer_scores, auc, binary_labels, example_loss_values, function_space_distance
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
 from llmeraser.recsys.corruption import mixed_task
 from llmeraser.recsys.tallrec import movielens_demo_examples
@@ -134,7 +134,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
                 if new_versions else float("nan"),
                 "loss_rest": float(example_loss_values(model, tokenizer, rest, max_length).mean()),
                 "test_auc": auc(test_labels, answer_scores(model, tokenizer, splits.test, max_length=max_length)),
-                "kl_to_retrained": mean_kl(model, tokenizer, old_versions, theta_retrain, vector, max_length),
+                "kl_to_retrained": function_space_distance(
+                    model, tokenizer, old_versions, theta_retrain, vector, max_length
+                )["kl"],
                 "wall_time_s": seconds,
             }
         )

@@ -26,6 +26,7 @@ from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import Example, TokenizationConfig, tokenize_examples
 from llmeraser.errors import NumericalError
 from llmeraser.gradients import influence_rhs
+from llmeraser.hashing import adapter_hash, example_hash
 from llmeraser.model import AdapterParameters, save_adapter
 from llmeraser.requests import EditPair, Request, count_by_kind, edited_training_set, resolve
 from llmeraser.solvers import SolverResult, solve
@@ -149,6 +150,10 @@ def erase(
     update = result.solution
     report = {
         "requests": count_by_kind([p.request for p in pairs]),
+        "affected_examples": [
+            {"op": p.request.op, "old_sha256": example_hash(p.old), "new_sha256": example_hash(p.new) if p.new else None}
+            for p in pairs
+        ],
         "n_train": len(train),
         "n_curvature_examples": len(curvature_items),
         "n_parameters": params.dim,
@@ -180,6 +185,14 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def save_erased_adapter(model: Any, result: ErasureResult, out_dir: str | Path) -> Path:
-    """Write θ_new as a new PEFT adapter directory with ``erasure_report.json`` beside the weights."""
-    return save_adapter(model, out_dir, result.theta_new, {"erasure_report.json": result.report})
+def save_erased_adapter(
+    model: Any, result: ErasureResult, out_dir: str | Path, extra_files: dict[str, Any] | None = None
+) -> Path:
+    """Write θ_new as a new PEFT adapter directory, atomically, with ``erasure_report.json`` (which also
+    records the SHA-256 of the written adapter) and any ``extra_files`` beside the weights."""
+
+    def files(written: Path) -> dict[str, Any]:
+        report = {**result.report, "output_adapter_sha256": adapter_hash(written)}
+        return {"erasure_report.json": report, **(extra_files or {})}
+
+    return save_adapter(model, out_dir, result.theta_new, files)

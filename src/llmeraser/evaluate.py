@@ -73,7 +73,7 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def mean_kl(
+def function_space_distance(
     model: Any,
     tokenizer: Any,
     examples: Sequence[Example],
@@ -81,15 +81,17 @@ def mean_kl(
     theta_b: Tensor,
     max_length: int = 256,
     batch_size: int = 8,
-) -> float:
-    """Mean over examples of the token-averaged KL(P_θa ‖ P_θb) on response positions (nats per token).
+) -> dict[str, float]:
+    """Distances between the model under θ_a and under θ_b on the examples' response positions:
 
-    The model's own θ is restored afterwards.
+    ``kl``: mean over examples of the token-averaged KL(P_θa ‖ P_θb) (nats per token);
+    ``top1_agreement``: mean over examples of the fraction of response positions whose most likely
+    next token is the same. The model's own θ is restored afterwards.
     """
     params = AdapterParameters.of(model)
     original = params.flat()
     items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
-    total = 0.0
+    kl_total, agree_total = 0.0, 0.0
     try:
         for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
             params.assign(theta_a)
@@ -97,8 +99,32 @@ def mean_kl(
             params.assign(theta_b)
             log_q = torch.log_softmax(model(**model_inputs(batch)).logits[:, :-1].double(), dim=-1)
             _, weights = shifted_targets(batch["labels"])
+            weights = weights.double()
             kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
-            total += float((kl * weights.double()).sum())
+            same = (log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).double()
+            kl_total += float((kl * weights).sum())
+            agree_total += float((same * weights).sum())
     finally:
         params.assign(original)
-    return total / len(items)
+    return {"kl": kl_total / len(items), "top1_agreement": agree_total / len(items)}
+
+
+def is_yes_no(examples: Sequence[Example], positive: str = " Yes", negative: str = " No") -> bool:
+    """Whether every response is the positive or the negative answer (ignoring surrounding whitespace)."""
+    answers = {positive.strip(), negative.strip()}
+    return bool(examples) and all(e.response.strip() in answers for e in examples)
+
+
+def evaluate_examples(
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
+) -> dict[str, float]:
+    """``n``, ``mean_loss`` (nats per token), ``perplexity`` = exp(mean_loss); for Yes/No data also
+    ``accuracy`` (score > 0 predicts Yes) and ``auc`` of the answer scores."""
+    losses = example_loss_values(model, tokenizer, examples, max_length, batch_size)
+    metrics = {"n": float(len(examples)), "mean_loss": float(losses.mean()), "perplexity": float(np.exp(losses.mean()))}
+    if is_yes_no(examples):
+        scores = answer_scores(model, tokenizer, examples, max_length=max_length, batch_size=batch_size)
+        labels = binary_labels(examples)
+        metrics["accuracy"] = float(((scores > 0).astype(int) == labels).mean())
+        metrics["auc"] = auc(labels, scores)
+    return metrics

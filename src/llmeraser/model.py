@@ -18,7 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,12 +237,16 @@ class AdapterParameters:
 
 
 def save_adapter(
-    model: Any, out_dir: str | Path, theta: Tensor | None = None, extra_files: dict[str, Any] | None = None
+    model: Any,
+    out_dir: str | Path,
+    theta: Tensor | None = None,
+    extra_files: dict[str, Any] | Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Write the adapter (θ = ``theta``, default the model's own) as a PEFT directory, atomically.
 
     ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``extra_files``: names → JSON-ready
-    objects) go to a temporary directory beside ``out_dir`` that is renamed into place when complete.
+    objects, or a function of the temporary directory holding the written weights that returns them)
+    go to a temporary directory beside ``out_dir`` that is renamed into place when complete.
     The model's own θ is restored afterwards. Refuses to overwrite an existing ``out_dir``.
     """
     out_dir = Path(out_dir)
@@ -257,10 +261,36 @@ def save_adapter(
         if theta is not None:
             params.assign(theta)
         model.save_pretrained(str(tmp), safe_serialization=True)
-        for name, content in (extra_files or {}).items():
+        files = extra_files(tmp) if callable(extra_files) else (extra_files or {})
+        for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(tmp, out_dir)
     finally:
         params.assign(original)
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def adapter_vector(model: Any, adapter_dir: str | Path) -> Tensor:
+    """θ of another adapter directory as a flat (p,) vector in ``model``'s parameter order.
+
+    The other adapter must have the same LoRA shapes (rank, target modules); ``model`` keeps its own θ.
+    """
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise InputError("not a PEFT adapter directory (no adapter_model.safetensors)", adapter_dir)
+    params = AdapterParameters.of(model)
+    original = params.flat()
+    weights = load_peft_weights(str(adapter_dir), device="cpu")
+    try:
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora_" in key]
+        if unexpected:
+            raise InputError(f"adapter does not fit the model's LoRA layout ({len(unexpected)} unexpected tensors)", adapter_dir)
+        return params.flat()
+    except RuntimeError as err:  # size mismatch from load_state_dict
+        raise InputError(f"adapter does not fit the model's LoRA layout: {str(err).splitlines()[0]}", adapter_dir) from None
+    finally:
+        params.assign(original)

@@ -94,7 +94,7 @@ def request_from_json(obj: dict[str, Any], path: str | Path | None = None, line:
     if "op" not in obj:
         raise InputError("missing field 'op'", path, line)
     op = obj["op"]
-    if op not in REQUEST_KINDS:
+    if not isinstance(op, str) or op not in REQUEST_KINDS:  # a list or object op is unhashable
         raise InputError(f"unknown op {op!r} (expected one of: {', '.join(REQUEST_KINDS)})", path, line)
     source = Source(str(path) if path is not None else None, line)
     request_id = require_str(obj, "id", path or "<requests>", line or 0, allow_int=True)
