@@ -222,6 +222,31 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"results written to {args.json}")
 
 
+def _make_data(args: argparse.Namespace) -> None:
+    from llmeraser.data import write_examples
+    from llmeraser.recsys.corruption import make_task, mixed_task, write_task
+    from llmeraser.recsys.ratings import default_ml100k_path, load_ratings
+    from llmeraser.recsys.tallrec import TallRecConfig, build_records, splits_from_records, subsample_records
+
+    _refuse_existing(args.out)
+    path = default_ml100k_path() if args.data == "ml-100k" else Path(args.data)
+    ratings = load_ratings(path, args.format)
+    config = TallRecConfig(history_length=args.history_length, seed=args.seed)
+    counts = {"train": args.n_train, "valid": args.n_test, "test": args.n_test}
+    splits = splits_from_records(subsample_records(build_records(ratings, config), counts, args.seed), ratings, config)
+    if args.task == "mixed":
+        task = mixed_task(splits, args.fraction, args.fraction, args.fraction, args.seed)
+    else:
+        task = make_task(splits, args.task, args.fraction, args.seed)
+    out = Path(args.out)
+    write_task(out, task)
+    write_examples(out / "valid.jsonl", splits.valid)
+    write_examples(out / "test.jsonl", splits.test)
+    print(f"{ratings.name}: {len(task.train)} train ({args.task} corruption, {len(task.requests)} requests), "
+          f"{len(splits.valid)} valid, {len(splits.test)} test examples")
+    print(f"written to {out}: train.jsonl, requests.jsonl, valid.jsonl, test.jsonl")
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
@@ -305,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--like", default=None, help="adapter directory whose recorded model and recipe to reuse")
     _add_recipe(retrain)
     retrain.set_defaults(run=_retrain)
+
+    make_data = command("make-data", "TALLRec Yes/No examples from rating data, a corrupted training set and the requests that repair it")
+    make_data.add_argument("--data", default="ml-100k", help="ml-100k (the copy inside the recbole package) or a directory of rating files")
+    make_data.add_argument("--format", default=None, choices=["recbole", "movielens", "bookcrossing", "lastfm"],
+                           help="rating file format (default: detected from the files)")
+    make_data.add_argument("--task", default="mixed", choices=["removal", "query", "response", "mixed"],
+                           help="removal: remove examples; query: noisy prompts to restore; response: flipped labels to correct; mixed: all three")
+    make_data.add_argument("--fraction", type=float, default=0.05, help="fraction of training examples affected (per kind for mixed)")
+    make_data.add_argument("--n-train", type=int, default=200, help="training examples")
+    make_data.add_argument("--n-test", type=int, default=100, help="validation and test examples (each)")
+    make_data.add_argument("--history-length", type=int, default=5, help="rated items listed in each prompt")
+    make_data.add_argument("--seed", type=int, default=0, help="seed of sampling and corruption")
+    make_data.add_argument("--out", required=True, help="new directory for the JSONL files")
+    make_data.set_defaults(run=_make_data)
 
     evaluate = command("evaluate", "losses, perplexity, Yes/No accuracy and AUC, forgetting of edited examples, distances between adapters")
     _add_model(evaluate, required=False)

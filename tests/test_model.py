@@ -1,0 +1,153 @@
+"""The tiny base model, θ as a flat vector, and adapter directories that PEFT can load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_lora_model
+from llmeraser.errors import InputError
+from llmeraser.model import AdapterParameters, build_tiny_model, load_adapter, load_base_model, save_adapter
+
+
+def state(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_tiny_is_deterministic_by_seed_and_leaves_the_global_rng_alone():
+    rng = torch.random.get_rng_state()
+    first, _ = build_tiny_model(seed=0)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    second, _ = build_tiny_model(seed=0)
+    other, _ = build_tiny_model(seed=1)
+    a, b, c = state(first), state(second), state(other)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def test_load_base_model_tiny_is_frozen_eval_and_typed():
+    model, tokenizer = load_base_model("tiny", seed=0, dtype=torch.float64)
+    assert not model.training
+    assert all(not p.requires_grad and p.dtype == torch.float64 for p in model.parameters())
+    assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None
+    assert model.config._attn_implementation == "eager"
+
+
+@pytest.fixture
+def lora():
+    model, tokenizer = tiny_lora_model(r=2, seed=0)
+    params = AdapterParameters.of(model)
+    generator = torch.Generator().manual_seed(0)
+    params.assign(torch.randn(params.dim, generator=generator, dtype=torch.float64))
+    return model, tokenizer, params
+
+
+def test_adapter_parameters_flat_split_assign_round_trip(lora):
+    model, _, params = lora
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert params.names == [n for n, _ in trainable]
+    assert all("lora_" in n for n in params.names)
+    assert params.dim == sum(p.numel() for _, p in trainable) == 2 * (2 * 32 + 32 * 2 + 2 * 32 + 16 * 2)  # layers × (q: A, B; v: A, B)
+    flat = params.flat()
+    assert flat.shape == (params.dim,)
+    pieces = params.split(flat)
+    assert all(torch.equal(piece, p.detach()) for piece, (_, p) in zip(pieces, trainable))
+    assert torch.equal(params.flatten(pieces), flat)
+    assert list(params.as_dict(flat)) == params.names
+    # flat() is a copy; assign() writes in place and round-trips exactly.
+    flat += 1.0
+    assert not torch.equal(params.flat(), flat)
+    params.assign(flat)
+    assert torch.equal(params.flat(), flat)
+    assert all(p is q for p, (_, q) in zip(params.tensors, trainable))
+
+
+def test_adapter_parameters_reject_wrong_shapes_and_frozen_models(lora):
+    _, _, params = lora
+    with pytest.raises(ValueError, match=rf"expected a vector of shape \({params.dim},\), got \(3,\)"):
+        params.split(torch.zeros(3, dtype=torch.float64))
+    base, _ = load_base_model("tiny")
+    with pytest.raises(InputError, match="no trainable"):
+        AdapterParameters.of(base)
+
+
+def test_save_adapter_writes_a_loadable_peft_directory(tmp_path, lora):
+    from peft import PeftModel
+
+    model, _, params = lora
+    original = params.flat()
+    theta = original + 0.5
+    out = save_adapter(model, tmp_path / "adapter", theta=theta, extra_files={"report.json": {"k": 1}})
+    assert out == tmp_path / "adapter"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "report.json").read_text()) == {"k": 1}
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    assert torch.equal(params.flat(), original)  # the model's own θ is restored
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary directory left
+
+    base, _ = load_base_model("tiny", seed=0, dtype=torch.float64)
+    loaded = PeftModel.from_pretrained(base, str(out), is_trainable=True)
+    loaded_params = AdapterParameters.of(loaded)
+    assert loaded_params.names == params.names
+    assert torch.equal(loaded_params.flat(), theta)
+
+    # load_adapter gives the same θ, trainable, in eval mode; the function is the same.
+    again = load_adapter(load_base_model("tiny", seed=0, dtype=torch.float64)[0], out)
+    assert not again.training
+    assert torch.equal(AdapterParameters.of(again).flat(), theta)
+    ids = torch.tensor([[1, 70, 71, 72, 73]])
+    params.assign(theta)
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_save_adapter_default_theta_is_the_models(tmp_path, lora):
+    model, _, params = lora
+    out = save_adapter(model, tmp_path / "a")
+    again = load_adapter(load_base_model("tiny", seed=0, dtype=torch.float64)[0], out)
+    assert torch.equal(AdapterParameters.of(again).flat(), params.flat())
+
+
+def test_save_adapter_refuses_an_existing_directory(tmp_path, lora):
+    model, _, _ = lora
+    existing = tmp_path / "adapter"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="output directory already exists"):
+        save_adapter(model, existing)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+
+
+def test_failed_save_leaves_nothing_and_restores_theta(tmp_path, lora):
+    model, _, params = lora
+    original = params.flat()
+    with pytest.raises(TypeError):
+        save_adapter(model, tmp_path / "adapter", theta=original * 2, extra_files={"bad.json": {"x": object()}})
+    assert list(tmp_path.iterdir()) == []
+    assert torch.equal(params.flat(), original)
+
+
+def test_load_adapter_rejects_non_adapter_directories(tmp_path):
+    base, _ = load_base_model("tiny")
+    with pytest.raises(InputError, match="not a PEFT adapter directory"):
+        load_adapter(base, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"")
+    with pytest.raises(InputError, match="must be adapter_model.safetensors"):
+        load_adapter(base, tmp_path)
+
+
+def test_save_adapter_makes_no_hub_lookup(tmp_path, lora, monkeypatch):
+    """Saving must work offline without asking the Hub about the base model's name."""
+    import peft.utils.save_and_load as save_and_load
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"hub lookup attempted: {args}")
+
+    monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_network)
+    model, _, params = lora
+    out = save_adapter(model, tmp_path / "adapter")
+    assert torch.equal(AdapterParameters.of(load_adapter(load_base_model("tiny", dtype=torch.float64)[0], out)).flat(), params.flat())
