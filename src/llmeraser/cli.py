@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from llmeraser.distributed import init_from_environment, shutdown
 from llmeraser.errors import InputError, NumericalError
 
 EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL = 2, 3, 4
@@ -88,6 +89,7 @@ def _load_for_adapter(model_arg: str | None, adapter: str) -> tuple[Any, Any, An
 
 def _erase(args: argparse.Namespace) -> None:
     from llmeraser.data import read_examples
+    from llmeraser.distributed import is_main_process
     from llmeraser.eraser import EraseConfig, erase, save_erased_adapter
     from llmeraser.hashing import adapter_hash, dataset_hash, sha256_file
     from llmeraser.provenance import TRAINING_RECORD, check_matches
@@ -116,6 +118,8 @@ def _erase(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     result = erase(model, tokenizer, examples, requests, config)
+    if not is_main_process():  # data-parallel run: rank 0 writes
+        return
     result.report.update(
         {
             "input_adapter_sha256": input_hash,
@@ -398,7 +402,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _config_defaults(parser, argv)
         args = parser.parse_args(argv)
-        args.run(args)
+        init_from_environment()  # a no-op outside torchrun
+        try:
+            args.run(args)
+        finally:
+            shutdown()
     except InputError as err:
         print(f"llmeraser: error: {err}", file=sys.stderr)
         return EXIT_INPUT

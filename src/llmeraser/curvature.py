@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from llmeraser.data import TokenizedExample, example_losses, iter_batches, model_inputs, shifted_targets
+from llmeraser.distributed import all_reduce_sum, rank, world_size
 from llmeraser.model import AdapterParameters
 
 CurvatureKind = Literal["hessian", "gauss-newton"]
@@ -101,18 +102,27 @@ class CurvatureOperator:
     damping: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 8
+    distributed: bool = False
+    total: int | None = None
 
     def __post_init__(self) -> None:
+        if self.distributed and self.total is None:
+            self.total = int(all_reduce_sum(torch.tensor([len(self.items)], dtype=torch.long)).item())
         if self.kind not in _PRODUCTS:
             raise ValueError(f"unknown curvature {self.kind!r} (expected one of: {', '.join(CURVATURE_KINDS)})")
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}")
-        if not self.items:
+        if self.count == 0:
             raise ValueError("a curvature operator needs at least one example")
 
     @property
     def dim(self) -> int:
         return self.params.dim
+
+    @property
+    def count(self) -> int:
+        """N: the number of examples averaged over (on all ranks together when distributed)."""
+        return self.total if self.total is not None else len(self.items)
 
     @property
     def shift(self) -> float:
@@ -122,10 +132,12 @@ class CurvatureOperator:
     def matvec(self, vector: Tensor) -> Tensor:
         """(C + shift·I) v for v of shape (p,), or row-wise for a (k, p) matrix of vectors."""
         product = _PRODUCTS[self.kind]
-        scale = 1.0 / 3
+        scale = 1.0 / self.count
         result = torch.zeros_like(vector)
         for batch in iter_batches(self.items, self.batch_size, self.pad_token_id):
             result += product(self.model, self.params, batch, vector, scale)
+        if self.distributed:
+            all_reduce_sum(result)
         return result + self.shift * vector
 
     def matmat(self, vectors: Tensor) -> Tensor:
@@ -133,12 +145,22 @@ class CurvatureOperator:
         return self.matvec(vectors)
 
     def restrict(self, indices: Sequence[int]) -> CurvatureOperator:
-        """The same operator over a subset of the examples (normalised by the subset's size)."""
-        return replace(self, items=[self.items[i] for i in indices])
+        """The same operator over a subset of the examples, normalised by the subset's size.
+
+        ``indices`` are global positions in the example list the operator stands for; when distributed,
+        each rank keeps those in its strided shard (``llmeraser.distributed.shard``), so that the subset
+        is the same as in a single process.
+        """
+        if not self.distributed:
+            return replace(self, items=[self.items[i] for i in indices], total=None)
+        here, step = rank(), world_size()
+        local = [(i - here) // step for i in indices if i % step == here]
+        return replace(self, items=[self.items[i] for i in local], total=len(indices))
 
     def sample(self, generator: torch.Generator) -> CurvatureOperator:
-        """An unbiased mini-batch estimate: the operator over ``batch_size`` examples drawn without replacement."""
-        if len(self.items) <= self.batch_size:
+        """An unbiased mini-batch estimate: the operator over ``batch_size`` examples drawn without
+        replacement (the same examples on one process or many)."""
+        if self.count <= self.batch_size:
             return self
-        indices = torch.randperm(len(self.items), generator=generator)[: self.batch_size]
+        indices = torch.randperm(self.count, generator=generator)[: self.batch_size]
         return self.restrict(sorted(indices.tolist()))

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import Example, TokenizationConfig, tokenize_examples
+from llmeraser.distributed import is_distributed, shard, world_size
 from llmeraser.errors import NumericalError
 from llmeraser.gradients import influence_rhs
 from llmeraser.hashing import adapter_hash, example_hash
@@ -91,8 +92,8 @@ def _solver_options(config: EraseConfig, operator: CurvatureOperator) -> dict[st
         options.update(max_iters=config.max_iters, tol=config.tol)
     if config.solver in ("lissa", "sgd"):
         generator = torch.Generator().manual_seed(config.seed)
-        count = min(config.probe_examples, len(operator.items))
-        probe = torch.randperm(len(operator.items), generator=generator)[:count].tolist()
+        count = min(config.probe_examples, operator.count)
+        probe = torch.randperm(operator.count, generator=generator)[:count].tolist()
         options.update(probe=operator.restrict(sorted(probe)), seed=config.seed)
     options.update(config.solver_options)
     return options
@@ -129,10 +130,16 @@ def erase(
     curvature_items = tokenize_examples(tokenizer, curvature_set, token_config)
     timings["prepare_s"] = time.perf_counter() - start
 
+    parallel = is_distributed()
+    removed = sum(p.new is None for p in pairs)
+    if parallel:  # each rank differentiates and multiplies over its shard; sums are all-reduced
+        old_items, new_items, curvature_items = shard(old_items), shard(new_items), shard(curvature_items)
+
     start = time.perf_counter()
     b = influence_rhs(
         model, params, old_items, new_items, len(train), tokenizer.pad_token_id,
         config.weight_decay, config.scaling, config.batch_size,  # type: ignore[arg-type]
+        removed=removed, distributed=parallel,
     )
     timings["gradients_s"] = time.perf_counter() - start
     if not torch.isfinite(b).all():
@@ -141,7 +148,7 @@ def erase(
     start = time.perf_counter()
     operator = CurvatureOperator(
         model, params, curvature_items, tokenizer.pad_token_id, config.curvature,  # type: ignore[arg-type]
-        config.damping, config.weight_decay, config.batch_size,
+        config.damping, config.weight_decay, config.batch_size, distributed=parallel,
     )
     result = solve(config.solver, operator, b, **_solver_options(config, operator))
     timings["solve_s"] = time.perf_counter() - start
@@ -155,7 +162,8 @@ def erase(
             for p in pairs
         ],
         "n_train": len(train),
-        "n_curvature_examples": len(curvature_items),
+        "n_curvature_examples": operator.count,
+        "world_size": world_size(),
         "n_parameters": params.dim,
         "b_norm": float(b.norm()),
         "update_norm": float(update.norm()),

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from llmeraser.data import TokenizedExample, example_losses, iter_batches
+from llmeraser.distributed import all_reduce_sum
 from llmeraser.model import AdapterParameters
 
 Scaling = Literal["retrain", "paper"]
@@ -57,14 +58,19 @@ def influence_rhs(
     weight_decay: float = 0.0,
     scaling: Scaling = "retrain",
     batch_size: int = 8,
+    removed: int | None = None,
+    distributed: bool = False,
 ) -> Tensor:
     """b of the module docstring, shape (p,).
 
     ``old_items``: the edited examples as they are in the training set (all k_total of them);
     ``new_items``: their replacements (modified queries / corrected responses only; removals have none).
     ``n_train``: the size n of the training set the adapter was trained on.
+    ``removed``: the number k of removals (default: ``len(old_items) − len(new_items)``).
+    ``distributed``: the items are this rank's shard; the gradient sums are all-reduced over ranks.
     """
-    removed = len(old_items) - len(new_items)
+    if removed is None:
+        removed = len(old_items) - len(new_items)
     if scaling == "retrain":
         scale = 1.0 / (n_train - removed)
     elif scaling == "paper":
@@ -73,7 +79,8 @@ def influence_rhs(
         raise ValueError(f"unknown scaling {scaling!r} (expected 'retrain' or 'paper')")
     items = list(old_items) + list(new_items)
     signs = [1.0] * len(old_items) + [-1.0] * len(new_items)
-    b = scale * summed_gradient(model, params, items, pad_token_id, batch_size, signs)
+    total = summed_gradient(model, params, items, pad_token_id, batch_size, signs)
+    b = scale * (all_reduce_sum(total) if distributed else total)
     if scaling == "retrain" and removed and weight_decay:
         b += (removed / (n_train - removed)) * weight_decay * params.flat()
     return b
