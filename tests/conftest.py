@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
 import torch
 
 from llmeraser.data import Example
-from llmeraser.model import LoraSettings, attach_lora, load_base_model
+from llmeraser.model import (
+    AdapterParameters,
+    LoraSettings,
+    attach_lora,
+    load_base_model,
+)
 
 WORDS = "red green blue cat dog fish one two three sun moon star tree rock leaf".split()
 
@@ -36,3 +42,53 @@ def tiny_lora_model(
 @pytest.fixture
 def tiny_model():
     return tiny_lora_model()
+
+
+@contextlib.contextmanager
+def exact_float64_llama():
+    """LLaMA's RMSNorm and eager attention computed in the input dtype (not float32) while active."""
+    from transformers.models.llama import modeling_llama
+
+    def rms_norm(self, hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+    def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        key_states = modeling_llama.repeat_kv(key, module.num_key_value_groups)
+        value_states = modeling_llama.repeat_kv(value, module.num_key_value_groups)
+        weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            weights = weights + attention_mask
+        weights = torch.softmax(weights, dim=-1)
+        weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+        return torch.matmul(weights, value_states).transpose(1, 2).contiguous(), weights
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling_llama.LlamaRMSNorm, "forward", rms_norm)
+        patch.setattr(modeling_llama, "eager_attention_forward", eager_attention)
+        yield
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny-model ops gain nothing from intra-op threads, and with 2 threads on 2 cores any other busy
+    process stalls every parallel region (10-100x slower); run single-threaded while active."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def perturbed_model(target_modules, r, seed=0, scale=0.5, freeze_lora_a=False):
+    """The tiny model with θ moved to a random point (lora_B ≠ 0, so no block of the curvature vanishes)."""
+    model, tokenizer = tiny_lora_model(target_modules=target_modules, r=r, seed=seed)
+    if freeze_lora_a:
+        for name, tensor in model.named_parameters():
+            if "lora_A" in name:
+                tensor.requires_grad_(False)
+    params = AdapterParameters.of(model)
+    generator = torch.Generator().manual_seed(100 + seed)
+    params.assign(scale * torch.randn(params.dim, generator=generator, dtype=torch.float64))
+    return model, tokenizer, params

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import toy_examples
+
 from llmeraser.data import write_examples
 from llmeraser.model import AdapterParameters, load_base_model
 

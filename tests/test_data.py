@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from conftest import exact_float64_llama, one_thread, tiny_lora_model
 
-from conftest import tiny_lora_model
 from llmeraser.data import (
     IGNORE_INDEX,
     Example,
@@ -22,7 +22,6 @@ from llmeraser.data import (
 )
 from llmeraser.errors import InputError
 from llmeraser.model import build_byte_tokenizer
-from test_curvature import exact_float64_llama, one_thread
 
 
 def write_lines(path, lines, encoding="utf-8"):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_lora_model, toy_examples
 from safetensors.torch import load_file
 
-from conftest import tiny_lora_model, toy_examples
 from llmeraser.data import write_examples
 from llmeraser.model import save_adapter
 from llmeraser.train import TrainConfig, train_adapter

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_lora_model, toy_examples
+
 from llmeraser.eraser import erase
 from llmeraser.model import AdapterParameters
-from llmeraser.requests import CorrectResponse, ModifyQuery, Remove, edited_training_set, resolve
+from llmeraser.requests import (
+    CorrectResponse,
+    ModifyQuery,
+    Remove,
+    edited_training_set,
+    resolve,
+)
 from llmeraser.train import TrainConfig, train_adapter
 
 WEIGHT_DECAY = 1e-2

@@ -13,8 +13,8 @@ import random
 
 import numpy as np
 import pytest
-
 from conftest import tiny_lora_model, toy_examples
+
 from llmeraser.data import Example
 from llmeraser.eraser import erase
 from llmeraser.evaluate import example_loss_values

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import exact_float64_llama, one_thread, perturbed_model, toy_examples
 
-from conftest import toy_examples
-from llmeraser.data import Example, TokenizationConfig, tokenize_example, tokenize_examples
+from llmeraser.data import (
+    Example,
+    TokenizationConfig,
+    tokenize_example,
+    tokenize_examples,
+)
 from llmeraser.gradients import influence_rhs, summed_gradient
-from test_curvature import exact_float64_llama, one_thread, perturbed_model
 
 CONFIG = TokenizationConfig(max_length=64)
 

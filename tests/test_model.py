@@ -6,10 +6,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_lora_model
+
 from llmeraser.errors import InputError
-from llmeraser.model import AdapterParameters, build_tiny_model, load_adapter, load_base_model, save_adapter
+from llmeraser.model import (
+    AdapterParameters,
+    build_tiny_model,
+    load_adapter,
+    load_base_model,
+    save_adapter,
+)
 
 
 def state(model):

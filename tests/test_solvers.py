@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
+from conftest import exact_float64_llama, one_thread, perturbed_model, toy_examples
 
-from conftest import toy_examples
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.errors import NumericalError
@@ -27,7 +27,6 @@ from llmeraser.solvers import (
     solve_cg,
     solve_direct,
 )
-from test_curvature import exact_float64_llama, one_thread, perturbed_model
 
 STOCHASTIC = [("lissa", {}), ("sgd", {"optimizer": "sgd"}), ("sgd", {"optimizer": "adam"})]
 STOCHASTIC_IDS = ["lissa", "sgd-momentum", "sgd-adam"]

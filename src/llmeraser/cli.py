@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tomllib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from llmeraser.distributed import init_from_environment, shutdown
 from llmeraser.errors import InputError, NumericalError
@@ -163,7 +164,11 @@ def _retrain(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from llmeraser.data import read_examples
-    from llmeraser.evaluate import evaluate_examples, example_loss_values, function_space_distance
+    from llmeraser.evaluate import (
+        evaluate_examples,
+        example_loss_values,
+        function_space_distance,
+    )
     from llmeraser.hashing import example_hash
     from llmeraser.model import AdapterParameters, adapter_vector
     from llmeraser.requests import read_requests, resolve
@@ -230,7 +235,12 @@ def _make_data(args: argparse.Namespace) -> None:
     from llmeraser.data import write_examples
     from llmeraser.recsys.corruption import make_task, mixed_task, write_task
     from llmeraser.recsys.ratings import default_ml100k_path, load_ratings
-    from llmeraser.recsys.tallrec import TallRecConfig, build_records, splits_from_records, subsample_records
+    from llmeraser.recsys.tallrec import (
+        TallRecConfig,
+        build_records,
+        splits_from_records,
+        subsample_records,
+    )
 
     _refuse_existing(args.out)
     path = default_ml100k_path() if args.data == "ml-100k" else Path(args.data)

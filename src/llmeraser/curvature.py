@@ -21,7 +21,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from llmeraser.data import TokenizedExample, example_losses, iter_batches, model_inputs, shifted_targets
+from llmeraser.data import (
+    TokenizedExample,
+    example_losses,
+    iter_batches,
+    model_inputs,
+    shifted_targets,
+)
 from llmeraser.distributed import all_reduce_sum, rank, world_size
 from llmeraser.model import AdapterParameters
 

@@ -183,7 +183,7 @@ def response_nll(logits: Tensor, labels: Tensor) -> Tensor:
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The keyword arguments a causal LM takes from a batch of ``collate``."""
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
 def example_losses(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -23,8 +23,19 @@ import numpy as np
 import torch
 
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
-from llmeraser.evaluate import answer_scores, auc, binary_labels, example_loss_values, function_space_distance
-from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
+from llmeraser.evaluate import (
+    answer_scores,
+    auc,
+    binary_labels,
+    example_loss_values,
+    function_space_distance,
+)
+from llmeraser.model import (
+    AdapterParameters,
+    LoraSettings,
+    attach_lora,
+    load_base_model,
+)
 from llmeraser.recsys.corruption import mixed_task
 from llmeraser.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import resolve

@@ -29,7 +29,13 @@ from llmeraser.errors import NumericalError
 from llmeraser.gradients import influence_rhs
 from llmeraser.hashing import adapter_hash, example_hash
 from llmeraser.model import AdapterParameters, save_adapter
-from llmeraser.requests import EditPair, Request, count_by_kind, edited_training_set, resolve
+from llmeraser.requests import (
+    EditPair,
+    Request,
+    count_by_kind,
+    edited_training_set,
+    resolve,
+)
 from llmeraser.solvers import SolverResult, solve
 
 

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llmeraser.data import Example, TokenizationConfig, iter_batches, model_inputs, response_nll, shifted_targets, tokenize_examples
+from llmeraser.data import (
+    Example,
+    TokenizationConfig,
+    iter_batches,
+    model_inputs,
+    response_nll,
+    shifted_targets,
+    tokenize_examples,
+)
 from llmeraser.model import AdapterParameters
 
 

@@ -263,7 +263,7 @@ def _stochastic_descent(
 
     ``step(A_B, lr)`` advances the iterate with a fresh mini-batch operator and returns it. Every
     ``check_every`` steps the relative residual on the fixed ``probe`` is recorded; after ``patience``
-    checks without improvement the step size is halved and the iterate reset to the best one
+    checks without improvement (doubled after each halving) the step size is halved and the iterate reset to the best one
     (``restart``); after ``max_decays`` halvings, or at ``tol``, the loop stops. Both the last iterate and
     the Polyak–Ruppert average of the iterates since the last restart are checked (averaging cancels
     most of the mini-batch noise on a quadratic); the best of all checked points is returned, and
@@ -295,7 +295,7 @@ def _stochastic_descent(
         if best_residual <= tol:
             status = "converged"
             break
-        if stale >= patience:
+        if stale >= patience * 2**decays:  # a smaller step needs proportionally longer to show progress
             if decays == max_decays:
                 status = f"stopped: probe residual stalled after {decays} step-size halvings"
                 break

@@ -15,7 +15,14 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from llmeraser.data import Example, TokenizationConfig, TokenizedExample, collate, example_losses, tokenize_examples
+from llmeraser.data import (
+    Example,
+    TokenizationConfig,
+    TokenizedExample,
+    collate,
+    example_losses,
+    tokenize_examples,
+)
 from llmeraser.model import AdapterParameters
 
 

@@ -19,8 +19,21 @@ from llmeraser.recsys.corruption import (
     write_task,
 )
 from llmeraser.recsys.ratings import load_ratings
-from llmeraser.recsys.tallrec import NO, YES, TallRecConfig, TallRecSplits, build_tallrec
-from llmeraser.requests import CorrectResponse, ModifyQuery, Remove, edited_training_set, read_requests, resolve
+from llmeraser.recsys.tallrec import (
+    NO,
+    YES,
+    TallRecConfig,
+    TallRecSplits,
+    build_tallrec,
+)
+from llmeraser.requests import (
+    CorrectResponse,
+    ModifyQuery,
+    Remove,
+    edited_training_set,
+    read_requests,
+    resolve,
+)
 
 
 @pytest.fixture

@@ -26,7 +26,13 @@ from typing import Literal
 from llmeraser.data import Example, write_examples
 from llmeraser.errors import InputError
 from llmeraser.recsys.tallrec import NO, YES, TallRecRecord, TallRecSplits
-from llmeraser.requests import CorrectResponse, ModifyQuery, Remove, Request, write_requests
+from llmeraser.requests import (
+    CorrectResponse,
+    ModifyQuery,
+    Remove,
+    Request,
+    write_requests,
+)
 
 Task = Literal["removal", "query", "response"]
 QueryNoise = Literal["insert", "replace", "flip"]
