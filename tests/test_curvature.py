@@ -29,7 +29,6 @@ from llmeraser.data import (
     TokenizationConfig,
     collate,
     example_losses,
-    model_inputs,
     tokenize_examples,
 )
 from llmeraser.gradients import summed_gradient
@@ -143,7 +142,8 @@ def explicit_gauss_newton(model, tokenizer, params, items):
         positions = torch.arange(item.prompt_length - 1, len(item.input_ids) - 1)
 
         def logits_of(flat, batch=batch, positions=positions):
-            kwargs = {**model_inputs(batch), "use_cache": False}  # no KV cache under forward-mode vmap
+            # all positions' logits (no logits_to_keep: an independent reference); no KV cache under vmap
+            kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
             out = functional_call(model, params.as_dict(flat), args=(), kwargs=kwargs, strict=False)
             return out.logits[0, positions]
 

@@ -1,6 +1,7 @@
 """The ``llmeraser`` command: a thin shell over the library.
 
-Subcommands: ``train``, ``erase``, ``retrain``, ``evaluate``, ``demo``. Every option can also come from a
+Subcommands: ``train``, ``erase``, ``retrain``, ``evaluate``, ``demo``, ``make-data``, ``history``,
+``apply-requests``. Every option can also come from a
 TOML file (``--config run.toml``: top-level keys, or a table named after the subcommand; keys spelled as
 the flags, with ``-`` or ``_``); flags given on the command line override the file.
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -47,19 +49,47 @@ def _recipe(args: argparse.Namespace) -> Any:
     return TrainConfig(args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, args.max_length)
 
 
-def _train_and_save(model_name: str, examples: list, lora: Any, recipe: Any, out: str, extra: dict | None = None) -> None:
-    """Fresh LoRA on the base model, trained with ``recipe``, saved with its training record."""
-    from llmeraser.hashing import dataset_hash
+def _train_and_save(
+    model_name: str,
+    examples: list,
+    lora: Any,
+    recipe: Any,
+    out: str,
+    extra: dict | None = None,
+    trust_remote_code: bool = False,
+    data_path: str | None = None,
+    requests: Sequence[Any] = (),
+    command: str = "train",
+) -> None:
+    """Fresh LoRA on the base model, trained with ``recipe``, saved with its training record and the
+    first entry of its lineage."""
+    from llmeraser.hashing import adapter_hash, dataset_hash
+    from llmeraser.lineage import LINEAGE_FILE, append_entry, lineage_text, train_entry
     from llmeraser.model import attach_lora, load_base_model, save_adapter
     from llmeraser.provenance import TRAINING_RECORD, TrainingRecord, model_fingerprint
     from llmeraser.train import train_adapter
+    from llmeraser.validate import check_examples_fit, check_max_length
 
     _refuse_existing(out)
-    base, tokenizer = load_base_model(model_name, seed=recipe.seed)
+    base, tokenizer = load_base_model(model_name, seed=recipe.seed, trust_remote_code=trust_remote_code)
+    check_max_length(recipe.max_length, base)
+    check_examples_fit(tokenizer, examples, recipe.max_length, data_path, requests, base)
     record = TrainingRecord(model_name, model_fingerprint(base), dataset_hash(examples), len(examples), recipe, lora)
     model = attach_lora(base, lora)
     result = train_adapter(model, tokenizer, examples, recipe, progress=True)
-    save_adapter(model, out, extra_files={TRAINING_RECORD: {**record.to_json(), **(extra or {})}})
+    if result.losses and not math.isfinite(result.losses[-1]):
+        raise NumericalError(f"the training objective is {result.losses[-1]} (lower --lr)", stage="train")
+    record_json = {**record.to_json(), **(extra or {})}
+
+    def files(written: Path) -> dict[str, Any]:
+        entry = train_entry(
+            command, model_name, record.model_fingerprint, record.data_sha256, record.n_examples,
+            record_json["recipe"], record_json["lora"], adapter_hash(written),
+            {"steps": result.steps, "final_objective": result.losses[-1] if result.losses else None},
+        )
+        return {TRAINING_RECORD: record_json, LINEAGE_FILE: lineage_text(append_entry([], entry))}
+
+    save_adapter(model, out, extra_files=files)
     print(f"trained on {len(examples)} examples in {result.wall_time_s:.1f} s; final objective {result.losses[-1]:.4f}")
     print(f"adapter written to {out}")
 
@@ -72,19 +102,23 @@ def _refuse_existing(out: str) -> None:
 def _train(args: argparse.Namespace) -> None:
     from llmeraser.data import read_examples
 
-    _train_and_save(args.model, read_examples(args.data), _lora_settings(args), _recipe(args), args.out)
+    _train_and_save(args.model, read_examples(args.data), _lora_settings(args), _recipe(args), args.out,
+                    trust_remote_code=args.trust_remote_code, data_path=args.data)
 
 
-def _load_for_adapter(model_arg: str | None, adapter: str) -> tuple[Any, Any, Any, Any]:
+def _load_for_adapter(
+    model_arg: str | None, adapter: str, trust_remote_code: bool = False
+) -> tuple[Any, Any, Any, Any]:
     """(model with the adapter loaded, tokenizer, base, training record) for an existing adapter."""
     from llmeraser.model import load_adapter, load_base_model
     from llmeraser.provenance import read_training_record
 
+    _require_adapter(adapter)
     record = read_training_record(adapter)
     name = model_arg or (record.model if record else None)
     if name is None:
         raise InputError("--model is required: the adapter has no llmeraser training record", adapter)
-    base, tokenizer = load_base_model(name, seed=record.recipe.seed if record else 0)
+    base, tokenizer = load_base_model(name, seed=record.recipe.seed if record else 0, trust_remote_code=trust_remote_code)
     return load_adapter(base, adapter), tokenizer, base, record
 
 
@@ -93,18 +127,34 @@ def _erase(args: argparse.Namespace) -> None:
     from llmeraser.distributed import is_main_process
     from llmeraser.eraser import EraseConfig, erase, save_erased_adapter
     from llmeraser.hashing import adapter_hash, dataset_hash, sha256_file
+    from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text
     from llmeraser.provenance import TRAINING_RECORD, check_matches
-    from llmeraser.requests import edited_training_set, read_requests
+    from llmeraser.requests import edited_training_set, read_requests, resolve
+    from llmeraser.validate import check_examples_fit, check_max_length
 
+    _check_erase_flags(args)
     requests = read_requests(args.requests)
     examples = read_examples(args.data)
+    resolve(requests, examples)  # unknown or repeated ids, removing everything: refused before any model work
     _refuse_existing(args.out)
     if Path(args.out).resolve() == Path(args.adapter).resolve():
         raise InputError("--out must differ from --adapter (the input adapter is never modified)", args.out)
+    if Path(args.adapter).resolve() in Path(args.out).resolve().parents:
+        raise InputError("--out may not be inside --adapter (the input adapter is never modified)", args.out)
+    _require_adapter(args.adapter)
     input_hash = adapter_hash(args.adapter)
-    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter)
-    mismatches = check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
+    lineage, lineage_problems = _input_lineage(args.adapter, input_hash, args.allow_mismatch)
+    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code)
+    given_data_hash = dataset_hash(examples)
+    try:
+        mismatches = check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
+    except InputError as err:
+        raise InputError(err.message + _lineage_data_hint(lineage, given_data_hash, args.data), err.path) from None
+    mismatches = [*mismatches, *lineage_problems]
     recipe = record.recipe if record else None
+    max_length = args.max_length if args.max_length is not None else (recipe.max_length if recipe else 256)
+    check_max_length(max_length, base, "--max-length" if args.max_length is not None else "the training recipe's")
+    check_examples_fit(tokenizer, examples, max_length, args.data, requests, base)
     config = EraseConfig(
         solver=args.solver,
         curvature=args.curvature,
@@ -115,10 +165,11 @@ def _erase(args: argparse.Namespace) -> None:
         tol=args.tol,
         batch_size=args.batch_size,
         curvature_examples=args.curvature_examples,
-        max_length=args.max_length if args.max_length is not None else (recipe.max_length if recipe else 256),
+        max_length=max_length,
         seed=args.seed,
+        auto_damping=args.auto_damping,
     )
-    result = erase(model, tokenizer, examples, requests, config)
+    result = erase(model, tokenizer, examples, requests, config, progress=is_main_process())
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
     result.report.update(
@@ -129,17 +180,89 @@ def _erase(args: argparse.Namespace) -> None:
             "mismatches_allowed": mismatches,
         }
     )
-    extra_files = {}
-    if record is not None:  # the erased adapter stands for a model trained on the edited set
-        edited = edited_training_set(examples, result.pairs)
-        extra_files[TRAINING_RECORD] = {**record.to_json(), "data_sha256": dataset_hash(edited), "n_examples": len(edited)}
+    edited = edited_training_set(examples, result.pairs)
+    edited_hash = dataset_hash(edited)
+
+    def extra_files(written: Path) -> dict[str, Any]:
+        files: dict[str, Any] = {}
+        if record is not None:  # the erased adapter stands for a model trained on the edited set
+            files[TRAINING_RECORD] = {**record.to_json(), "data_sha256": edited_hash, "n_examples": len(edited)}
+        entry = erase_entry(result.report, adapter_hash(written), given_data_hash, edited_hash, len(edited))
+        files[LINEAGE_FILE] = lineage_text(append_entry(lineage, entry))
+        return files
+
     save_erased_adapter(model, result, args.out, extra_files)
     report_path = Path(args.out) / "erasure_report.json"
     solver = result.solver
+    attempts = result.report.get("damping_attempts") or []
+    if len(attempts) > 1:
+        tried = ", ".join("{:g} ({})".format(a["damping"], a["outcome"]) for a in attempts)
+        print(f"auto-damping: λ = {tried}")
     print(f"requests {result.report['requests']}; {solver.solver}: {solver.status}, {solver.iterations} iterations, "
           f"relative residual {solver.final_residual:.2e}; ‖v‖ = {result.report['update_norm']:.3e}; "
           f"{result.report['timings_s']['total_s']:.1f} s")
     print(f"erased adapter written to {args.out} (report: {report_path})")
+
+
+def _check_erase_flags(args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) in the numbers given to ``erase``, before any file is read."""
+    checks = [
+        ("--damping", args.damping, args.damping >= 0 and math.isfinite(args.damping), ">= 0"),
+        ("--max-iters", args.max_iters, args.max_iters >= 1, ">= 1"),
+        ("--tol", args.tol, args.tol > 0, "> 0"),
+        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+        ("--curvature-examples", args.curvature_examples, args.curvature_examples is None or args.curvature_examples >= 1, ">= 1"),
+        ("--max-length", args.max_length, args.max_length is None or args.max_length >= 2, ">= 2"),
+        ("--weight-decay", args.weight_decay, args.weight_decay is None or args.weight_decay >= 0, ">= 0"),
+    ]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{flag} must be {expected}, got {value}")
+
+
+def _require_adapter(adapter: str) -> None:
+    """An input error unless ``adapter`` is a PEFT adapter directory with safetensors weights."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise InputError("adapter directory not found", path)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            raise InputError(f"not a PEFT adapter directory with safetensors weights (no {name})", path)
+
+
+def _input_lineage(adapter: str, adapter_sha256: str, allow_mismatch: bool) -> tuple[list[dict], list[str]]:
+    """The input adapter's lineage entries to carry over, and its problems (refused unless allowed)."""
+    from llmeraser.lineage import LINEAGE_FILE, read_lineage, verify_chain
+    from llmeraser.provenance import read_training_record
+
+    try:
+        entries = read_lineage(adapter)
+    except InputError as err:
+        if not allow_mismatch:
+            raise InputError(f"{err} (the input adapter's lineage is unreadable; see `llmeraser history {adapter}`; "
+                             "--allow-mismatch starts a new lineage)") from None
+        return [], [f"unreadable {LINEAGE_FILE}: {err}"]
+    record = read_training_record(adapter)
+    problems = verify_chain(entries, adapter_sha256, record.data_sha256 if record else None)
+    if problems and not allow_mismatch:
+        raise InputError(f"its {LINEAGE_FILE} does not verify: {problems[0]} (see `llmeraser history {adapter}`; "
+                         "pass --allow-mismatch to proceed knowingly)", adapter)
+    return entries, [f"{LINEAGE_FILE}: {problem}" for problem in problems]
+
+
+def _lineage_data_hint(lineage: list[dict], data_sha256: str, data_path: str) -> str:
+    """When the given data is an earlier state of the adapter's training set, say how to get the current one."""
+    erases = [entry for entry in lineage if entry.get("command") == "erase"]
+    for position, entry in enumerate(erases):
+        if entry.get("data_before_sha256") == data_sha256:
+            later = len(erases) - position
+            return (
+                f". {data_path} is the training data as it was before erase entry #{entry.get('index')}; this adapter "
+                f"stands for the set after {later} more erase(s): build it with `llmeraser apply-requests --data "
+                f"{data_path} --requests <the request files of those erases, in order> --out edited.jsonl` "
+                "(their hashes are in `llmeraser history`) and pass that as --data"
+            )
+    return ""
 
 
 def _retrain(args: argparse.Namespace) -> None:
@@ -148,7 +271,8 @@ def _retrain(args: argparse.Namespace) -> None:
     from llmeraser.requests import edited_training_set, read_requests, resolve
 
     examples = read_examples(args.data)
-    edited = edited_training_set(examples, resolve(read_requests(args.requests), examples))
+    requests = read_requests(args.requests)
+    edited = edited_training_set(examples, resolve(requests, examples))
     if args.like:
         record = read_training_record(args.like)
         if record is None:
@@ -159,7 +283,8 @@ def _retrain(args: argparse.Namespace) -> None:
             raise InputError("retrain needs --model (or --like ADAPTER_DIR to copy model and recipe)")
         model_name, lora, recipe = args.model, _lora_settings(args), _recipe(args)
     print(f"retraining on the edited set: {len(edited)} of {len(examples)} examples")
-    _train_and_save(model_name, edited, lora, recipe, args.out)
+    _train_and_save(model_name, edited, lora, recipe, args.out, trust_remote_code=args.trust_remote_code,
+                    data_path=args.data, requests=requests, command="retrain")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -174,7 +299,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from llmeraser.requests import read_requests, resolve
 
     examples = read_examples(args.data)
-    model, tokenizer, _, record = _load_for_adapter(args.model, args.adapter)
+    model, tokenizer, _, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code)
     max_length = args.max_length or (record.recipe.max_length if record else 256)
     params = AdapterParameters.of(model)
     theta = params.flat()
@@ -226,9 +351,50 @@ def _evaluate(args: argparse.Namespace) -> None:
                     table_rows.append([entry["adapter"], key, entry[key]["kl"], entry[key]["top1_agreement"]])
         print(_table(["other adapter", "on", "KL", "top-1 agreement"], table_rows))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        from llmeraser.jsonl import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.json}")
+
+
+def _history(args: argparse.Namespace) -> None:
+    """Print an adapter's lineage and verify its chain; a broken chain is an input error (exit 3)."""
+    from llmeraser.lineage import LINEAGE_FILE, describe, verify_adapter
+
+    _require_adapter(args.adapter)
+    if not (Path(args.adapter) / LINEAGE_FILE).is_file():
+        raise InputError(f"no {LINEAGE_FILE}: this adapter was not written by llmeraser (or its lineage was removed)",
+                         args.adapter)
+    entries, problems = verify_adapter(args.adapter)
+    if args.json:
+        print(json.dumps({"adapter": args.adapter, "entries": entries, "problems": problems}, indent=2))
+    else:
+        print(f"lineage of {args.adapter}: {len(entries)} entries")
+        for entry in entries:
+            print(describe(entry))
+    if problems:
+        raise InputError(f"lineage does not verify ({len(problems)} problem(s)):\n  " + "\n  ".join(problems),
+                         Path(args.adapter) / LINEAGE_FILE)
+    if not args.json:
+        print(f"chain verified: {len(entries)} entries linked by SHA-256; the last one matches the adapter's weights")
+
+
+def _apply_requests(args: argparse.Namespace) -> None:
+    """Write the training set after one or more request files, applied in order (for sequential erasure)."""
+    from llmeraser.data import read_examples, write_examples
+    from llmeraser.hashing import dataset_hash
+    from llmeraser.requests import edited_training_set, read_requests, resolve
+
+    if Path(args.out).exists():
+        raise InputError("output file already exists (choose a new one; nothing is overwritten)", args.out)
+    examples = read_examples(args.data)
+    current = examples
+    for path in args.requests:
+        current = edited_training_set(current, resolve(read_requests(path), current))
+    write_examples(args.out, current)
+    print(f"{len(current)} of {len(examples)} examples after {len(args.requests)} request file(s); "
+          f"sha256 {dataset_hash(current)} (the data_sha256 an erased adapter records)")
+    print(f"written to {args.out}")
 
 
 def _make_data(args: argparse.Namespace) -> None:
@@ -275,6 +441,8 @@ def _add_model(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--model", required=required, default=None,
                         help="base model: smollm2-135m, tiny, a Hugging Face id or a local directory"
                         + ("" if required else " (default: the one recorded with the adapter)"))
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run Python code shipped with the model checkpoint (off: such models are refused)")
 
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
@@ -334,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's, else 256)")
     erase.add_argument("--seed", type=int, default=0, help="seed of subsets and stochastic solvers")
     erase.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
+    erase.add_argument("--auto-damping", action="store_true",
+                       help="when the solve diverges or meets non-positive curvature, retry with 10x the damping "
+                       "(up to 4 solves); each attempt is recorded in the report and the lineage")
     erase.set_defaults(run=_erase)
 
     retrain = command("retrain", "train from scratch on the edited training set with the same recipe (exact reference)")
@@ -370,6 +541,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
     evaluate.set_defaults(run=_evaluate)
+
+    history = command("history", "print an adapter's lineage (train and erase steps) and verify its hash chain")
+    history.add_argument("adapter", help="adapter directory")
+    history.add_argument("--json", action="store_true", help="print the entries and problems as JSON")
+    history.set_defaults(run=_history)
+
+    apply_requests = command("apply-requests", "write the training set as edited by request files (applied in order): "
+                             "the --data for erasing again on top of an erased adapter")
+    apply_requests.add_argument("--data", required=True, help="training data (JSONL)")
+    apply_requests.add_argument("--requests", required=True, nargs="+", help="request file(s), applied in this order")
+    apply_requests.add_argument("--out", required=True, help="new JSONL file (must not exist)")
+    apply_requests.set_defaults(run=_apply_requests)
     return parser
 
 

@@ -25,10 +25,12 @@ from llmeraser.data import (
     TokenizedExample,
     example_losses,
     iter_batches,
+    aligned_labels,
     model_inputs,
     shifted_targets,
 )
 from llmeraser.distributed import all_reduce_sum, rank, world_size
+from llmeraser.errors import NumericalError
 from llmeraser.model import AdapterParameters
 
 CurvatureKind = Literal["hessian", "gauss-newton"]
@@ -70,7 +72,7 @@ def gauss_newton_vector_product(
 
     primals = dict(zip(params.names, (t.detach() for t in params.tensors)))
     tangents = params.as_dict(vectors)
-    kwargs = model_inputs(batch)
+    kwargs = model_inputs(batch, model)
 
     def logits_of(theta: dict[str, Tensor]) -> Tensor:
         return functional_call(model, theta, args=(), kwargs=kwargs, strict=False).logits
@@ -78,7 +80,7 @@ def gauss_newton_vector_product(
     with torch.enable_grad():
         logits, pullback = vjp(logits_of, primals)
         _, jv = jvp(logits_of, (primals,), (tangents,))
-        _, weights = shifted_targets(batch["labels"])
+        _, weights = shifted_targets(aligned_labels(batch, model))
         probs = torch.softmax(logits[:, :-1].to(torch.float64), dim=-1)
         jv_shift = jv[:, :-1].to(torch.float64)
         lam_jv = probs * jv_shift - probs * (probs * jv_shift).sum(dim=-1, keepdim=True)
@@ -144,6 +146,14 @@ class CurvatureOperator:
             result += product(self.model, self.params, batch, vector, scale)
         if self.distributed:
             all_reduce_sum(result)
+        if not torch.isfinite(result).all():
+            if not torch.isfinite(vector).all():  # the solver's iterate blew up, not the curvature
+                raise NumericalError("the solver's iterate contains NaN or Inf (diverged)", stage="solve")
+            raise NumericalError(
+                f"the {self.kind} product over {self.count} examples contains NaN or Inf "
+                "(NaN/Inf in the model's activations or the adapter's weights?)",
+                stage="curvature",
+            )
         return result + self.shift * vector
 
     def matmat(self, vectors: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ positions are masked out.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,8 +123,8 @@ def collate(items: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, T
     """Right-pad a list of tokenised examples into a batch.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (B, L) with prompt and padding labels set to
-    ``IGNORE_INDEX``, and ``answer_positions`` (B,): the index of the last prompt token, whose logits
-    predict the first response token.
+    ``IGNORE_INDEX``, ``answer_positions`` (B,): the index of the last prompt token, whose logits
+    predict the first response token, and ``logits_start``: the smallest of them.
     """
     length = max(len(item.input_ids) for item in items)
     input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
@@ -136,6 +137,7 @@ def collate(items: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, T
         labels[row, item.prompt_length : len(ids)] = ids[item.prompt_length :]
     answer_positions = torch.tensor([item.prompt_length - 1 for item in items], dtype=torch.long)
     return {
+        "logits_start": answer_positions.min(),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
@@ -181,12 +183,36 @@ def response_nll(logits: Tensor, labels: Tensor) -> Tensor:
     return (token_nll * weights.to(token_nll.dtype)).sum(dim=1)
 
 
-def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The keyword arguments a causal LM takes from a batch of ``collate``."""
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (base) causal LM's forward takes ``logits_to_keep`` (most Hugging Face LMs do)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def model_inputs(batch: dict[str, Tensor], model: torch.nn.Module) -> dict[str, Tensor]:
+    """The keyword arguments a causal LM takes from a batch of ``collate``.
+
+    Where the model supports it, logits are computed only from position ``logits_start`` on (the last
+    prompt token of the shortest prompt): the positions before cannot predict a response token, and the
+    vocabulary projection of every position is a large share of the cost for short responses.
+    """
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if accepts_logits_to_keep(model):
+        start = int(batch["logits_start"])
+        inputs["logits_to_keep"] = torch.arange(start, batch["input_ids"].shape[1])
+    return inputs
+
+
+def aligned_labels(batch: dict[str, Tensor], model: torch.nn.Module) -> Tensor:
+    """``labels`` cut to the positions whose logits ``model_inputs`` keeps, shape (B, L − start)."""
+    return batch["labels"][:, int(batch["logits_start"]) :] if accepts_logits_to_keep(model) else batch["labels"]
+
+
+def forward_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(logits, labels)`` on the kept positions: feed them to ``response_nll`` / ``shifted_targets``."""
+    return model(**model_inputs(batch, model)).logits, aligned_labels(batch, model)
 
 
 def example_losses(model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Run ``model`` on a batch and return the per-example response loss, shape (B,)."""
-    out = model(**model_inputs(batch))
-    return response_nll(out.logits, batch["labels"])
+    return response_nll(*forward_logits(model, batch))

@@ -47,20 +47,20 @@ class DemoConfig:
     """Sizes and settings of the demo; the defaults finish in under 10 minutes on 2 CPU cores."""
 
     model: str = "smollm2-135m"
-    n_train: int = 160
-    n_test: int = 64
-    history_length: int = 5
-    remove_fraction: float = 0.025
-    query_fraction: float = 0.025
-    response_fraction: float = 0.025
-    rest_sample: int = 48
+    n_train: int = 128
+    n_test: int = 48
+    history_length: int = 3
+    remove_fraction: float = 0.03
+    query_fraction: float = 0.03
+    response_fraction: float = 0.03
+    rest_sample: int = 32
     seed: int = 0
     lora: LoraSettings = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
     recipe: TrainConfig = TrainConfig(epochs=2, lr=1e-3, batch_size=8, weight_decay=1e-2, max_length=256)
     eraser: EraseConfig = field(
         default_factory=lambda: EraseConfig(
-            solver="cg", curvature="gauss-newton", damping=1e-2, weight_decay=1e-2, max_iters=8, tol=1e-3,
-            curvature_examples=32, batch_size=8,
+            solver="cg", curvature="gauss-newton", damping=1e-2, weight_decay=1e-2, max_iters=5, tol=1e-3,
+            curvature_examples=16, batch_size=8,
         )
     )
 
@@ -111,7 +111,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     counts = {op: sum(p.request.op == op for p in pairs) for op in ("remove", "modify_query", "correct_response")}
     log(f"erase: {counts}")
     start = time.perf_counter()
-    result = erase(model, tokenizer, task.train, task.requests, config.eraser)
+    result = erase(model, tokenizer, task.train, task.requests, config.eraser, progress=True)
     erase_time = time.perf_counter() - start
     log(f"  solver: {result.solver.status}, {result.solver.iterations} iterations, "
         f"relative residual {result.solver.final_residual:.2e}")

@@ -14,16 +14,24 @@ from __future__ import annotations
 import platform
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from llmeraser.curvature import CurvatureOperator
-from llmeraser.data import Example, TokenizationConfig, tokenize_examples
+from llmeraser.data import (
+    Example,
+    TokenizationConfig,
+    TokenizedExample,
+    example_losses,
+    iter_batches,
+    tokenize_examples,
+)
 from llmeraser.distributed import is_distributed, shard, world_size
 from llmeraser.errors import NumericalError
 from llmeraser.gradients import influence_rhs
@@ -49,6 +57,10 @@ class EraseConfig:
     - ``curvature_examples``: use a random subset of this many training examples for H (None: all).
     - ``batch_size``: examples per forward pass, and the mini-batch of the stochastic solvers.
     - ``probe_examples``: size of the fixed probe subset on which stochastic solvers measure the residual.
+    - ``diverge_after``: cg stops as diverged when its residual rises this many iterations in a row.
+    - ``auto_damping``: when the solve fails numerically (diverges, meets non-positive curvature, ends
+      worse than v = 0), retry with λ × ``damping_factor``, at most ``max_damping_attempts`` solves in
+      all; every attempt is recorded in the report.
     """
 
     solver: str = "cg"
@@ -64,6 +76,10 @@ class EraseConfig:
     max_length: int = 256
     seed: int = 0
     solver_options: dict[str, Any] = field(default_factory=dict)
+    diverge_after: int = 5
+    auto_damping: bool = False
+    damping_factor: float = 10.0
+    max_damping_attempts: int = 4
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,10 +108,14 @@ def peak_memory_mb() -> float:
     return peak
 
 
-def _solver_options(config: EraseConfig, operator: CurvatureOperator) -> dict[str, Any]:
+def _solver_options(
+    config: EraseConfig, operator: CurvatureOperator, callback: Callable[[int, float], None] | None
+) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if config.solver in ("cg", "lissa", "sgd"):
-        options.update(max_iters=config.max_iters, tol=config.tol)
+        options.update(max_iters=config.max_iters, tol=config.tol, callback=callback)
+    if config.solver == "cg":
+        options.update(diverge_after=config.diverge_after)
     if config.solver in ("lissa", "sgd"):
         generator = torch.Generator().manual_seed(config.seed)
         count = min(config.probe_examples, operator.count)
@@ -105,18 +125,106 @@ def _solver_options(config: EraseConfig, operator: CurvatureOperator) -> dict[st
     return options
 
 
+@torch.no_grad()
+def _raise_on_nonfinite_losses(
+    model: Any,
+    old_items: Sequence[TokenizedExample],
+    new_items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int,
+) -> None:
+    """Raise ``NumericalError`` (stage 'losses') naming the first edited example whose loss is NaN/Inf."""
+    for label, items in (("edited example (as in the training set)", old_items), ("replacement", new_items)):
+        offset = 0
+        for batch in iter_batches(items, batch_size, pad_token_id):
+            losses = example_losses(model, batch)
+            bad = (~torch.isfinite(losses)).nonzero()
+            if len(bad):
+                index = offset + int(bad[0])
+                raise NumericalError(
+                    f"the loss of {label} #{index} is {float(losses[int(bad[0])])} "
+                    "(NaN/Inf in the model's activations or the adapter's weights?)",
+                    stage="losses",
+                )
+            offset += len(losses)
+
+
+def _solve_once(config: EraseConfig, operator: CurvatureOperator, b: Tensor, progress: bool) -> SolverResult:
+    """One solve; raises ``NumericalError`` (stage 'solve') on divergence, non-positive curvature, NaN/Inf
+    in v, or a result worse than v = 0 (relative residual > 1)."""
+    bar = tqdm(total=config.max_iters, desc=f"solve ({config.solver}, λ={operator.damping:g})",
+               disable=not progress or config.solver == "direct", leave=False)
+
+    def advance(iteration: int, residual: float) -> None:
+        bar.update(iteration - bar.n)
+        bar.set_postfix(residual=f"{residual:.2e}")
+
+    try:
+        result = solve(config.solver, operator, b, **_solver_options(config, operator, advance))
+    except NumericalError as err:
+        if err.stage not in (None, "solve"):
+            raise
+        raise NumericalError(f"{config.solver}: {err.message}", stage="solve") from None
+    finally:
+        bar.close()
+    if result.status.startswith("diverged") or "non-positive curvature" in result.status:
+        raise NumericalError(f"{config.solver} {result.status}", stage="solve")
+    if not result.converged and result.final_residual > 1.0:
+        raise NumericalError(
+            f"{config.solver} ended with relative residual {result.final_residual:.3e} > 1 (worse than no update; "
+            f"{result.status})",
+            stage="solve",
+        )
+    return result
+
+
+def _solve_with_damping(
+    config: EraseConfig, operator_with: Callable[[float], CurvatureOperator], b: Tensor, progress: bool
+) -> tuple[SolverResult, CurvatureOperator, float, list[dict[str, Any]]]:
+    """Solve with λ = ``config.damping``; with ``auto_damping``, on a numerical failure of the solve
+    retry with λ × ``damping_factor`` (at most ``max_damping_attempts`` solves). Returns the result, its
+    operator, the λ used and the list of attempts ({damping, outcome, ...})."""
+    damping, attempts = config.damping, []
+    while True:
+        operator = operator_with(damping)
+        try:
+            result = _solve_once(config, operator, b, progress)
+        except NumericalError as err:
+            if err.stage != "solve":
+                raise
+            attempts.append({"damping": damping, "outcome": "failed", "error": err.message})
+            suggestion = damping * config.damping_factor if damping > 0 else 1e-3
+            if not config.auto_damping:
+                raise NumericalError(
+                    f"{err.message}; try a larger damping: --damping {suggestion:g} (or --auto-damping)", stage="solve"
+                ) from None
+            if len(attempts) >= config.max_damping_attempts:
+                tried = ", ".join(f"{a['damping']:g}" for a in attempts)
+                raise NumericalError(
+                    f"{err.message}; auto-damping tried λ = {tried} without success "
+                    f"(try --damping {suggestion:g} or more, or --curvature gauss-newton)", stage="solve"
+                ) from None
+            damping = suggestion
+            continue
+        attempts.append({"damping": damping, "outcome": "ok", "status": result.status,
+                         "iterations": result.iterations, "final_relative_residual": result.final_residual})
+        return result, operator, damping, attempts
+
+
 def erase(
     model: Any,
     tokenizer: Any,
     train: Sequence[Example],
     requests: Sequence[Request],
     config: EraseConfig | None = None,
+    progress: bool = False,
     **overrides: Any,
 ) -> ErasureResult:
     """Compute the influence update of θ (the PEFT model's trainable tensors) for ``requests``.
 
     ``train`` is the training set the adapter was trained on; ``overrides`` replace fields of ``config``
-    (e.g. ``solver="cg", curvature="hessian", damping=1e-2``). The model's weights are left unchanged.
+    (e.g. ``solver="cg", curvature="hessian", damping=1e-2``); ``progress`` shows a progress bar of
+    the solver's iterations. The model's weights are left unchanged.
     """
     config = EraseConfig(**{**asdict(config or EraseConfig()), **overrides})
     timings: dict[str, float] = {}
@@ -124,6 +232,8 @@ def erase(
     model.eval()
     params = AdapterParameters.of(model)
     theta = params.flat()
+    if not torch.isfinite(theta).all():
+        raise NumericalError("the input adapter's weights contain NaN or Inf", stage="adapter")
     pairs = resolve(requests, train)
     token_config = TokenizationConfig(max_length=config.max_length)
     old_items = tokenize_examples(tokenizer, [p.old for p in pairs], token_config)
@@ -149,17 +259,19 @@ def erase(
     )
     timings["gradients_s"] = time.perf_counter() - start
     if not torch.isfinite(b).all():
-        raise NumericalError("stage 'gradients': the right-hand side b contains NaN or Inf")
+        _raise_on_nonfinite_losses(model, old_items, new_items, tokenizer.pad_token_id, config.batch_size)
+        raise NumericalError("the right-hand side b contains NaN or Inf", stage="gradients")
 
     start = time.perf_counter()
-    operator = CurvatureOperator(
-        model, params, curvature_items, tokenizer.pad_token_id, config.curvature,  # type: ignore[arg-type]
-        config.damping, config.weight_decay, config.batch_size, distributed=parallel,
-    )
-    result = solve(config.solver, operator, b, **_solver_options(config, operator))
+
+    def operator_with(damping: float) -> CurvatureOperator:
+        return CurvatureOperator(
+            model, params, curvature_items, tokenizer.pad_token_id, config.curvature,  # type: ignore[arg-type]
+            damping, config.weight_decay, config.batch_size, distributed=parallel,
+        )
+
+    result, operator, damping, attempts = _solve_with_damping(config, operator_with, b, progress)
     timings["solve_s"] = time.perf_counter() - start
-    if "non-positive curvature" in result.status:
-        raise NumericalError(f"stage 'solve': {result.status}")
     update = result.solution
     report = {
         "requests": count_by_kind([p.request for p in pairs]),
@@ -175,6 +287,12 @@ def erase(
         "update_norm": float(update.norm()),
         "theta_norm": float(theta.norm()),
         "solver": result.summary(),
+        "damping_used": damping,
+        "damping_attempts": attempts,
+        "truncated_prompts": {  # prompts cut from the left to fit max_length (the recipe's policy)
+            "edited_examples": sum(item.truncated for item in [*old_items, *new_items]),
+            "curvature_examples": sum(item.truncated for item in curvature_items),
+        },
         "config": config.to_json(),
         "timings_s": {**timings, "total_s": sum(timings.values())},
         "peak_memory_mb": peak_memory_mb(),
@@ -200,13 +318,18 @@ def library_versions() -> dict[str, str]:
 
 
 def save_erased_adapter(
-    model: Any, result: ErasureResult, out_dir: str | Path, extra_files: dict[str, Any] | None = None
+    model: Any,
+    result: ErasureResult,
+    out_dir: str | Path,
+    extra_files: dict[str, Any] | Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Write θ_new as a new PEFT adapter directory, atomically, with ``erasure_report.json`` (which also
-    records the SHA-256 of the written adapter) and any ``extra_files`` beside the weights."""
+    records the SHA-256 of the written adapter) and any ``extra_files`` beside the weights (a dict, or a
+    function of the temporary directory holding the written weights that returns one)."""
 
     def files(written: Path) -> dict[str, Any]:
         report = {**result.report, "output_adapter_sha256": adapter_hash(written)}
-        return {"erasure_report.json": report, **(extra_files or {})}
+        extra = extra_files(written) if callable(extra_files) else (extra_files or {})
+        return {"erasure_report.json": report, **extra}
 
     return save_adapter(model, out_dir, result.theta_new, files)

@@ -30,4 +30,13 @@ class InputError(LLMEraserError):
 
 
 class NumericalError(LLMEraserError):
-    """A computation produced NaN/Inf, diverged, or met curvature it cannot handle."""
+    """A computation produced NaN/Inf, diverged, or met curvature it cannot handle.
+
+    ``stage`` names where (``adapter``, ``losses``, ``gradients``, ``curvature``, ``solve``, ``update``);
+    ``str(err)`` then reads ``stage 'solve': problem``.
+    """
+
+    def __init__(self, message: str, stage: str | None = None):
+        self.message = message
+        self.stage = stage
+        super().__init__(f"stage '{stage}': {message}" if stage else message)

@@ -22,7 +22,7 @@ from llmeraser.data import (
     Example,
     TokenizationConfig,
     iter_batches,
-    model_inputs,
+    forward_logits,
     response_nll,
     shifted_targets,
     tokenize_examples,
@@ -36,7 +36,8 @@ def example_loss_values(
 ) -> np.ndarray:
     """Per-example mean response NLL (nats per token), shape (n,)."""
     items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
-    values = [response_nll(model(**model_inputs(batch)).logits, batch["labels"]) for batch in iter_batches(items, batch_size, tokenizer.pad_token_id)]
+    batches = iter_batches(items, batch_size, tokenizer.pad_token_id)
+    values = [response_nll(*forward_logits(model, batch)) for batch in batches]
     return torch.cat(values).double().numpy()
 
 
@@ -50,7 +51,7 @@ def answer_log_likelihoods(
     items = tokenize_examples(tokenizer, examples, config)
     values = []
     for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
-        mean_nll = response_nll(model(**model_inputs(batch)).logits, batch["labels"])
+        mean_nll = response_nll(*forward_logits(model, batch))
         counts = (batch["labels"][:, 1:] != -100).sum(dim=1)
         values.append(-(mean_nll * counts))
     return torch.cat(values).double().numpy()
@@ -103,10 +104,12 @@ def function_space_distance(
     try:
         for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
             params.assign(theta_a)
-            log_p = torch.log_softmax(model(**model_inputs(batch)).logits[:, :-1].double(), dim=-1)
+            logits_p, labels = forward_logits(model, batch)
             params.assign(theta_b)
-            log_q = torch.log_softmax(model(**model_inputs(batch)).logits[:, :-1].double(), dim=-1)
-            _, weights = shifted_targets(batch["labels"])
+            logits_q, _ = forward_logits(model, batch)
+            log_p = torch.log_softmax(logits_p[:, :-1].double(), dim=-1)
+            log_q = torch.log_softmax(logits_q[:, :-1].double(), dim=-1)
+            _, weights = shifted_targets(labels)
             weights = weights.double()
             kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
             same = (log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).double()

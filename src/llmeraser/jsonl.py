@@ -12,6 +12,20 @@ from typing import Any
 from llmeraser.errors import InputError
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses a key given twice (``json`` would silently keep the last)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line_number, object)`` for each non-blank line (1-based numbers).
 
@@ -19,9 +33,15 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     and line for undecodable bytes, malformed JSON, or a line that is not a JSON object.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError("is a directory, expected a JSONL file", path)
     if not path.is_file():
         raise InputError("file not found", path)
-    with open(path, "rb") as handle:
+    try:
+        handle = open(path, "rb")
+    except OSError as err:
+        raise InputError(f"cannot read file: {err.strerror}", path) from None
+    with handle:
         for number, raw in enumerate(handle, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
@@ -32,9 +52,15 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = json.loads(text, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as err:
                 raise InputError(f"malformed JSON: {err.msg} (column {err.colno})", path, number) from None
+            except _DuplicateKey as err:
+                raise InputError(f"duplicate key '{err.args[0]}' in one object (ambiguous)", path, number) from None
+            except RecursionError:
+                raise InputError("malformed JSON: nested too deeply", path, number) from None
+            except ValueError as err:  # e.g. an integer beyond Python's digit limit
+                raise InputError(f"malformed JSON: {err}", path, number) from None
             if not isinstance(obj, dict):
                 raise InputError(f"expected a JSON object, got {type(obj).__name__}", path, number)
             yield number, obj
@@ -66,4 +92,22 @@ def require_str(obj: dict[str, Any], key: str, path: str | Path, line: int, allo
         raise InputError(f"field '{key}' must be a string, got {type(value).__name__}", path, line)
     if not value.strip():
         raise InputError(f"field '{key}' is empty", path, line)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # "\ud800" is valid JSON but not text
+        raise InputError(f"field '{key}' contains an unpaired surrogate escape (character {err.start})", path, line) from None
     return value
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file atomically: a temporary file beside ``path``, renamed into place when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

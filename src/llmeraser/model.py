@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,9 +117,13 @@ def smollm2_path() -> Path:
     return target
 
 
-def load_base_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_base_model(
+    name: str, seed: int = 0, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` by name (``tiny``, ``smollm2-135m``), hub id or local directory.
 
+    Weights are read from safetensors only (a checkpoint offered only as pickle files is refused, never
+    unpickled); code shipped with a checkpoint runs only when ``trust_remote_code`` is true.
     The model is in eval mode with frozen weights; the tokenizer has a pad token.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,8 +132,15 @@ def load_base_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32
         model, tokenizer = build_tiny_model(seed)
     else:
         path = smollm2_path() if name == SMOLLM2_NAME else name
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                path, attn_implementation="eager", dtype=dtype, use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+            )
+        except (OSError, ValueError) as err:  # not found, no safetensors weights, remote code refused
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise InputError(f"cannot load base model '{name}': {first}") from None
         model.name_or_path = name
         model.config._name_or_path = name
     if tokenizer.pad_token_id is None:
@@ -236,6 +248,58 @@ class AdapterParameters:
         return dict(zip(self.names, self.split(vector)))
 
 
+def _temporary_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.tmp-"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
+    """Delete the temporary directories ``.NAME.tmp-HOST-PID`` beside ``out_dir`` left by killed runs on
+    this host (their process is gone); returns those removed. Live writers and other hosts' are kept."""
+    out_dir = Path(out_dir)
+    prefix = f"{_temporary_prefix(out_dir)}{socket.gethostname()}-"
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for candidate in out_dir.parent.iterdir():
+        pid = candidate.name[len(prefix):] if candidate.name.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file under ``directory`` and the directory itself to disk."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # platforms without directory file descriptors
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_adapter(
     model: Any,
     out_dir: str | Path,
@@ -246,8 +310,9 @@ def save_adapter(
 
     ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``extra_files``: names → JSON-ready
     objects, or a function of the temporary directory holding the written weights that returns them)
-    go to a temporary directory beside ``out_dir`` that is renamed into place when complete.
-    The model's own θ is restored afterwards. Refuses to overwrite an existing ``out_dir``.
+    go to a temporary directory beside ``out_dir`` (flushed to disk) that is renamed into place when
+    complete; a killed run leaves at most that temporary directory, which the next save to the same
+    target removes. The model's own θ is restored afterwards. Refuses to overwrite an existing ``out_dir``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -255,7 +320,8 @@ def save_adapter(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     params = AdapterParameters.of(model)
     original = params.flat()
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    remove_stale_temporaries(out_dir)
+    tmp = out_dir.with_name(f"{_temporary_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         if theta is not None:
@@ -264,9 +330,12 @@ def save_adapter(
         # looks the base model's name up on the Hub (a network call, or a warning when offline).
         model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
         files = extra_files(tmp) if callable(extra_files) else (extra_files or {})
-        for name, content in files.items():
-            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for name, content in files.items():  # a str is written as it is (e.g. JSONL), anything else as JSON
+            text = content if isinstance(content, str) else json.dumps(content, indent=2, sort_keys=True) + "\n"
+            (tmp / name).write_text(text, encoding="utf-8")
+        _fsync_tree(tmp)  # complete on disk before it gets its name
         os.replace(tmp, out_dir)
+        _fsync_directory(out_dir.parent)
     finally:
         params.assign(original)
         shutil.rmtree(tmp, ignore_errors=True)

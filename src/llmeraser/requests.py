@@ -154,7 +154,11 @@ def resolve(requests: Sequence[Request], train: Sequence[Example]) -> list[EditP
     if not pairs:
         raise InputError("no requests given")
     if sum(pair.new is None for pair in pairs) >= len(train):
-        raise InputError("the requests would remove every training example")
+        raise InputError(
+            f"the requests would remove every training example ({len(train)} of {len(train)}); "
+            "nothing would be left to train on: retrain or discard the adapter instead",
+            pairs[0].request.source.path,
+        )
     return pairs
 
 

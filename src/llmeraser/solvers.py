@@ -183,11 +183,15 @@ def solve_cg(
     max_iters: int = 100,
     preconditioner: Callable[[Tensor], Tensor] | None = None,
     callback: Callable[[int, float], None] | None = None,
+    diverge_after: int | None = None,
 ) -> SolverResult:
     """(Preconditioned) conjugate gradient from v₀ = 0 until ‖r‖/‖b‖ ≤ tol.
 
     Stops with ``status`` naming the problem if it meets a direction with pᵀAp ≤ 0 (A not positive
     definite: use the Gauss–Newton curvature or more damping); the iterate so far is returned.
+    With ``diverge_after = k`` it also stops, with a status starting "diverged", when the residual has
+    risen in k consecutive iterations to more than twice its best value (A nearly singular or
+    indefinite in effect: more damping).
     """
     start = time.perf_counter()
     norm_b = float(b.norm())
@@ -199,7 +203,7 @@ def solve_cg(
     p = z.clone()
     rz = float(r @ z)
     residuals, at = [1.0], [0]
-    status, converged, iteration = f"max_iters={max_iters} reached", False, 0
+    status, converged, iteration, rises = f"max_iters={max_iters} reached", False, 0, 0
     for iteration in range(1, max_iters + 1):
         ap = operator.matvec(p)
         _check_finite(ap, f"the curvature product at cg iteration {iteration}")
@@ -220,6 +224,13 @@ def solve_cg(
             callback(iteration, residuals[-1])
         if residuals[-1] <= tol:
             status, converged = "converged", True
+            break
+        rises = rises + 1 if residuals[-1] > residuals[-2] else 0
+        if diverge_after and rises >= diverge_after and residuals[-1] > 2.0 * min(residuals):
+            status = (
+                f"diverged: the residual rose in {rises} consecutive iterations, to {residuals[-1]:.3e} "
+                f"(best {min(residuals):.3e}) at iteration {iteration}"
+            )
             break
         z = preconditioner(r) if preconditioner else r
         rz_new = float(r @ z)
@@ -258,6 +269,7 @@ def _stochastic_descent(
     max_decays: int,
     seed: int,
     details: dict[str, Any],
+    callback: Callable[[int, float], None] | None = None,
 ) -> SolverResult:
     """The loop shared by the stochastic solvers, with a reduce-on-plateau step-size schedule.
 
@@ -291,6 +303,8 @@ def _stochastic_descent(
                 best_residual, best, best_step, improved = residual, candidate.clone(), iteration, True
         residuals.append(best_residual)
         at.append(iteration)
+        if callback:
+            callback(iteration, best_residual)
         stale = 0 if improved else stale + 1
         if best_residual <= tol:
             status = "converged"
@@ -326,6 +340,7 @@ def solve_lissa(
     max_decays: int = 8,
     probe: LinearOperator | None = None,
     seed: int = 0,
+    callback: Callable[[int, float], None] | None = None,
 ) -> SolverResult:
     """LiSSA, the stochastic Neumann series u ← b + (I − A_B / s) u with v = u / s, i.e. in v:
     v ← v − (A_B v − b) / s, from v₀ = 0.
@@ -347,7 +362,7 @@ def solve_lissa(
 
     return _stochastic_descent(
         "lissa", operator, b, step, restart, 1.0 / scale, probe, max_iters, tol, check_every, patience,
-        max_decays, seed, {"scale": scale},
+        max_decays, seed, {"scale": scale}, callback,
     )
 
 
@@ -364,6 +379,7 @@ def solve_sgd(
     max_decays: int = 8,
     probe: LinearOperator | None = None,
     seed: int = 0,
+    callback: Callable[[int, float], None] | None = None,
 ) -> SolverResult:
     """The finite-sum QP min_v ½ vᵀAv − bᵀv by mini-batch stochastic optimisation, from v₀ = 0.
 
@@ -401,7 +417,7 @@ def solve_sgd(
 
     return _stochastic_descent(
         "sgd", operator, b, step, restart, lr, probe, max_iters, tol, check_every, patience, max_decays, seed,
-        {"optimizer": optimizer, "initial_step_size": lr, "momentum": momentum, "lambda_max": top},
+        {"optimizer": optimizer, "initial_step_size": lr, "momentum": momentum, "lambda_max": top}, callback,
     )
 
 

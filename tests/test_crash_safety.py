@@ -1,0 +1,159 @@
+"""Crash safety: ``erase`` and ``train`` killed with SIGKILL at random moments and just before each step of
+writing their outputs leave the target either absent or complete, the input adapter byte-identical, and
+nothing that blocks a rerun (a stale temporary directory is removed by the next run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import FAST_TRAIN, cli, digest
+from conftest import toy_examples
+
+from llmeraser.data import write_examples
+from llmeraser.hashing import adapter_hash
+from llmeraser.lineage import verify_adapter
+
+RUNNER = Path(__file__).with_name("crash_runner.py")
+ERASE_FILES = {"adapter_config.json", "adapter_model.safetensors", "llmeraser_training.json", "lineage.jsonl",
+               "erasure_report.json"}
+TRAIN_FILES = ERASE_FILES - {"erasure_report.json"}
+
+
+def run_jobs(root: Path, jobs: list[dict]) -> dict[str, dict]:
+    jobs_file, results_file = root / f"jobs-{jobs[0]['name']}.json", root / f"results-{jobs[0]['name']}.json"
+    jobs_file.write_text(json.dumps(jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, str(RUNNER), str(jobs_file), str(results_file)], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {r["name"]: r for r in json.loads(results_file.read_text())}
+
+
+def temporaries(job_dir: Path, target: str) -> list[Path]:
+    return [p for p in job_dir.iterdir() if p.name.startswith(f".{target}.tmp-")] if job_dir.exists() else []
+
+
+def check_absent_or_complete(job_dir: Path, target: str, expected: set[str]) -> str:
+    """'absent' or 'complete'; fails on a partial target or anything else left beside it."""
+    out = job_dir / target
+    leftovers = [p.name for p in job_dir.iterdir() if p.name != target and not p.name.startswith(f".{target}.tmp-")] \
+        if job_dir.exists() else []
+    assert leftovers == [], leftovers
+    if not out.exists():
+        return "absent"
+    assert {p.name for p in out.iterdir()} >= expected, sorted(p.name for p in out.iterdir())
+    entries, problems = verify_adapter(out)
+    assert problems == [] and entries, problems
+    if "erasure_report.json" in expected:
+        report = json.loads((out / "erasure_report.json").read_text())
+        assert report["output_adapter_sha256"] == adapter_hash(out)
+    return "complete"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    data, requests = root / "train.jsonl", root / "requests.jsonl"
+    write_examples(data, toy_examples(10, seed=7))
+    requests.write_text('{"op": "remove", "id": "ex3"}\n{"op": "correct_response", "id": "ex6", "response": " No"}\n')
+    adapter = root / "adapter"
+    assert cli("train", "--model", "tiny", "--data", data, "--out", adapter, *FAST_TRAIN).code == 0
+    return root, data, requests, adapter
+
+
+def erase_argv(setup, out: Path) -> list[str]:
+    _, data, requests, adapter = setup
+    return ["erase", "--adapter", str(adapter), "--data", str(data), "--requests", str(requests), "--out", str(out),
+            "--damping", "0.1", "--max-iters", "20"]
+
+
+def train_argv(setup, out: Path) -> list[str]:
+    _, data, _, _ = setup
+    return ["train", "--model", "tiny", "--data", str(data), "--out", str(out), *FAST_TRAIN]
+
+
+def job(root: Path, name: str, command: str, argv_of, **kill) -> dict:
+    job_dir = root / "outs" / name
+    target = "erased" if command == "erase" else "adapter"
+    return {"name": name, "argv": argv_of(job_dir / target), "watch": str(job_dir), "log": str(root / f"{name}.log"),
+            **kill}
+
+
+def kill_points(events: list[str]) -> list[int]:
+    """1-based event numbers to kill at: the first, a spread over the writing, the rename and just after."""
+    renames = [i + 1 for i, e in enumerate(events) if e.startswith("os.rename")]
+    assert renames, events
+    rename = renames[-1]
+    picks = {1, 2, len(events) // 3, len(events) // 2, rename - 2, rename - 1, rename, rename + 1}
+    return sorted(k for k in picks if 1 <= k <= len(events))
+
+
+def test_sigkill_leaves_target_absent_or_complete_and_input_untouched(setup):
+    root, data, requests, adapter = setup
+    inputs_before = {"adapter": digest(adapter), "data": data.read_bytes(), "requests": requests.read_bytes()}
+    argv = {"erase": lambda out: erase_argv(setup, out), "train": lambda out: train_argv(setup, out)}
+
+    # 1. complete runs, recording every file-system event under each job's directory, and their wall time
+    records = {c: root / f"events-{c}.json" for c in argv}
+    reference = run_jobs(root, [job(root, f"{c}-reference", c, argv[c], record_events=str(records[c])) for c in argv])
+    events = {c: json.loads(records[c].read_text()) for c in argv}
+    for command in argv:
+        assert reference[f"{command}-reference"].get("exit_code") == 0, (root / f"{command}-reference.log").read_text()
+
+    # 2. kills: just before chosen write events, and at random moments of the whole run
+    rng = random.Random(1234)
+    jobs, reruns = [], {}
+    for command in argv:
+        for k in kill_points(events[command]):
+            jobs.append(job(root, f"{command}-event{k}", command, argv[command], kill_at_event=k))
+        wall = reference[f"{command}-reference"]["wall_s"]
+        for i in range(3):
+            jobs.append(job(root, f"{command}-time{i}", command, argv[command], kill_after_s=rng.uniform(0.05, wall)))
+    # 3. reruns over what the kills just before the rename left (the target absent, a stale temporary)
+    for command in argv:
+        rename = [k for k in kill_points(events[command]) if events[command][k - 1].startswith("os.rename")][-1]
+        killed = f"{command}-event{rename}"
+        jobs.append({**job(root, f"{command}-rerun", command, argv[command]), "copy_from": str(root / "outs" / killed)})
+        reruns[f"{command}-rerun"] = killed
+    results = run_jobs(root, jobs)
+
+    outcomes = {}
+    for spec in jobs:
+        name = spec["name"]
+        if name in reruns:
+            continue
+        command = name.split("-")[0]
+        result = results[name]
+        target = "erased" if command == "erase" else "adapter"
+        job_dir = root / "outs" / name
+        if "signal" in result:
+            assert result["signal"] == signal.SIGKILL
+        else:
+            assert result["exit_code"] == 0, (root / f"{name}.log").read_text()
+        state = check_absent_or_complete(job_dir, target, ERASE_FILES if command == "erase" else TRAIN_FILES)
+        outcomes[name] = (state, "killed" if "signal" in result else "finished", len(temporaries(job_dir, target)))
+
+    # the reruns succeeded over the stale temporary directories and removed them
+    for rerun, killed in reruns.items():
+        command = rerun.split("-")[0]
+        target = "erased" if command == "erase" else "adapter"
+        assert outcomes[killed][:2] == ("absent", "killed") and outcomes[killed][2] == 1, outcomes[killed]
+        assert results[rerun].get("exit_code") == 0, (root / f"{rerun}.log").read_text()
+        job_dir = root / "outs" / rerun
+        assert check_absent_or_complete(job_dir, target, ERASE_FILES if command == "erase" else TRAIN_FILES) == "complete"
+        assert temporaries(job_dir, target) == []
+
+    assert digest(adapter) == inputs_before["adapter"]
+    assert data.read_bytes() == inputs_before["data"] and requests.read_bytes() == inputs_before["requests"]
+    killed_mid_write = [n for n, (state, how, tmp) in outcomes.items() if how == "killed" and tmp > 0]
+    killed_after_rename = [n for n, (state, how, _) in outcomes.items() if how == "killed" and state == "complete"]
+    assert any(n.startswith("erase") for n in killed_mid_write) and any(n.startswith("train") for n in killed_mid_write)
+    assert killed_after_rename, outcomes
+    print("\n".join(f"{name}: {outcome}" for name, outcome in sorted(outcomes.items())))
