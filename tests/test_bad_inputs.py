@@ -85,7 +85,7 @@ def tampered_lineage(root: Path) -> list[str]:
 
 CASES = [
     # request files
-    Case("malformed JSON", with_request_line('{"op": "remove", "id": "ex1"'), 3, "req.jsonl:2: malformed JSON"),
+    Case("malformed JSON", with_request_line('{"op": "remove", "id": "ex1"'), 3, "req.jsonl:2: malformed JSON: Expecting ',' delimiter (column 29)"),
     Case("a line that is not an object", with_request_line('["remove", "ex1"]'), 3,
          "req.jsonl:2: expected a JSON object, got list"),
     Case("wrong type (id is a list)", with_request_line('{"op": "remove", "id": ["ex1"]}'), 3,
@@ -164,6 +164,9 @@ CASES = [
     Case("exact Hessian, no damping: CG meets negative curvature",
          lambda root: [*erase(requests_file(root, GOOD)), "--curvature", "hessian", "--damping", "0"], 4,
          "stage 'solve': cg non-positive curvature"),
+    Case("the same from λ = 0.01 with --auto-damping (succeeds; every λ tried is in the report and the lineage)",
+         lambda root: [*erase(requests_file(root, GOOD), out="auto-out"), "--curvature", "hessian", "--damping", "0.01",
+                       "--auto-damping"], 0, "auto-damping: λ = 0.01 (failed)"),
 ]
 
 
@@ -204,12 +207,25 @@ def test_bad_input_gets_a_clear_message_and_exit_code_and_nothing_is_written(wor
     assert digest(workdir / "adapter") == before
     if "very large" in case.what:
         assert seconds < 2.0  # streamed: stops at line 2, never reads the rest
+    if "--auto-damping" in case.what:
+        from llmeraser.lineage import read_lineage
+
+        report = json.loads((workdir / "auto-out" / "erasure_report.json").read_text())
+        tried = [a["damping"] for a in report["damping_attempts"]]
+        assert tried == pytest.approx([0.01, 0.1, 1.0, 10.0]) and report["damping_used"] == pytest.approx(10.0)
+        assert read_lineage(workdir / "auto-out")[-1]["result"]["damping_attempts"] == report["damping_attempts"]
 
 
-def first_message_line(done) -> str:
+def user_message(done, case: Case) -> str:
+    """The message as the user reads it: on failure the ``llmeraser`` line and its continuation lines, on
+    success the line the case is about."""
     text = done.err if done.code else done.out
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("usage:")]
-    message = next((line for line in lines if line.startswith("llmeraser")), lines[-1] if lines else "")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("usage:")]
+    if done.code == 0:
+        message = next((line for line in lines if case.expected in line), lines[-1])
+    else:
+        start = next((i for i, line in enumerate(lines) if line.startswith("llmeraser")), 0)
+        message = " ".join(lines[start:])
     return message.replace("|", "\\|")
 
 
@@ -222,4 +238,4 @@ if __name__ == "__main__":  # the README table from a real run
         print("|---|---|---|")
         for case in CASES:
             done, _ = run_case(root, case)
-            print(f"| {case.what} | `{first_message_line(done)}` | {done.code} |")
+            print(f"| {case.what} | `{user_message(done, case)}` | {done.code} |")

@@ -101,6 +101,7 @@ def test_sigkill_leaves_target_absent_or_complete_and_input_untouched(setup):
     argv = {"erase": lambda out: erase_argv(setup, out), "train": lambda out: train_argv(setup, out)}
 
     # 1. complete runs, recording every file-system event under each job's directory, and their wall time
+    (root / "outs").mkdir(exist_ok=True)  # the same events in every run (no parent to create first)
     records = {c: root / f"events-{c}.json" for c in argv}
     reference = run_jobs(root, [job(root, f"{c}-reference", c, argv[c], record_events=str(records[c])) for c in argv])
     events = {c: json.loads(records[c].read_text()) for c in argv}
@@ -139,6 +140,12 @@ def test_sigkill_leaves_target_absent_or_complete_and_input_untouched(setup):
             assert result["exit_code"] == 0, (root / f"{name}.log").read_text()
         state = check_absent_or_complete(job_dir, target, ERASE_FILES if command == "erase" else TRAIN_FILES)
         outcomes[name] = (state, "killed" if "signal" in result else "finished", len(temporaries(job_dir, target)))
+
+    # kills at the rename leave no target, kills after it a complete one
+    for command in argv:
+        rename = [i + 1 for i, e in enumerate(events[command]) if e.startswith("os.rename")][-1]
+        assert outcomes[f"{command}-event{rename}"] == ("absent", "killed", 1)
+        assert outcomes[f"{command}-event{rename + 1}"] == ("complete", "killed", 0)
 
     # the reruns succeeded over the stale temporary directories and removed them
     for rerun, killed in reruns.items():

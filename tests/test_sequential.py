@@ -3,10 +3,10 @@ and training record name) agrees with one combined erasure of both request files
 
 Two Newton steps from θ̂ (the second from θ₁ over the edited set) and one step from θ̂ differ only by
 the change of curvature and gradients along the first step (second order in the step). On the
-well-conditioned recipe of the CLI tests (weight decay 0.1, trained to convergence) we require the
-difference to be small against the update itself, and smaller than the combined update's own distance to
-exact retraining, in parameters and in function space (KL on the training examples): sequential erasure
-adds less error than the method itself has.
+well-conditioned recipe of the CLI tests (weight decay 0.1, trained to convergence) we require, in
+function space, the difference to be a small fraction of the combined update's own distance to exact
+retraining (sequential erasure adds much less error than the method itself has), and the edited examples'
+losses to move alike.
 """
 
 from __future__ import annotations
@@ -19,16 +19,23 @@ from cli_helpers import cli
 from conftest import one_thread, toy_examples
 
 from llmeraser.data import read_examples, write_examples
-from llmeraser.evaluate import function_space_distance
+from llmeraser.evaluate import example_loss_values, function_space_distance
 from llmeraser.hashing import dataset_hash
 from llmeraser.lineage import read_lineage
 from llmeraser.model import AdapterParameters, adapter_vector, load_adapter, load_base_model
+from llmeraser.requests import read_requests, resolve
 
 TRAIN_FLAGS = ["--lora-r", "4", "--target-modules", "q_proj", "v_proj", "lm_head", "--epochs", "60",
                "--lr", "2e-2", "--weight-decay", "1e-1", "--max-length", "128"]
 ERASE_FLAGS = ["--damping", "0.01", "--tol", "1e-8", "--max-iters", "200"]
-# sequential vs combined, relative to the combined update ‖θ_comb − θ̂‖
-PARAMETER_TOLERANCE = 0.10
+# Tolerances, in function space (LoRA parameters are not identifiable, DESIGN.md §1): the KL between the
+# sequential and the combined adapters at most a quarter of the combined adapter's own KL to retraining;
+# the changes of the edited examples' losses (old and new versions) within 25 % of the combined ones;
+# the sequential adapter's KL to retraining within 1.5 times the combined one's.
+# Measured: 0.11 and 0.08 of the KL, 10 % of the loss changes, 1.28 times.
+KL_TOLERANCE = 0.25
+LOSS_CHANGE_TOLERANCE = 0.25
+RETRAIN_TOLERANCE = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -74,22 +81,37 @@ def test_the_second_erase_uses_the_edited_set_recorded_by_the_first(erasures):
 
 
 def test_two_sequential_erasures_agree_with_one_combined_erasure(erasures):
-    root, data, paths, *_ = erasures
+    root, data, paths, edited1, first, second, both = erasures
     with one_thread():
         base, tokenizer = load_base_model("tiny")
         model = load_adapter(base, paths["adapter"])
-        theta = AdapterParameters.of(model).flat()
-        vectors = {name: adapter_vector(model, paths[name]) for name in ("erased2", "combined", "retrained")}
-        sequential, combined, retrained = vectors["erased2"], vectors["combined"], vectors["retrained"]
-        step = float((combined - theta).norm())
-        gap = float((sequential - combined).norm())
-        error = float((combined - retrained).norm())
+        params = AdapterParameters.of(model)
+        theta = params.flat()
+        sequential, combined, retrained = (adapter_vector(model, paths[n]) for n in ("erased2", "combined", "retrained"))
         examples = read_examples(data)
-        kl_gap = function_space_distance(model, tokenizer, examples, combined, sequential, 128, 8)["kl"]
-        kl_error = function_space_distance(model, tokenizer, examples, retrained, combined, 128, 8)["kl"]
-    print(f"\n‖θ_comb − θ̂‖ = {step:.4e}; ‖θ_seq − θ_comb‖ = {gap:.4e} ({gap / step:.2%}); "
-          f"‖θ_comb − θ_retrain‖ = {error:.4e}; KL(comb‖seq) = {kl_gap:.3e}; KL(retrain‖comb) = {kl_error:.3e}")
-    assert gap <= PARAMETER_TOLERANCE * step
-    assert gap <= error
-    assert kl_gap <= kl_error
-    assert torch.isfinite(sequential).all()
+        pairs = resolve(read_requests(both), examples)
+        edited = [p.old for p in pairs] + [p.new for p in pairs if p.new is not None]
+
+        def kl(a, b, on):
+            return function_space_distance(model, tokenizer, on, a, b, 128, 8)
+
+        def losses(vector):
+            params.assign(vector)
+            return torch.tensor(example_loss_values(model, tokenizer, edited, 128, 8), dtype=torch.float64)
+
+        gap, error = kl(combined, sequential, examples), kl(retrained, combined, examples)
+        seq_error = kl(retrained, sequential, examples)
+        gap_edited, error_edited = kl(combined, sequential, edited), kl(retrained, combined, edited)
+        before, after_sequential, after_combined = losses(theta), losses(sequential), losses(combined)
+        params.assign(theta)
+    change = (after_combined - before).norm()
+    change_gap = float((after_sequential - after_combined).norm() / change)
+    print(f"\nKL(combined ‖ sequential) = {gap['kl']:.2e} (training set), {gap_edited['kl']:.2e} (edited); "
+          f"KL(retrained ‖ combined) = {error['kl']:.2e}, {error_edited['kl']:.2e}; edited-loss changes differ by "
+          f"{change_gap:.1%}; KL(retrained ‖ sequential) = {seq_error['kl']:.2e}; ‖θ_seq − θ_comb‖ / ‖θ_comb − θ̂‖ = "
+          f"{float((sequential - combined).norm() / (combined - theta).norm()):.2f} (LoRA is not identifiable)")
+    assert gap["kl"] <= KL_TOLERANCE * error["kl"]
+    assert gap_edited["kl"] <= KL_TOLERANCE * error_edited["kl"]
+    assert gap["top1_agreement"] == 1.0
+    assert change_gap <= LOSS_CHANGE_TOLERANCE
+    assert seq_error["kl"] <= RETRAIN_TOLERANCE * error["kl"]

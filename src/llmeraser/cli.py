@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -60,9 +61,11 @@ def _train_and_save(
     data_path: str | None = None,
     requests: Sequence[Any] = (),
     command: str = "train",
+    dry_run: bool = False,
 ) -> None:
     """Fresh LoRA on the base model, trained with ``recipe``, saved with its training record and the
-    first entry of its lineage."""
+    first entry of its lineage. ``dry_run``: print the estimated time and memory instead (writes nothing)."""
+    started = time.perf_counter()
     from llmeraser.hashing import adapter_hash, dataset_hash
     from llmeraser.lineage import LINEAGE_FILE, append_entry, lineage_text, train_entry
     from llmeraser.model import attach_lora, load_base_model, save_adapter
@@ -76,6 +79,9 @@ def _train_and_save(
     check_examples_fit(tokenizer, examples, recipe.max_length, data_path, requests, base)
     record = TrainingRecord(model_name, model_fingerprint(base), dataset_hash(examples), len(examples), recipe, lora)
     model = attach_lora(base, lora)
+    if dry_run:
+        _print_dry_run(command, time.perf_counter() - started, lambda: _estimate_train(model, tokenizer, examples, recipe))
+        return
     result = train_adapter(model, tokenizer, examples, recipe, progress=True)
     if result.losses and not math.isfinite(result.losses[-1]):
         raise NumericalError(f"the training objective is {result.losses[-1]} (lower --lr)", stage="train")
@@ -103,7 +109,23 @@ def _train(args: argparse.Namespace) -> None:
     from llmeraser.data import read_examples
 
     _train_and_save(args.model, read_examples(args.data), _lora_settings(args), _recipe(args), args.out,
-                    trust_remote_code=args.trust_remote_code, data_path=args.data)
+                    trust_remote_code=args.trust_remote_code, data_path=args.data, dry_run=args.dry_run)
+
+
+def _estimate_train(model: Any, tokenizer: Any, examples: list, recipe: Any) -> Any:
+    from llmeraser.estimate import estimate_train
+
+    return estimate_train(model, tokenizer, examples, recipe)
+
+
+def _print_dry_run(command: str, load_s: float, estimate: Any) -> None:
+    """``--dry-run``: the estimate table (load and checks as measured, then ``estimate()``'s stages)."""
+    from llmeraser.estimate import measured_stage
+
+    loaded = measured_stage("load and checks", load_s)
+    result = estimate()
+    result.stages.insert(0, loaded)
+    print(result.table())
 
 
 def _load_for_adapter(
@@ -132,6 +154,7 @@ def _erase(args: argparse.Namespace) -> None:
     from llmeraser.requests import edited_training_set, read_requests, resolve
     from llmeraser.validate import check_examples_fit, check_max_length
 
+    started = time.perf_counter()
     _check_erase_flags(args)
     requests = read_requests(args.requests)
     examples = read_examples(args.data)
@@ -168,12 +191,29 @@ def _erase(args: argparse.Namespace) -> None:
         max_length=max_length,
         seed=args.seed,
         auto_damping=args.auto_damping,
+        curvature_use=args.curvature_use,
     )
-    result = erase(model, tokenizer, examples, requests, config, progress=is_main_process())
+    kfac = None
+    if args.curvature_cache:
+        from llmeraser.kfac import load_kfac
+        from llmeraser.provenance import model_fingerprint
+
+        expected = {"model_fingerprint": model_fingerprint(base), "adapter_sha256": input_hash,
+                    "data_sha256": given_data_hash}
+        kfac, _ = load_kfac(args.curvature_cache, expected)
+    if args.dry_run:
+        from llmeraser.estimate import estimate_erase
+
+        if is_main_process():
+            _print_dry_run("erase", time.perf_counter() - started,
+                           lambda: estimate_erase(model, tokenizer, examples, requests, config))
+        return
+    result = erase(model, tokenizer, examples, requests, config, progress=is_main_process(), kfac=kfac)
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
     result.report.update(
         {
+            "curvature_cache": str(args.curvature_cache) if args.curvature_cache else None,
             "input_adapter_sha256": input_hash,
             "requests_file_sha256": sha256_file(args.requests),
             "training_data_sha256": record.data_sha256 if record else None,
@@ -202,6 +242,48 @@ def _erase(args: argparse.Namespace) -> None:
           f"relative residual {solver.final_residual:.2e}; ‖v‖ = {result.report['update_norm']:.3e}; "
           f"{result.report['timings_s']['total_s']:.1f} s")
     print(f"erased adapter written to {args.out} (report: {report_path})")
+
+
+def _fit_curvature(args: argparse.Namespace) -> None:
+    from llmeraser.data import TokenizationConfig, read_examples, tokenize_examples
+    from llmeraser.eraser import library_versions
+    from llmeraser.hashing import adapter_hash, dataset_hash
+    from llmeraser.kfac import fit_and_time, save_kfac
+    from llmeraser.model import AdapterParameters
+    from llmeraser.provenance import check_matches, model_fingerprint
+
+    examples = read_examples(args.data)
+    _refuse_existing(args.out)
+    _require_adapter(args.adapter)
+    input_hash = adapter_hash(args.adapter)
+    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code)
+    check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
+    max_length = args.max_length or (record.recipe.max_length if record else 256)
+    chosen = examples
+    if args.curvature_examples is not None and args.curvature_examples < len(examples):
+        import torch
+
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
+        chosen = [examples[i] for i in sorted(order[: args.curvature_examples].tolist())]
+    items = tokenize_examples(tokenizer, chosen, TokenizationConfig(max_length=max_length))
+    params = AdapterParameters.of(model)
+    factors, seconds = fit_and_time(model, params, items, tokenizer.pad_token_id, args.batch_size, args.seed)
+    metadata = {
+        "kind": "kfac",
+        "model_fingerprint": model_fingerprint(base),
+        "adapter_sha256": input_hash,
+        "data_sha256": dataset_hash(examples),
+        "n_examples": len(chosen),
+        "n_layers": len(factors),
+        "n_parameters": params.dim,
+        "max_length": max_length,
+        "seed": args.seed,
+        "fit_time_s": seconds,
+        "versions": library_versions(),
+    }
+    save_kfac(factors, args.out, metadata)
+    print(f"K-FAC factors of {len(factors)} LoRA layers fitted on {len(chosen)} examples in {seconds:.1f} s")
+    print(f"curvature written to {args.out}")
 
 
 def _check_erase_flags(args: argparse.Namespace) -> None:
@@ -457,6 +539,13 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="max tokens per example (prompt cut from the left)")
 
 
+def _add_dry_run(parser: argparse.ArgumentParser, stages: str) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help=f"check the inputs, load the model, print the estimated time and peak memory of the {stages} "
+                        "and stop: an estimate from a few timed probe steps on batches of this data; nothing is "
+                        "trained or written")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -481,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="training data, JSONL {id, prompt, response}")
     train.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     _add_recipe(train)
+    _add_dry_run(train, "training")
     train.set_defaults(run=_train)
 
     erase = command("erase", "apply a request file to an adapter and write a new adapter (the input is never modified)")
@@ -501,11 +591,29 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--curvature-examples", type=int, default=None, help="estimate H on a random subset of this many examples (default: all)")
     erase.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's, else 256)")
     erase.add_argument("--seed", type=int, default=0, help="seed of subsets and stochastic solvers")
+    erase.add_argument("--curvature-cache", default=None,
+                       help="a fit-curvature directory (K-FAC) for this adapter and data, used as --curvature-use says")
+    erase.add_argument("--curvature-use", default="precondition", choices=["precondition", "direct"],
+                       help="precondition: cg against the exact operator, K-FAC as preconditioner; direct: v = (K + λI)⁻¹ b, "
+                       "no iterations (fast, approximate; the report gives its residual against the exact operator)")
     erase.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
     erase.add_argument("--auto-damping", action="store_true",
                        help="when the solve diverges or meets non-positive curvature, retry with 10x the damping "
                        "(up to 4 solves); each attempt is recorded in the report and the lineage")
+    _add_dry_run(erase, "erasure (prepare, gradients, solve, save)")
     erase.set_defaults(run=_erase)
+
+    fit = command("fit-curvature", "fit K-FAC curvature factors of an adapter's LoRA layers once, for fast erasures")
+    _add_model(fit, required=False)
+    fit.add_argument("--adapter", required=True, help="PEFT adapter directory")
+    fit.add_argument("--data", required=True, help="the training data the adapter was trained on (JSONL)")
+    fit.add_argument("--out", required=True, help="new curvature directory (must not exist)")
+    fit.add_argument("--curvature-examples", type=int, default=None, help="fit on a random subset of this many examples (default: all)")
+    fit.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    fit.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the subset and of the sampled labels")
+    fit.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
+    fit.set_defaults(run=_fit_curvature)
 
     retrain = command("retrain", "train from scratch on the edited training set with the same recipe (exact reference)")
     _add_model(retrain, required=False)

@@ -44,7 +44,8 @@ from llmeraser.requests import (
     edited_training_set,
     resolve,
 )
-from llmeraser.solvers import SolverResult, solve
+from llmeraser.kfac import KfacInverse, KroneckerFactors
+from llmeraser.solvers import SolverResult, relative_residual, solve
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class EraseConfig:
     curvature_examples: int | None = None
     probe_examples: int = 64
     max_length: int = 256
+    curvature_use: str = "precondition"
     seed: int = 0
     solver_options: dict[str, Any] = field(default_factory=dict)
     diverge_after: int = 5
@@ -149,7 +151,13 @@ def _raise_on_nonfinite_losses(
             offset += len(losses)
 
 
-def _solve_once(config: EraseConfig, operator: CurvatureOperator, b: Tensor, progress: bool) -> SolverResult:
+def _solve_once(
+    config: EraseConfig,
+    operator: CurvatureOperator,
+    b: Tensor,
+    progress: bool,
+    kfac: dict[str, KroneckerFactors] | None = None,
+) -> SolverResult:
     """One solve; raises ``NumericalError`` (stage 'solve') on divergence, non-positive curvature, NaN/Inf
     in v, or a result worse than v = 0 (relative residual > 1)."""
     bar = tqdm(total=config.max_iters, desc=f"solve ({config.solver}, λ={operator.damping:g})",
@@ -160,7 +168,10 @@ def _solve_once(config: EraseConfig, operator: CurvatureOperator, b: Tensor, pro
         bar.set_postfix(residual=f"{residual:.2e}")
 
     try:
-        result = solve(config.solver, operator, b, **_solver_options(config, operator, advance))
+        if kfac is None:
+            result = solve(config.solver, operator, b, **_solver_options(config, operator, advance))
+        else:
+            result = _solve_with_kfac(config, operator, b, KfacInverse(kfac, operator.params, operator.shift), advance)
     except NumericalError as err:
         if err.stage not in (None, "solve"):
             raise
@@ -179,7 +190,11 @@ def _solve_once(config: EraseConfig, operator: CurvatureOperator, b: Tensor, pro
 
 
 def _solve_with_damping(
-    config: EraseConfig, operator_with: Callable[[float], CurvatureOperator], b: Tensor, progress: bool
+    config: EraseConfig,
+    operator_with: Callable[[float], CurvatureOperator],
+    b: Tensor,
+    progress: bool,
+    kfac: dict[str, KroneckerFactors] | None = None,
 ) -> tuple[SolverResult, CurvatureOperator, float, list[dict[str, Any]]]:
     """Solve with λ = ``config.damping``; with ``auto_damping``, on a numerical failure of the solve
     retry with λ × ``damping_factor`` (at most ``max_damping_attempts`` solves). Returns the result, its
@@ -188,7 +203,7 @@ def _solve_with_damping(
     while True:
         operator = operator_with(damping)
         try:
-            result = _solve_once(config, operator, b, progress)
+            result = _solve_once(config, operator, b, progress, kfac)
         except NumericalError as err:
             if err.stage != "solve":
                 raise
@@ -211,6 +226,34 @@ def _solve_with_damping(
         return result, operator, damping, attempts
 
 
+def _solve_with_kfac(
+    config: EraseConfig, operator: CurvatureOperator, b: Tensor, inverse: KfacInverse,
+    callback: Callable[[int, float], None],
+) -> SolverResult:
+    """Use fitted K-FAC factors directly or as the preconditioner of cg against the exact operator."""
+    if config.curvature_use == "precondition":
+        if config.solver != "cg":
+            raise ValueError("a K-FAC curvature cache preconditions the cg solver only (use --solver cg)")
+        result = solve("cg", operator, b, max_iters=config.max_iters, tol=config.tol, preconditioner=inverse,
+                       callback=callback)
+        result.details["curvature_cache"] = "kfac preconditioner"
+        return result
+    if config.curvature_use != "direct":
+        raise ValueError(f"unknown curvature_use {config.curvature_use!r} (expected 'precondition' or 'direct')")
+    start = time.perf_counter()
+    solution = inverse(b)
+    generator = torch.Generator().manual_seed(config.seed)
+    count = min(config.probe_examples, operator.count)
+    probe = operator.restrict(sorted(torch.randperm(operator.count, generator=generator)[:count].tolist()))
+    residual = relative_residual(probe, solution, b)
+    return SolverResult(
+        solution, "kfac", 0, [residual], [0], False, "solved with the K-FAC approximation (no iterations)",
+        time.perf_counter() - start,
+        {"curvature_cache": "kfac direct", "probe_examples": count,
+         "note": "residual against the exact operator on the probe subset"},
+    )
+
+
 def erase(
     model: Any,
     tokenizer: Any,
@@ -218,11 +261,13 @@ def erase(
     requests: Sequence[Request],
     config: EraseConfig | None = None,
     progress: bool = False,
+    kfac: dict[str, KroneckerFactors] | None = None,
     **overrides: Any,
 ) -> ErasureResult:
     """Compute the influence update of θ (the PEFT model's trainable tensors) for ``requests``.
 
-    ``train`` is the training set the adapter was trained on; ``overrides`` replace fields of ``config``
+    ``train`` is the training set the adapter was trained on; ``kfac``: fitted K-FAC factors
+    (``llmeraser.kfac``), used as ``config.curvature_use`` says; ``overrides`` replace fields of ``config``
     (e.g. ``solver="cg", curvature="hessian", damping=1e-2``); ``progress`` shows a progress bar of
     the solver's iterations. The model's weights are left unchanged.
     """
@@ -270,7 +315,7 @@ def erase(
             damping, config.weight_decay, config.batch_size, distributed=parallel,
         )
 
-    result, operator, damping, attempts = _solve_with_damping(config, operator_with, b, progress)
+    result, operator, damping, attempts = _solve_with_damping(config, operator_with, b, progress, kfac)
     timings["solve_s"] = time.perf_counter() - start
     update = result.solution
     report = {

@@ -52,7 +52,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text, object_pairs_hook=_unique_keys)
+                obj = json.loads(text.rstrip("\r\n"), object_pairs_hook=_unique_keys)  # columns within the line
             except json.JSONDecodeError as err:
                 raise InputError(f"malformed JSON: {err.msg} (column {err.colno})", path, number) from None
             except _DuplicateKey as err:

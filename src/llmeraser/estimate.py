@@ -1,0 +1,507 @@
+"""Dry-run estimates: the time and peak memory of each stage of ``train`` and ``erase``, from a few timed
+probe steps, without training, solving or writing anything.
+
+How the time is estimated:
+
+- The stage's batches are built exactly as the real run builds them: the same tokenisation, the
+  training order drawn from the recipe's seed (the first epochs exactly, the rest scaled), the request
+  pairs (old versions, then new ones) and the curvature examples in order, and the stochastic solvers'
+  mini-batches and probe subset drawn from their seed.
+- The stage's own operation (a training step: collate + forward + backward + optimizer step; a gradient
+  pass; a curvature product ``CurvatureOperator.matvec``) is timed on two *representative* batches of
+  that list: the one with the most padded tokens (batch size × padded length: it also sets the memory
+  peak) and the median one, after one discarded warm-up call on the largest. Each probe is repeated
+  until it has run ``ProbeSettings.min_probe_s`` (at most ``max_repeats`` times) and averaged.
+- The cost of a batch is modelled as ``fixed + per_token × tokens`` through those two points (a constant
+  when the two have about the same size), and summed over every batch the stage will run:
+  ``train`` = Σ over epochs × steps per epoch; ``erase`` = the gradient batches of the request pairs, then
+  the solver: ``cg`` max_iters full products (one per iteration, each a sum over the curvature
+  batches; the residual bookkeeping is vector arithmetic, included as measured), ``lissa`` / ``sgd``
+  the power iteration on the probe subset + max_iters mini-batch products + two probe-subset products
+  (the last iterate and the average) every ``check_every`` steps, ``direct`` p products (in chunks) +
+  the dense factorisation (timed on a smaller matrix, scaled as p³).
+- Iterative solvers may stop before max_iters (at ``tol``, or on a stall): the solve estimate is for
+  running all of them, an upper bound.
+
+Memory: the process's peak resident set size (RSS, ``getrusage``) after the stage's probes, which ran
+the stage's largest batch with the real code. It is a *process* peak: monotone over the run, and it
+includes the Python runtime, the libraries, the model and every earlier stage; it is the same measure
+the erasure report records. For the direct solver the dense p × p matrices are added analytically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llmeraser.curvature import CurvatureOperator
+from llmeraser.data import (
+    Example,
+    TokenizationConfig,
+    TokenizedExample,
+    collate,
+    example_losses,
+    tokenize_examples,
+)
+from llmeraser.eraser import EraseConfig, peak_memory_mb
+from llmeraser.gradients import summed_gradient
+from llmeraser.model import AdapterParameters
+from llmeraser.requests import Request, edited_training_set, resolve
+from llmeraser.solvers import estimate_largest_eigenvalue, solve_direct, solve_lissa, solve_sgd
+from llmeraser.train import TrainConfig, l2_penalty
+
+MIB = 2.0**20
+EXACT_EPOCHS = 3  # training orders drawn exactly for this many epochs; later epochs are scaled from them
+SAMPLED_MINIBATCHES = 64  # stochastic solvers: mini-batches drawn exactly to average their cost over
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """How long to time each probe batch: repeated until ``min_probe_s`` (at most ``max_repeats`` times)."""
+
+    min_probe_s: float = 0.25
+    max_repeats: int = 5
+
+
+@dataclass
+class StageEstimate:
+    """One stage: estimated (or measured) seconds, the process peak RSS after its probes (MiB), and how."""
+
+    name: str
+    seconds: float
+    peak_mib: float
+    how: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.name, "seconds": self.seconds, "peak_mib": self.peak_mib, "how": self.how}
+
+
+@dataclass
+class RunEstimate:
+    """The stages of one command, with the sizes that drive them and notes on what the numbers mean."""
+
+    command: str
+    stages: list[StageEstimate]
+    sizes: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(stage.seconds for stage in self.stages)
+
+    @property
+    def peak_mib(self) -> float:
+        return max((stage.peak_mib for stage in self.stages), default=0.0)
+
+    def stage(self, name: str) -> StageEstimate:
+        """The stage called ``name`` (KeyError if there is none)."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "stages": [stage.to_json() for stage in self.stages],
+            "total_seconds": self.total_seconds,
+            "peak_mib": self.peak_mib,
+            "sizes": self.sizes,
+            "notes": self.notes,
+        }
+
+    def table(self) -> str:
+        """A printable table: one row per stage, then the total, the sizes and the notes."""
+        rows = [[s.name, f"{s.seconds:.2f}", f"{s.peak_mib:.0f}", s.how] for s in self.stages]
+        rows.append(["total", f"{self.total_seconds:.2f}", f"{self.peak_mib:.0f}", ""])
+        header = ["stage", "seconds", "peak MiB", "how"]
+        widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(3)]
+
+        def line(row: list[str]) -> str:
+            cells = [row[0].ljust(widths[0]), row[1].rjust(widths[1]), row[2].rjust(widths[2]), row[3]]
+            return "  ".join(cells).rstrip()
+
+        out = [f"llmeraser {self.command} --dry-run: an estimate from timed probe steps; nothing was written"]
+        out += [line(header), line(["-" * w for w in widths] + ["---"])]
+        out += [line(r) for r in rows[:-1]]
+        out += [line(["-" * w for w in widths] + [""]), line(rows[-1])]
+        if self.sizes:
+            out.append("sizes: " + ", ".join(f"{key} {value}" for key, value in self.sizes.items()))
+        out += [f"note: {note}" for note in self.notes]
+        return "\n".join(out)
+
+
+def measured_stage(name: str, seconds: float, how: str = "measured") -> StageEstimate:
+    """A stage that the dry run really ran (loading, checks), with the process peak so far."""
+    return StageEstimate(name, seconds, peak_memory_mb(), how)
+
+
+# ------------------------------------------------------------------------------------------- cost model
+
+
+def batch_tokens(items: Sequence[TokenizedExample]) -> int:
+    """Padded tokens of a batch: batch size × the longest example (``collate`` right-pads to it)."""
+    return len(items) * max(len(item.input_ids) for item in items) if items else 0
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    """Seconds for one batch of ``tokens`` padded tokens: ``fixed_s + per_token_s × tokens``."""
+
+    fixed_s: float
+    per_token_s: float
+    probes: int = 0
+
+    def __call__(self, tokens: int) -> float:
+        return self.fixed_s + self.per_token_s * tokens
+
+    def total(self, token_counts: Sequence[int]) -> float:
+        return sum(self(tokens) for tokens in token_counts)
+
+
+def timed(operation: Callable[[], Any], settings: ProbeSettings) -> tuple[float, int]:
+    """Mean seconds of ``operation()``, repeated until ``settings.min_probe_s`` or ``max_repeats``; and the count."""
+    total, count = 0.0, 0
+    while count < max(1, settings.max_repeats) and (count == 0 or total < settings.min_probe_s):
+        start = time.perf_counter()
+        operation()
+        total += time.perf_counter() - start
+        count += 1
+    return total / count, count
+
+
+def representative_batches(batches: Sequence[Sequence[TokenizedExample]]) -> list[Sequence[TokenizedExample]]:
+    """The batch with the most padded tokens and the median one (one batch if they coincide)."""
+    ranked = sorted(batches, key=batch_tokens)
+    largest, median = ranked[-1], ranked[(len(ranked) - 1) // 2]
+    return [largest] if median is largest else [largest, median]
+
+
+def fit_batch_cost(
+    operation: Callable[[Sequence[TokenizedExample]], Any],
+    batches: Sequence[Sequence[TokenizedExample]],
+    settings: ProbeSettings,
+) -> BatchCost:
+    """Time ``operation(batch)`` on the representative batches (after a discarded warm-up on the largest)
+    and fit the per-batch cost through them."""
+    probes = representative_batches(batches)
+    operation(probes[0])  # warm-up: first-call allocations, lazy initialisation; also the memory peak
+    points = []
+    calls = 1
+    for batch in probes:
+        seconds, count = timed(lambda batch=batch: operation(batch), settings)
+        points.append((batch_tokens(batch), seconds))
+        calls += count
+    (t1, s1) = points[0]
+    if len(points) == 1 or t1 < 1.2 * points[1][0]:  # about the same size: a constant per token
+        mean_tokens = sum(t for t, _ in points) / len(points)
+        mean_seconds = sum(s for _, s in points) / len(points)
+        return BatchCost(0.0, mean_seconds / max(mean_tokens, 1), calls)
+    t2, s2 = points[1]
+    slope = (s1 - s2) / (t1 - t2)
+    if slope <= 0:  # timing noise: no measurable per-token cost; the mean as a constant
+        return BatchCost(0.5 * (s1 + s2), 0.0, calls)
+    fixed = s2 - slope * t2
+    if fixed < 0:  # cost grows faster than linearly: proportional through the larger point
+        return BatchCost(0.0, s1 / t1, calls)
+    return BatchCost(fixed, slope, calls)
+
+
+def chunks(items: Sequence[TokenizedExample], size: int) -> list[Sequence[TokenizedExample]]:
+    """Consecutive batches of at most ``size`` items, as ``iter_batches`` makes them."""
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _sizes(model: Any, params: AdapterParameters) -> dict[str, Any]:
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    adapter = sum(t.numel() * t.element_size() for t in params.tensors)
+    return {
+        "model weights": f"{weights / MIB:.1f} MiB",
+        "adapter": f"{params.dim:,} trainable parameters ({adapter / MIB:.2f} MiB)",
+    }
+
+
+def _save_seconds(params: AdapterParameters) -> float:
+    """Serialise θ in memory (safetensors) and hash it: the work of writing the adapter, without writing."""
+    from safetensors.torch import save
+
+    start = time.perf_counter()
+    data = save({name: tensor.detach().contiguous() for name, tensor in zip(params.names, params.tensors)})
+    hashlib.sha256(data).hexdigest()
+    hashlib.sha256(data).hexdigest()  # the output hash reads the written weights back
+    return time.perf_counter() - start
+
+
+def _default(function: Callable[..., Any], name: str) -> Any:
+    return inspect.signature(function).parameters[name].default
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def estimate_train(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    settings: ProbeSettings | None = None,
+) -> RunEstimate:
+    """Estimate ``train_adapter(model, tokenizer, examples, config)`` from a few real training steps.
+
+    θ and the model's mode are restored afterwards (the probe steps use an Adam with step size 0).
+    """
+    settings = settings or ProbeSettings()
+    params = AdapterParameters.of(model)
+    stages = []
+    start = time.perf_counter()
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(config.max_length))
+    stages.append(measured_stage("tokenize", time.perf_counter() - start))
+    pad = tokenizer.pad_token_id
+    theta, was_training = params.flat(), model.training
+    model.eval()
+    optimizer = torch.optim.Adam(params.tensors, lr=0.0)  # the real step's work, θ unchanged
+
+    def step(batch_items: Sequence[TokenizedExample]) -> None:
+        batch = collate(batch_items, pad)
+        objective = example_losses(model, batch).mean() + l2_penalty(params, config.weight_decay)
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        float(objective.detach())
+
+    def forward_backward(batch_items: Sequence[TokenizedExample]) -> None:
+        batch = collate(batch_items, pad)
+        (example_losses(model, batch).sum() / len(items)).backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        if config.optimizer == "lbfgs":
+            batches = chunks(items, config.batch_size)
+            cost = fit_batch_cost(forward_backward, batches, settings)
+            evaluations = config.epochs * (_LBFGS_MAX_ITER + 1)
+            seconds = evaluations * cost.total([batch_tokens(b) for b in batches])
+            how = (f"L-BFGS: up to {evaluations} full passes of {len(batches)} batches (upper bound; line-search "
+                   f"evaluations can add more), {cost.probes} probe passes")
+        else:
+            generator = torch.Generator().manual_seed(config.seed)
+            exact = min(config.epochs, EXACT_EPOCHS)
+            epochs: list[list[Sequence[TokenizedExample]]] = []
+            for _ in range(exact):
+                order = torch.randperm(len(items), generator=generator).tolist()
+                epochs.append([[items[i] for i in order[b : b + config.batch_size]]
+                               for b in range(0, len(order), config.batch_size)])
+            cost = fit_batch_cost(step, epochs[0], settings)
+            per_epoch = sum(cost.total([batch_tokens(b) for b in epoch]) for epoch in epochs) / exact
+            seconds = per_epoch * config.epochs
+            how = (f"{config.epochs} epochs × {len(epochs[0])} steps of ≤ {config.batch_size} examples; "
+                   f"{cost.probes} probe steps")
+        stages.append(StageEstimate("train", seconds, peak_memory_mb(), how))
+    finally:
+        params.assign(theta)
+        for tensor in params.tensors:
+            tensor.grad = None
+        model.train(was_training)
+    stages.append(StageEstimate("save", _save_seconds(params), peak_memory_mb(), "in-memory serialisation + hash"))
+    return RunEstimate("train", stages, _sizes(model, params), _notes())
+
+
+_LBFGS_MAX_ITER = 100  # llmeraser.train._train_lbfgs
+
+
+def _notes() -> list[str]:
+    return [
+        "time: probe steps on the longest and the median batch of this run, extrapolated over all of its "
+        "batches by a fixed + per-token cost",
+        "peak MiB: the process's peak resident memory (RSS) after each stage's probes (a process peak, "
+        "cumulative; includes the runtime, the libraries and the model)",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ erase
+
+
+def estimate_erase(
+    model: Any,
+    tokenizer: Any,
+    train: Sequence[Example],
+    requests: Sequence[Request],
+    config: EraseConfig | None = None,
+    settings: ProbeSettings | None = None,
+) -> RunEstimate:
+    """Estimate ``erase(model, tokenizer, train, requests, config)`` (single process) from a few timed
+    gradient passes and curvature products; the model's weights are untouched."""
+    config = config or EraseConfig()
+    settings = settings or ProbeSettings()
+    model.eval()
+    params = AdapterParameters.of(model)
+    pad = tokenizer.pad_token_id
+    stages = []
+
+    start = time.perf_counter()  # the same preparation as ``erase``
+    pairs = resolve(requests, train)
+    token_config = TokenizationConfig(max_length=config.max_length)
+    old_items = tokenize_examples(tokenizer, [p.old for p in pairs], token_config)
+    new_items = tokenize_examples(tokenizer, [p.new for p in pairs if p.new is not None], token_config)
+    curvature_set = edited_training_set(train, pairs) if config.scaling == "retrain" else list(train)
+    if config.curvature_examples is not None and config.curvature_examples < len(curvature_set):
+        generator = torch.Generator().manual_seed(config.seed)
+        chosen = torch.randperm(len(curvature_set), generator=generator)[: config.curvature_examples]
+        curvature_set = [curvature_set[i] for i in sorted(chosen.tolist())]
+    curvature_items = tokenize_examples(tokenizer, curvature_set, token_config)
+    stages.append(measured_stage("prepare", time.perf_counter() - start))
+
+    edited = [*old_items, *new_items]
+    gradient_batches = chunks(edited, config.batch_size)
+    cost = fit_batch_cost(
+        lambda batch: summed_gradient(model, params, batch, pad, len(batch)), gradient_batches, settings
+    )
+    stages.append(StageEstimate(
+        "gradients", cost.total([batch_tokens(b) for b in gradient_batches]), peak_memory_mb(),
+        f"{len(gradient_batches)} batches ({len(old_items)} old + {len(new_items)} new versions); "
+        f"{cost.probes} probe passes",
+    ))
+
+    seconds, how, extra_mib = _estimate_solve(model, params, curvature_items, pad, config, settings)
+    stages.append(StageEstimate(f"solve ({config.solver})", seconds, peak_memory_mb() + extra_mib, how))
+    stages.append(StageEstimate("save", _save_seconds(params), peak_memory_mb() + extra_mib,
+                                "in-memory serialisation + hash"))
+    notes = _notes()
+    if config.solver in ("cg", "lissa", "sgd"):
+        notes.append(f"solve: all {config.max_iters} iterations (it stops earlier when the residual reaches "
+                     f"--tol {config.tol:g}): an upper bound")
+    if config.auto_damping:
+        notes.append(f"--auto-damping: a failed solve is retried, up to {config.max_damping_attempts} solves in all")
+    sizes = {**_sizes(model, params), "curvature examples": len(curvature_items), "edited examples": len(pairs)}
+    return RunEstimate("erase", stages, sizes, notes)
+
+
+def _estimate_solve(
+    model: Any,
+    params: AdapterParameters,
+    curvature_items: Sequence[TokenizedExample],
+    pad: int,
+    config: EraseConfig,
+    settings: ProbeSettings,
+) -> tuple[float, str, float]:
+    """(seconds, how, extra MiB beyond the probes' process peak) of the solve stage."""
+    dtype = params.tensors[0].dtype
+    vector = 1e-3 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+
+    def operator_on(batch: Sequence[TokenizedExample]) -> CurvatureOperator:
+        return CurvatureOperator(model, params, list(batch), pad, config.curvature,  # type: ignore[arg-type]
+                                 config.damping, config.weight_decay, max(len(batch), 1))
+
+    def product(batch: Sequence[TokenizedExample]) -> None:
+        operator_on(batch).matvec(vector)
+
+    batches = chunks(curvature_items, config.batch_size)
+    options = config.solver_options
+    if config.solver == "cg":
+        cost = fit_batch_cost(product, batches, settings)
+        full = cost.total([batch_tokens(b) for b in batches])
+        vector_ops = _vector_ops_seconds(params.dim, dtype)
+        seconds = config.max_iters * (full + vector_ops)
+        how = (f"{config.max_iters} iterations × 1 product over {len(batches)} batches ({config.curvature}); "
+               f"{cost.probes} probe products")
+        return seconds, how, 0.0
+    if config.solver == "direct":
+        return _estimate_direct(model, params, batches, pad, config, settings, product, vector)
+    if config.solver not in ("lissa", "sgd"):
+        raise ValueError(f"unknown solver {config.solver!r} (expected one of: direct, cg, lissa, sgd)")
+
+    count = len(curvature_items)
+    generator = torch.Generator().manual_seed(config.seed)  # the probe subset of ``eraser._solver_options``
+    probe_indices = sorted(torch.randperm(count, generator=generator)[: min(config.probe_examples, count)].tolist())
+    probe_batches = chunks([curvature_items[i] for i in probe_indices], config.batch_size)
+    if count <= config.batch_size:
+        sampled = batches
+    else:  # the mini-batches of ``CurvatureOperator.sample`` with the solver's seed
+        generator = torch.Generator().manual_seed(int(options.get("seed", config.seed)))
+        sampled = [
+            [curvature_items[i] for i in sorted(torch.randperm(count, generator=generator)[: config.batch_size].tolist())]
+            for _ in range(min(config.max_iters, SAMPLED_MINIBATCHES))
+        ]
+    cost = fit_batch_cost(product, [*sampled, *probe_batches], settings)
+    step_s = sum(cost(batch_tokens(b)) for b in sampled) / len(sampled)
+    probe_s = cost.total([batch_tokens(b) for b in probe_batches])
+    function = solve_lissa if config.solver == "lissa" else solve_sgd
+    check_every = int(options.get("check_every", _default(function, "check_every")))
+    checks = config.max_iters // check_every + (1 if config.max_iters % check_every else 0)
+    power = 0 if (config.solver == "lissa" and options.get("scale") is not None) else \
+        _default(estimate_largest_eigenvalue, "iterations")
+    seconds = config.max_iters * step_s + (2 * checks + power) * probe_s
+    how = (f"{config.max_iters} mini-batch products + {checks} checks × 2 and {power} power-iteration products "
+           f"on the {len(probe_indices)}-example probe subset ({config.curvature}); {cost.probes} probe products")
+    return seconds, how, 0.0
+
+
+def _vector_ops_seconds(dim: int, dtype: torch.dtype) -> float:
+    """A cg iteration's vector arithmetic besides the product (a few axpys and dot products), timed."""
+    x, p, r = (torch.ones(dim, dtype=dtype) for _ in range(3))
+    start = time.perf_counter()
+    for _ in range(5):
+        float(p @ r)
+        x = x + 0.5 * p
+        r = r - 0.5 * p
+        float(r.norm())
+        float(r @ r)
+        p = r + 0.5 * p
+    return (time.perf_counter() - start) / 5
+
+
+def _estimate_direct(
+    model: Any,
+    params: AdapterParameters,
+    batches: list[Sequence[TokenizedExample]],
+    pad: int,
+    config: EraseConfig,
+    settings: ProbeSettings,
+    product: Callable[[Sequence[TokenizedExample]], None],
+    vector: torch.Tensor,
+) -> tuple[float, str, float]:
+    """The direct solver: ⌈p / chunk⌉ chunked products over all batches, one residual product, and the
+    float64 eigendecomposition + Cholesky of the p × p matrix (timed at a smaller size, scaled as p³)."""
+    options = config.solver_options
+    dim = params.dim
+    max_dim = int(options.get("max_dim", _default(solve_direct, "max_dim")))
+    if dim > max_dim:
+        raise ValueError(
+            f"the direct solver forms the {dim}×{dim} matrix; it is limited to {max_dim} parameters "
+            "(use cg, lissa or sgd, or raise max_dim knowingly)"
+        )
+    chunk = min(int(options.get("chunk_size", _default(solve_direct, "chunk_size"))), dim)
+    tokens = [batch_tokens(b) for b in batches]
+    single = fit_batch_cost(product, batches, settings)
+    if config.curvature == "hessian":  # one batched double-backward per chunk of basis vectors
+        basis = vector.new_zeros(chunk, dim)
+        basis[torch.arange(chunk), torch.arange(chunk)] = 1.0
+
+        def chunk_product(batch: Sequence[TokenizedExample]) -> None:
+            CurvatureOperator(model, params, list(batch), pad, "hessian", config.damping, config.weight_decay,
+                              max(len(batch), 1)).matmat(basis)
+
+        chunk_cost = fit_batch_cost(chunk_product, batches, settings)
+        products = math.ceil(dim / chunk) * chunk_cost.total(tokens)
+        probes = single.probes + chunk_cost.probes
+    else:  # gauss-newton: one product per basis vector
+        products = dim * single.total(tokens)
+        probes = single.probes
+    size = min(dim, 256)
+    matrix = torch.randn(size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    matrix = matrix @ matrix.T + size * torch.eye(size, dtype=torch.float64)
+    start = time.perf_counter()
+    torch.linalg.eigvalsh(matrix)
+    torch.linalg.cholesky_ex(matrix)
+    factor_s = (time.perf_counter() - start) * (dim / size) ** 3
+    seconds = products + single.total(tokens) + factor_s
+    extra_mib = 4 * dim * dim * 8 / MIB  # the matrix, its symmetrised copy, the factor, eigvalsh workspace
+    how = (f"{dim} basis products in chunks of {chunk} over {len(batches)} batches ({config.curvature}) + "
+           f"factorisation; {probes} probe products")
+    return seconds, how, extra_mib
