@@ -89,13 +89,15 @@ class EraseConfig:
 
 @dataclass
 class ErasureResult:
-    """θ̂, v and θ_new = θ̂ + v as flat (p,) vectors, the resolved pairs, solver diagnostics and the report."""
+    """θ̂, v and θ_new = θ̂ + v as flat (p,) vectors, the resolved pairs, solver diagnostics, the report,
+    and the right-hand side b the update solves for, shape (p,)."""
 
     theta: Tensor
     update: Tensor
     pairs: list[EditPair]
     solver: SolverResult
     report: dict[str, Any]
+    rhs: Tensor | None = None
 
     @property
     def theta_new(self) -> Tensor:
@@ -182,7 +184,7 @@ def _solve_once(
         raise NumericalError(f"{config.solver} {result.status}", stage="solve")
     if not result.converged and result.final_residual > 1.0:
         raise NumericalError(
-            f"{config.solver} ended with relative residual {result.final_residual:.3e} > 1 (worse than no update; "
+            f"{result.solver} ended with relative residual {result.final_residual:.3e} > 1 (worse than no update; "
             f"{result.status})",
             stage="solve",
         )
@@ -241,16 +243,24 @@ def _solve_with_kfac(
     if config.curvature_use != "direct":
         raise ValueError(f"unknown curvature_use {config.curvature_use!r} (expected 'precondition' or 'direct')")
     start = time.perf_counter()
-    solution = inverse(b)
+    direction = inverse(b)
     generator = torch.Generator().manual_seed(config.seed)
     count = min(config.probe_examples, operator.count)
     probe = operator.restrict(sorted(torch.randperm(operator.count, generator=generator)[:count].tolist()))
-    residual = relative_residual(probe, solution, b)
+    product = probe.matvec(direction)
+    curvature = float(direction @ product)
+    # the step length that minimises the quadratic model ½ vᵀ(H+λI)v − bᵀv along the K-FAC direction
+    # (as in K-FAC's own rescaling): corrects the approximation's scale, never worse than v = 0
+    step = float(b @ direction) / curvature if curvature > 0 else 1.0
+    solution = step * direction
+    norm_b = float(b.norm())
+    residual = float((step * product - b).norm()) / norm_b if norm_b > 0 else 0.0
     return SolverResult(
-        solution, "kfac", 0, [residual], [0], False, "solved with the K-FAC approximation (no iterations)",
+        solution, "kfac", 0, [residual], [0], False,
+        "solved with the K-FAC approximation (no iterations; step length fitted on the probe examples)",
         time.perf_counter() - start,
-        {"curvature_cache": "kfac direct", "probe_examples": count,
-         "note": "residual against the exact operator on the probe subset"},
+        {"curvature_cache": "kfac direct", "probe_examples": count, "step_length": step,
+         "note": "residual against the exact operator on the probe examples"},
     )
 
 
@@ -343,7 +353,7 @@ def erase(
         "peak_memory_mb": peak_memory_mb(),
         "versions": library_versions(),
     }
-    return ErasureResult(theta, update, pairs, result, report)
+    return ErasureResult(theta, update, pairs, result, report, b)
 
 
 def library_versions() -> dict[str, str]:

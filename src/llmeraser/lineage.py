@@ -212,23 +212,26 @@ def erase_entry(
     }
 
 
+def _short(value: Any) -> str:
+    return str(value or "-")[:12]
+
+
 def describe(entry: dict[str, Any]) -> str:
-    """One line about an entry for ``llmeraser history``."""
-    short = lambda value: (value or "-")[:12]  # noqa: E731
-    head = f"#{entry.get('index')}  {entry.get('time', '?')}  {entry.get('command', '?'):<7}  {entry.get('tool', '?')} {entry.get('tool_version', '?')}"
-    result = entry.get("result") or {}
-    if entry.get("command") == "erase":
-        counts = entry.get("requests") or {}
-        kinds = ", ".join(f"{op} {n}" for op, n in counts.items() if n)
-        damping = result.get("damping_used")
+    """Three lines about an entry for ``llmeraser history``: what, which data / requests, which adapters."""
+    get = entry.get
+    head = f"#{get('index')}  {get('time', '?')}  {get('command', '?'):<7}  {get('tool', '?')} {get('tool_version', '?')}"
+    result = get("result") or {}
+    if get("command") == "erase":
+        kinds = ", ".join(f"{op} {n}" for op, n in (get("requests") or {}).items() if n)
+        damping, residual = result.get("damping_used"), result.get("final_relative_residual")
         damping_text = f", λ={damping:g}" if isinstance(damping, (int, float)) else ""
-        residual = result.get("final_relative_residual")
         residual_text = f"{residual:.2e}" if isinstance(residual, (int, float)) else str(residual)
         body = (
-            f"requests {short(entry.get('requests_file_sha256'))} ({kinds}); examples {entry.get('n_examples_before')} → "
-            f"{entry.get('n_examples_after')}; {result.get('solver')}: {result.get('status')}, residual {residual_text}{damping_text}"
+            f"requests {_short(get('requests_file_sha256'))} ({kinds}); examples {get('n_examples_before')} → "
+            f"{get('n_examples_after')}; {result.get('solver')}: {result.get('status')}, "
+            f"residual {residual_text}{damping_text}"
         )
     else:
-        body = f"model {entry.get('model')}; data {short(entry.get('data_after_sha256'))} ({entry.get('n_examples_after')} examples)"
-    adapters = f"adapter {short(entry.get('input_adapter_sha256'))} → {short(entry.get('output_adapter_sha256'))}"
-    return f"{head}\n    {body}\n    {adapters}; entry {short(entry.get(HASH_KEY))}"
+        body = f"model {get('model')}; data {_short(get('data_after_sha256'))} ({get('n_examples_after')} examples)"
+    adapters = f"adapter {_short(get('input_adapter_sha256'))} → {_short(get('output_adapter_sha256'))}"
+    return f"{head}\n    {body}\n    {adapters}; entry {_short(get(HASH_KEY))}"

@@ -1,0 +1,209 @@
+"""Erase time against retrain time and the gradient floor, with and without a cached K-FAC curvature.
+
+On SmolLM2-135M + LoRA (r=8, q_proj/v_proj) and TALLRec examples from MovieLens-100k: fine-tune once on
+``--n-train`` examples, fit K-FAC once, then for request sets of each size in ``--requests`` (removals
+of random training examples) measure:
+
+- floor: one forward+backward pass over the affected examples (what forming b costs at least);
+- erase (cold): b + damped Gauss–Newton cg on ``--curvature-examples`` examples, ``--cg-iters`` iterations;
+- erase (cached): b + the K-FAC solve (``--curvature-use direct``), no curvature products;
+- retrain: training from scratch on the edited set (measured once, for the middle request size; the
+  others cost the same up to the small change in n);
+- the relative residual of each update against the exact damped Gauss–Newton operator on a probe set,
+  the test AUC of each adapter, and the peak resident memory of each stage (sampled every 20 ms).
+
+Usage: python benchmarks/erase_speed.py [--model smollm2-135m] [--n-train 1000] [--out DIR]
+Writes DIR/results.json and DIR/results.md (with the machine description and this command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from llmeraser.curvature import CurvatureOperator
+from llmeraser.data import TokenizationConfig, tokenize_examples
+from llmeraser.eraser import EraseConfig, erase, library_versions
+from llmeraser.evaluate import answer_scores, auc, binary_labels
+from llmeraser.gradients import summed_gradient
+from llmeraser.kfac import fit_kfac
+from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
+from llmeraser.recsys.tallrec import movielens_demo_examples
+from llmeraser.requests import Remove, edited_training_set, resolve
+from llmeraser.solvers import relative_residual
+from llmeraser.train import TrainConfig, train_adapter
+
+
+@contextmanager
+def measured(record: dict, key: str):
+    """Wall time (s) and peak RSS (MiB, sampled every 20 ms) of the block, stored under ``record[key]``."""
+    process = psutil.Process()
+    peak = [process.memory_info().rss]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        thread.join()
+        record[key] = {"seconds": seconds, "peak_rss_mib": max(peak[0], process.memory_info().rss) / 2**20}
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **library_versions(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--n-test", type=int, default=64)
+    parser.add_argument("--history-length", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--requests", type=int, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--curvature-examples", type=int, default=32)
+    parser.add_argument("--kfac-examples", type=int, default=256)
+    parser.add_argument("--cg-iters", type=int, default=5)
+    parser.add_argument("--damping", type=float, default=1e-2)
+    parser.add_argument("--probe-examples", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/erase_speed")
+    args = parser.parse_args()
+    command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
+
+    recipe = TrainConfig(epochs=args.epochs, lr=1e-3, batch_size=8, weight_decay=1e-2, seed=args.seed)
+    lora = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"), seed=args.seed)
+    splits = movielens_demo_examples(args.n_train, args.n_test, args.history_length, args.seed)
+    train, test = splits.train, splits.test
+    base, tokenizer = load_base_model(args.model, seed=args.seed)
+    model = attach_lora(base, lora)
+    params = AdapterParameters.of(model)
+    theta_init = params.flat()
+    results: dict = {"command": command, "machine": machine(), "settings": vars(args), "stages": {}, "requests": []}
+    stages = results["stages"]
+
+    print(f"train: {len(train)} examples × {args.epochs} epoch(s)", flush=True)
+    with measured(stages, "train"):
+        train_adapter(model, tokenizer, train, recipe, progress=True)
+    theta = params.flat()
+    with measured(stages, "one_train_step"):
+        train_adapter(model, tokenizer, train[: recipe.batch_size], TrainConfig(**{**recipe.to_json(), "epochs": 1}))
+    params.assign(theta)
+
+    config = TokenizationConfig(max_length=recipe.max_length)
+    test_labels = binary_labels(test)
+
+    def test_auc(vector: torch.Tensor) -> float:
+        params.assign(vector)
+        try:
+            return auc(test_labels, answer_scores(model, tokenizer, test))
+        finally:
+            params.assign(theta)
+
+    results["auc_original"] = test_auc(theta)
+    rng = np.random.default_rng(args.seed)
+    kfac_items = tokenize_examples(tokenizer, [train[i] for i in sorted(rng.permutation(len(train))[: args.kfac_examples])], config)
+    print(f"fit K-FAC on {len(kfac_items)} examples", flush=True)
+    with measured(stages, "fit_curvature"):
+        factors = fit_kfac(model, params, kfac_items, tokenizer.pad_token_id, batch_size=8, seed=args.seed)
+    probe_items = tokenize_examples(tokenizer, [train[i] for i in sorted(rng.permutation(len(train))[: args.probe_examples])], config)
+    probe = CurvatureOperator(model, params, probe_items, tokenizer.pad_token_id, "gauss-newton", args.damping, recipe.weight_decay)
+
+    erase_config = EraseConfig(solver="cg", curvature="gauss-newton", damping=args.damping, weight_decay=recipe.weight_decay,
+                               max_iters=args.cg_iters, tol=1e-6, curvature_examples=args.curvature_examples, seed=args.seed)
+    retrain_size = sorted(args.requests)[len(args.requests) // 2]
+    for k in args.requests:
+        ids = [train[i].id for i in sorted(rng.permutation(len(train))[:k])]
+        requests = [Remove(i) for i in ids]
+        row: dict = {"k": k}
+        affected = tokenize_examples(tokenizer, [e for e in train if e.id in set(ids)], config)
+        print(f"requests: {k} removals", flush=True)
+        with measured(row, "floor"):
+            summed_gradient(model, params, affected, tokenizer.pad_token_id, 8)
+        with measured(row, "erase_cold"):
+            cold = erase(model, tokenizer, train, requests, erase_config)
+        with measured(row, "erase_cached"):
+            cached = erase(model, tokenizer, train, requests, erase_config, kfac=factors, curvature_use="direct")
+        row["residual_cold_probe"] = relative_residual(probe, cold.update, cold.rhs)
+        row["residual_cached_probe"] = relative_residual(probe, cached.update, cached.rhs)
+        row["b_norm"] = cold.report["b_norm"]
+        row["auc_erased_cold"] = test_auc(cold.theta_new)
+        row["auc_erased_cached"] = test_auc(cached.theta_new)
+        if k == retrain_size:
+            params.assign(theta_init)
+            with measured(row, "retrain"):
+                train_adapter(model, tokenizer, edited_training_set(train, resolve(requests, train)), recipe, progress=True)
+            retrained = params.flat()
+            params.assign(theta)
+            row["auc_retrained"] = test_auc(retrained)
+        results["requests"].append(row)
+        print(json.dumps(row), flush=True)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(render(results))
+    print(render(results))
+    print(f"written to {out}")
+
+
+def render(results: dict) -> str:
+    stages = results["stages"]
+    lines = [
+        "# Erase vs retrain: time and memory",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        "Machine: " + ", ".join(f"{k}={v}" for k, v in results["machine"].items()),
+        "",
+        f"- train ({results['settings']['n_train']} examples, {results['settings']['epochs']} epoch): "
+        f"{stages['train']['seconds']:.0f} s, peak RSS {stages['train']['peak_rss_mib']:.0f} MiB",
+        f"- one training step (batch 8): {stages['one_train_step']['seconds']:.1f} s, peak RSS {stages['one_train_step']['peak_rss_mib']:.0f} MiB",
+        f"- fit K-FAC ({results['settings']['kfac_examples']} examples): {stages['fit_curvature']['seconds']:.0f} s",
+        f"- test AUC of the original adapter: {results['auc_original']:.4f}",
+        "",
+        "| requests | floor (s) | erase cold (s) | erase cached (s) | retrain (s) | residual cold | residual cached | AUC cold | AUC cached | AUC retrain | peak RSS erase (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results["requests"]:
+        retrain = f"{row['retrain']['seconds']:.0f}" if "retrain" in row else "–"
+        auc_retrain = f"{row['auc_retrained']:.4f}" if row.get("auc_retrained") is not None else "–"
+        peak = max(row["erase_cold"]["peak_rss_mib"], row["erase_cached"]["peak_rss_mib"])
+        lines.append(
+            f"| {row['k']} | {row['floor']['seconds']:.1f} | {row['erase_cold']['seconds']:.1f} | "
+            f"{row['erase_cached']['seconds']:.1f} | {retrain} | {row['residual_cold_probe']:.3f} | "
+            f"{row['residual_cached_probe']:.3f} | {row['auc_erased_cold']:.4f} | {row['auc_erased_cached']:.4f} | "
+            f"{auc_retrain} | {peak:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
