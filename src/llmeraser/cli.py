@@ -123,8 +123,10 @@ def _print_dry_run(command: str, load_s: float, estimate: Any) -> None:
     from llmeraser.estimate import measured_stage
 
     loaded = measured_stage("load and checks", load_s)
+    start = time.perf_counter()
     result = estimate()
     result.stages.insert(0, loaded)
+    result.notes.append(f"this dry run took {load_s + time.perf_counter() - start:.1f} s")
     print(result.table())
 
 
@@ -206,7 +208,7 @@ def _erase(args: argparse.Namespace) -> None:
 
         if is_main_process():
             _print_dry_run("erase", time.perf_counter() - started,
-                           lambda: estimate_erase(model, tokenizer, examples, requests, config))
+                           lambda: estimate_erase(model, tokenizer, examples, requests, config, kfac=kfac))
         return
     result = erase(model, tokenizer, examples, requests, config, progress=is_main_process(), kfac=kfac)
     if not is_main_process():  # data-parallel run: rank 0 writes

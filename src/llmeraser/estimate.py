@@ -19,7 +19,11 @@ How the time is estimated:
   batches; the residual bookkeeping is vector arithmetic, included as measured), ``lissa`` / ``sgd``
   the power iteration on the probe subset + max_iters mini-batch products + two probe-subset products
   (the last iterate and the average) every ``check_every`` steps, ``direct`` p products (in chunks) +
-  the dense factorisation (timed on a smaller matrix, scaled as p³).
+  the dense factorisation (timed on a smaller matrix, scaled as p³); with a K-FAC curvature cache,
+  cg adds one K-FAC inverse per iteration, and ``curvature_use="direct"`` is one inverse + one product
+  over the probe subset.
+- The warm-up call's excess over the model (first-call initialisation) is added once per stage, as a
+  real run pays it once: it dominates stages of a few calls.
 - Iterative solvers may stop before max_iters (at ``tol``, or on a stall): the solve estimate is for
   running all of them, an upper bound.
 
@@ -36,7 +40,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -66,8 +70,8 @@ SAMPLED_MINIBATCHES = 64  # stochastic solvers: mini-batches drawn exactly to av
 class ProbeSettings:
     """How long to time each probe batch: repeated until ``min_probe_s`` (at most ``max_repeats`` times)."""
 
-    min_probe_s: float = 0.25
-    max_repeats: int = 5
+    min_probe_s: float = 0.5
+    max_repeats: int = 10
 
 
 @dataclass
@@ -153,16 +157,22 @@ def batch_tokens(items: Sequence[TokenizedExample]) -> int:
 
 @dataclass(frozen=True)
 class BatchCost:
-    """Seconds for one batch of ``tokens`` padded tokens: ``fixed_s + per_token_s × tokens``."""
+    """Seconds for one batch of ``tokens`` padded tokens: ``fixed_s + per_token_s × tokens``.
+
+    ``first_call_s``: what the first call in the process took beyond that (lazy initialisation, first
+    allocations); a real run pays it once per operation, which matters for stages of a few calls.
+    """
 
     fixed_s: float
     per_token_s: float
     probes: int = 0
+    first_call_s: float = 0.0
 
     def __call__(self, tokens: int) -> float:
         return self.fixed_s + self.per_token_s * tokens
 
     def total(self, token_counts: Sequence[int]) -> float:
+        """Seconds for these batches in steady state (``first_call_s`` not included)."""
         return sum(self(tokens) for tokens in token_counts)
 
 
@@ -192,13 +202,21 @@ def fit_batch_cost(
     """Time ``operation(batch)`` on the representative batches (after a discarded warm-up on the largest)
     and fit the per-batch cost through them."""
     probes = representative_batches(batches)
+    start = time.perf_counter()
     operation(probes[0])  # warm-up: first-call allocations, lazy initialisation; also the memory peak
+    first = time.perf_counter() - start
     points = []
     calls = 1
     for batch in probes:
         seconds, count = timed(lambda batch=batch: operation(batch), settings)
         points.append((batch_tokens(batch), seconds))
         calls += count
+    cost = _fit(points, calls)
+    return replace(cost, first_call_s=max(0.0, first - cost(points[0][0])))
+
+
+def _fit(points: list[tuple[int, float]], calls: int) -> BatchCost:
+    """The cost line through (tokens, seconds) of the largest and the median probe batch."""
     (t1, s1) = points[0]
     if len(points) == 1 or t1 < 1.2 * points[1][0]:  # about the same size: a constant per token
         mean_tokens = sum(t for t, _ in points) / len(points)
@@ -286,7 +304,7 @@ def estimate_train(
             batches = chunks(items, config.batch_size)
             cost = fit_batch_cost(forward_backward, batches, settings)
             evaluations = config.epochs * (_LBFGS_MAX_ITER + 1)
-            seconds = evaluations * cost.total([batch_tokens(b) for b in batches])
+            seconds = evaluations * cost.total([batch_tokens(b) for b in batches]) + cost.first_call_s
             how = (f"L-BFGS: up to {evaluations} full passes of {len(batches)} batches (upper bound; line-search "
                    f"evaluations can add more), {cost.probes} probe passes")
         else:
@@ -299,7 +317,7 @@ def estimate_train(
                                for b in range(0, len(order), config.batch_size)])
             cost = fit_batch_cost(step, epochs[0], settings)
             per_epoch = sum(cost.total([batch_tokens(b) for b in epoch]) for epoch in epochs) / exact
-            seconds = per_epoch * config.epochs
+            seconds = per_epoch * config.epochs + cost.first_call_s
             how = (f"{config.epochs} epochs × {len(epochs[0])} steps of ≤ {config.batch_size} examples; "
                    f"{cost.probes} probe steps")
         stages.append(StageEstimate("train", seconds, peak_memory_mb(), how))
@@ -334,9 +352,10 @@ def estimate_erase(
     requests: Sequence[Request],
     config: EraseConfig | None = None,
     settings: ProbeSettings | None = None,
+    kfac: dict[str, Any] | None = None,
 ) -> RunEstimate:
-    """Estimate ``erase(model, tokenizer, train, requests, config)`` (single process) from a few timed
-    gradient passes and curvature products; the model's weights are untouched."""
+    """Estimate ``erase(model, tokenizer, train, requests, config, kfac=kfac)`` (single process) from a
+    few timed gradient passes and curvature products; the model's weights are untouched."""
     config = config or EraseConfig()
     settings = settings or ProbeSettings()
     model.eval()
@@ -363,17 +382,18 @@ def estimate_erase(
         lambda batch: summed_gradient(model, params, batch, pad, len(batch)), gradient_batches, settings
     )
     stages.append(StageEstimate(
-        "gradients", cost.total([batch_tokens(b) for b in gradient_batches]), peak_memory_mb(),
+        "gradients", cost.total([batch_tokens(b) for b in gradient_batches]) + cost.first_call_s, peak_memory_mb(),
         f"{len(gradient_batches)} batches ({len(old_items)} old + {len(new_items)} new versions); "
         f"{cost.probes} probe passes",
     ))
 
-    seconds, how, extra_mib = _estimate_solve(model, params, curvature_items, pad, config, settings)
-    stages.append(StageEstimate(f"solve ({config.solver})", seconds, peak_memory_mb() + extra_mib, how))
+    seconds, how, extra_mib = _estimate_solve(model, params, curvature_items, pad, config, settings, kfac)
+    solver = config.solver if kfac is None or config.curvature_use != "direct" else "kfac"
+    stages.append(StageEstimate(f"solve ({solver})", seconds, peak_memory_mb() + extra_mib, how))
     stages.append(StageEstimate("save", _save_seconds(params), peak_memory_mb() + extra_mib,
                                 "in-memory serialisation + hash"))
     notes = _notes()
-    if config.solver in ("cg", "lissa", "sgd"):
+    if solver in ("cg", "lissa", "sgd"):
         notes.append(f"solve: all {config.max_iters} iterations (it stops earlier when the residual reaches "
                      f"--tol {config.tol:g}): an upper bound")
     if config.auto_damping:
@@ -389,6 +409,7 @@ def _estimate_solve(
     pad: int,
     config: EraseConfig,
     settings: ProbeSettings,
+    kfac: dict[str, Any] | None = None,
 ) -> tuple[float, str, float]:
     """(seconds, how, extra MiB beyond the probes' process peak) of the solve stage."""
     dtype = params.tensors[0].dtype
@@ -403,11 +424,17 @@ def _estimate_solve(
 
     batches = chunks(curvature_items, config.batch_size)
     options = config.solver_options
+    count = len(curvature_items)
+    generator = torch.Generator().manual_seed(config.seed)  # the probe subset of ``eraser._solver_options``
+    probe_indices = sorted(torch.randperm(count, generator=generator)[: min(config.probe_examples, count)].tolist())
+    probe_batches = chunks([curvature_items[i] for i in probe_indices], config.batch_size)
+    if kfac is not None:
+        return _estimate_kfac(params, batches, probe_batches, config, settings, kfac, product, vector)
     if config.solver == "cg":
         cost = fit_batch_cost(product, batches, settings)
         full = cost.total([batch_tokens(b) for b in batches])
         vector_ops = _vector_ops_seconds(params.dim, dtype)
-        seconds = config.max_iters * (full + vector_ops)
+        seconds = config.max_iters * (full + vector_ops) + cost.first_call_s
         how = (f"{config.max_iters} iterations × 1 product over {len(batches)} batches ({config.curvature}); "
                f"{cost.probes} probe products")
         return seconds, how, 0.0
@@ -416,10 +443,6 @@ def _estimate_solve(
     if config.solver not in ("lissa", "sgd"):
         raise ValueError(f"unknown solver {config.solver!r} (expected one of: direct, cg, lissa, sgd)")
 
-    count = len(curvature_items)
-    generator = torch.Generator().manual_seed(config.seed)  # the probe subset of ``eraser._solver_options``
-    probe_indices = sorted(torch.randperm(count, generator=generator)[: min(config.probe_examples, count)].tolist())
-    probe_batches = chunks([curvature_items[i] for i in probe_indices], config.batch_size)
     if count <= config.batch_size:
         sampled = batches
     else:  # the mini-batches of ``CurvatureOperator.sample`` with the solver's seed
@@ -436,9 +459,45 @@ def _estimate_solve(
     checks = config.max_iters // check_every + (1 if config.max_iters % check_every else 0)
     power = 0 if (config.solver == "lissa" and options.get("scale") is not None) else \
         _default(estimate_largest_eigenvalue, "iterations")
-    seconds = config.max_iters * step_s + (2 * checks + power) * probe_s
+    seconds = config.max_iters * step_s + (2 * checks + power) * probe_s + cost.first_call_s
     how = (f"{config.max_iters} mini-batch products + {checks} checks × 2 and {power} power-iteration products "
            f"on the {len(probe_indices)}-example probe subset ({config.curvature}); {cost.probes} probe products")
+    return seconds, how, 0.0
+
+
+def _estimate_kfac(
+    params: AdapterParameters,
+    batches: list[Sequence[TokenizedExample]],
+    probe_batches: list[Sequence[TokenizedExample]],
+    config: EraseConfig,
+    settings: ProbeSettings,
+    kfac: dict[str, Any],
+    product: Callable[[Sequence[TokenizedExample]], None],
+    vector: torch.Tensor,
+) -> tuple[float, str, float]:
+    """A K-FAC curvature cache: ``precondition`` runs cg with one K-FAC inverse per iteration besides the
+    product; ``direct`` applies the inverse once and fits the step length with one probe-subset product."""
+    from llmeraser.kfac import KfacInverse
+
+    inverse = KfacInverse(kfac, params, config.weight_decay + config.damping)
+    start = time.perf_counter()
+    inverse(vector)  # warm-up
+    first = time.perf_counter() - start
+    inverse_s, _ = timed(lambda: inverse(vector), settings)
+    first_call_s = max(0.0, first - inverse_s)
+    if config.curvature_use == "direct":
+        cost = fit_batch_cost(product, probe_batches, settings)
+        seconds = inverse_s + cost.total([batch_tokens(b) for b in probe_batches]) + cost.first_call_s + first_call_s
+        return seconds, (f"1 K-FAC inverse + 1 product over the {len(probe_batches)} probe-subset batches; "
+                         f"{cost.probes} probe products"), 0.0
+    if config.solver != "cg":
+        raise ValueError("a K-FAC curvature cache preconditions the cg solver only (use --solver cg)")
+    cost = fit_batch_cost(product, batches, settings)
+    full = cost.total([batch_tokens(b) for b in batches])
+    seconds = config.max_iters * (full + inverse_s + _vector_ops_seconds(params.dim, vector.dtype))
+    seconds += cost.first_call_s + first_call_s
+    how = (f"{config.max_iters} iterations × (1 product over {len(batches)} batches + 1 K-FAC inverse); "
+           f"{cost.probes} probe products")
     return seconds, how, 0.0
 
 
@@ -488,7 +547,7 @@ def _estimate_direct(
                               max(len(batch), 1)).matmat(basis)
 
         chunk_cost = fit_batch_cost(chunk_product, batches, settings)
-        products = math.ceil(dim / chunk) * chunk_cost.total(tokens)
+        products = math.ceil(dim / chunk) * chunk_cost.total(tokens) + chunk_cost.first_call_s
         probes = single.probes + chunk_cost.probes
     else:  # gauss-newton: one product per basis vector
         products = dim * single.total(tokens)
@@ -500,7 +559,7 @@ def _estimate_direct(
     torch.linalg.eigvalsh(matrix)
     torch.linalg.cholesky_ex(matrix)
     factor_s = (time.perf_counter() - start) * (dim / size) ** 3
-    seconds = products + single.total(tokens) + factor_s
+    seconds = products + single.total(tokens) + single.first_call_s + factor_s
     extra_mib = 4 * dim * dim * 8 / MIB  # the matrix, its symmetrised copy, the factor, eigvalsh workspace
     how = (f"{dim} basis products in chunks of {chunk} over {len(batches)} batches ({config.curvature}) + "
            f"factorisation; {probes} probe products")
