@@ -45,7 +45,7 @@ from llmeraser.requests import (
     resolve,
 )
 from llmeraser.kfac import KfacInverse, KroneckerFactors
-from llmeraser.solvers import SolverResult, relative_residual, solve
+from llmeraser.solvers import SolverResult, solve
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,7 @@ def _solver_options(
     if config.solver == "cg":
         options.update(diverge_after=config.diverge_after)
     if config.solver in ("lissa", "sgd"):
-        generator = torch.Generator().manual_seed(config.seed)
-        count = min(config.probe_examples, operator.count)
-        probe = torch.randperm(operator.count, generator=generator)[:count].tolist()
-        options.update(probe=operator.restrict(sorted(probe)), seed=config.seed)
+        options.update(probe=probe_operator(config, operator), seed=config.seed)
     options.update(config.solver_options)
     return options
 
@@ -228,6 +225,31 @@ def _solve_with_damping(
         return result, operator, damping, attempts
 
 
+def prepare_erasure(
+    tokenizer: Any, train: Sequence[Example], requests: Sequence[Request], config: EraseConfig
+) -> tuple[list[EditPair], list[TokenizedExample], list[TokenizedExample], list[TokenizedExample]]:
+    """Resolve the requests and tokenise what the erasure differentiates: ``(pairs, old versions, new
+    versions, curvature examples)``. The curvature set is the edited training set ("retrain" scaling) or
+    the original one ("paper"), subsampled to ``config.curvature_examples`` (seeded)."""
+    pairs = resolve(requests, train)
+    token_config = TokenizationConfig(max_length=config.max_length)
+    old_items = tokenize_examples(tokenizer, [p.old for p in pairs], token_config)
+    new_items = tokenize_examples(tokenizer, [p.new for p in pairs if p.new is not None], token_config)
+    curvature_set = edited_training_set(train, pairs) if config.scaling == "retrain" else list(train)
+    if config.curvature_examples is not None and config.curvature_examples < len(curvature_set):
+        generator = torch.Generator().manual_seed(config.seed)
+        chosen = torch.randperm(len(curvature_set), generator=generator)[: config.curvature_examples]
+        curvature_set = [curvature_set[i] for i in sorted(chosen.tolist())]
+    return pairs, old_items, new_items, tokenize_examples(tokenizer, curvature_set, token_config)
+
+
+def probe_operator(config: EraseConfig, operator: CurvatureOperator) -> CurvatureOperator:
+    """The operator on a fixed, seeded subset of ``config.probe_examples`` curvature examples."""
+    generator = torch.Generator().manual_seed(config.seed)
+    count = min(config.probe_examples, operator.count)
+    return operator.restrict(sorted(torch.randperm(operator.count, generator=generator)[:count].tolist()))
+
+
 def _solve_with_kfac(
     config: EraseConfig, operator: CurvatureOperator, b: Tensor, inverse: KfacInverse,
     callback: Callable[[int, float], None],
@@ -244,9 +266,7 @@ def _solve_with_kfac(
         raise ValueError(f"unknown curvature_use {config.curvature_use!r} (expected 'precondition' or 'direct')")
     start = time.perf_counter()
     direction = inverse(b)
-    generator = torch.Generator().manual_seed(config.seed)
-    count = min(config.probe_examples, operator.count)
-    probe = operator.restrict(sorted(torch.randperm(operator.count, generator=generator)[:count].tolist()))
+    probe = probe_operator(config, operator)
     product = probe.matvec(direction)
     curvature = float(direction @ product)
     # the step length that minimises the quadratic model ½ vᵀ(H+λI)v − bᵀv along the K-FAC direction
@@ -259,7 +279,7 @@ def _solve_with_kfac(
         solution, "kfac", 0, [residual], [0], False,
         "solved with the K-FAC approximation (no iterations; step length fitted on the probe examples)",
         time.perf_counter() - start,
-        {"curvature_cache": "kfac direct", "probe_examples": count, "step_length": step,
+        {"curvature_cache": "kfac direct", "probe_examples": probe.count, "step_length": step,
          "note": "residual against the exact operator on the probe examples"},
     )
 
@@ -289,16 +309,7 @@ def erase(
     theta = params.flat()
     if not torch.isfinite(theta).all():
         raise NumericalError("the input adapter's weights contain NaN or Inf", stage="adapter")
-    pairs = resolve(requests, train)
-    token_config = TokenizationConfig(max_length=config.max_length)
-    old_items = tokenize_examples(tokenizer, [p.old for p in pairs], token_config)
-    new_items = tokenize_examples(tokenizer, [p.new for p in pairs if p.new is not None], token_config)
-    curvature_set = edited_training_set(train, pairs) if config.scaling == "retrain" else list(train)
-    if config.curvature_examples is not None and config.curvature_examples < len(curvature_set):
-        generator = torch.Generator().manual_seed(config.seed)
-        chosen = torch.randperm(len(curvature_set), generator=generator)[: config.curvature_examples]
-        curvature_set = [curvature_set[i] for i in sorted(chosen.tolist())]
-    curvature_items = tokenize_examples(tokenizer, curvature_set, token_config)
+    pairs, old_items, new_items, curvature_items = prepare_erasure(tokenizer, train, requests, config)
     timings["prepare_s"] = time.perf_counter() - start
 
     parallel = is_distributed()

@@ -54,10 +54,10 @@ from llmeraser.data import (
     example_losses,
     tokenize_examples,
 )
-from llmeraser.eraser import EraseConfig, peak_memory_mb
+from llmeraser.eraser import EraseConfig, peak_memory_mb, prepare_erasure
 from llmeraser.gradients import summed_gradient
 from llmeraser.model import AdapterParameters
-from llmeraser.requests import Request, edited_training_set, resolve
+from llmeraser.requests import Request
 from llmeraser.solvers import estimate_largest_eigenvalue, solve_direct, solve_lissa, solve_sgd
 from llmeraser.train import TrainConfig, l2_penalty
 
@@ -364,16 +364,7 @@ def estimate_erase(
     stages = []
 
     start = time.perf_counter()  # the same preparation as ``erase``
-    pairs = resolve(requests, train)
-    token_config = TokenizationConfig(max_length=config.max_length)
-    old_items = tokenize_examples(tokenizer, [p.old for p in pairs], token_config)
-    new_items = tokenize_examples(tokenizer, [p.new for p in pairs if p.new is not None], token_config)
-    curvature_set = edited_training_set(train, pairs) if config.scaling == "retrain" else list(train)
-    if config.curvature_examples is not None and config.curvature_examples < len(curvature_set):
-        generator = torch.Generator().manual_seed(config.seed)
-        chosen = torch.randperm(len(curvature_set), generator=generator)[: config.curvature_examples]
-        curvature_set = [curvature_set[i] for i in sorted(chosen.tolist())]
-    curvature_items = tokenize_examples(tokenizer, curvature_set, token_config)
+    pairs, old_items, new_items, curvature_items = prepare_erasure(tokenizer, train, requests, config)
     stages.append(measured_stage("prepare", time.perf_counter() - start))
 
     edited = [*old_items, *new_items]
