@@ -35,6 +35,7 @@ import torch
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase, library_versions
+from llmeraser.errors import NumericalError
 from llmeraser.evaluate import answer_scores, auc, binary_labels
 from llmeraser.gradients import summed_gradient
 from llmeraser.kfac import fit_kfac
@@ -147,15 +148,18 @@ def main() -> None:
         print(f"requests: {k} removals", flush=True)
         with measured(row, "floor"):
             summed_gradient(model, params, affected, tokenizer.pad_token_id, 8)
-        with measured(row, "erase_cold"):
-            cold = erase(model, tokenizer, train, requests, erase_config)
-        with measured(row, "erase_cached"):
-            cached = erase(model, tokenizer, train, requests, erase_config, kfac=factors, curvature_use="direct")
-        row["residual_cold_probe"] = relative_residual(probe, cold.update, cold.rhs)
-        row["residual_cached_probe"] = relative_residual(probe, cached.update, cached.rhs)
-        row["b_norm"] = cold.report["b_norm"]
-        row["auc_erased_cold"] = test_auc(cold.theta_new)
-        row["auc_erased_cached"] = test_auc(cached.theta_new)
+        for name, options in (("cold", {}), ("cached", {"kfac": factors, "curvature_use": "direct"})):
+            try:
+                with measured(row, f"erase_{name}"):
+                    result = erase(model, tokenizer, train, requests, erase_config, **options)
+            except NumericalError as err:  # reported, not hidden: the row says why there is no number
+                row[f"error_{name}"] = str(err)
+                row[f"residual_{name}_probe"] = row[f"auc_erased_{name}"] = float("nan")
+                continue
+            row[f"residual_{name}_probe"] = relative_residual(probe, result.update, result.rhs)
+            row[f"auc_erased_{name}"] = test_auc(result.theta_new)
+            row[f"solver_{name}"] = result.solver.summary()
+            row["b_norm"] = result.report["b_norm"]
         if k == retrain_size:
             params.assign(theta_init)
             with measured(row, "retrain"):
