@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
-import pytest
-import torch
+# Tests never reach a model hub: fail fast instead of waiting on the network. Set before anything imports
+# huggingface_hub (it reads these once); subprocesses inherit them.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-from llmeraser.data import Example
-from llmeraser.model import (
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from llmeraser.data import Example  # noqa: E402
+from llmeraser.model import (  # noqa: E402
     AdapterParameters,
     LoraSettings,
     attach_lora,

@@ -14,7 +14,7 @@ import torch
 from conftest import toy_examples
 
 from llmeraser.data import write_examples
-from llmeraser.model import AdapterParameters, load_base_model
+from llmeraser.model import AdapterParameters, build_tiny_model, load_base_model
 
 SCRIPT = Path(sys.executable).with_name("llmeraser")
 TRAIN_FLAGS = ["--lora-r", "4", "--target-modules", "q_proj", "v_proj", "lm_head", "--epochs", "60",
@@ -111,9 +111,14 @@ def test_wrong_base_model_or_data_is_refused_unless_allowed(workflow):
     done = run("erase", "--adapter", str(adapter), "--data", str(other), "--requests", str(requests), "--out", str(root / "x1"))
     assert done.returncode == 3 and "is not the data the adapter was trained on" in done.stderr
     assert not (root / "x1").exists()
-    done = run("erase", "--model", "tiny-other", "--adapter", str(adapter), "--data", str(data),
+    other_base = root / "other-base"  # a different base model (same architecture, other weights)
+    model, tokenizer = build_tiny_model(seed=7)
+    model.save_pretrained(other_base)
+    tokenizer.save_pretrained(other_base)
+    done = run("erase", "--model", str(other_base), "--adapter", str(adapter), "--data", str(data),
                "--requests", str(requests), "--out", str(root / "x2"))
-    assert done.returncode != 0 and not (root / "x2").exists()
+    assert done.returncode == 3 and "not the one the adapter was trained on" in done.stderr
+    assert not (root / "x2").exists()
     (root / "cfg.toml").write_text('[erase]\ndamping = 0.1\nmax-iters = 5\n')
     done = run("erase", "--config", str(root / "cfg.toml"), "--adapter", str(adapter), "--data", str(other),
                "--requests", str(requests.parent / "remove-only.jsonl"), "--out", str(root / "x3"))
