@@ -25,7 +25,6 @@ from llmeraser.train import TrainConfig, train_adapter
 RECIPE = TrainConfig(epochs=100, lr=2e-2, batch_size=8, weight_decay=1e-2, seed=0)
 ERASE = dict(solver="cg", curvature="gauss-newton", damping=2e-2, weight_decay=1e-2, tol=1e-6, max_iters=200)
 ANSWERS = "ab cd ef gh ij kl mn op".split()
-NEWTON_STEPS = 3
 
 
 def memorisation_examples(n: int) -> list[Example]:
@@ -65,22 +64,20 @@ def retrain(model, tokenizer, theta_init, edited):
     return retrained
 
 
-@pytest.mark.parametrize(("newton_steps", "fraction"), [(1, 0.4), (NEWTON_STEPS, 0.5)])
-def test_removal_moves_towards_retraining(trained, newton_steps, fraction):
-    """One influence step moves the removed (memorised) examples' loss > 40 % of the way to retraining;
-    with further Newton steps on the retraining objective (``newton_steps``), at least half-way. Either
-    way the rest of the training set moves less than under retraining."""
+def test_removal_moves_towards_retraining(trained):
+    """One influence step moves the removed (memorised) examples' loss > 40 % of the way to retraining
+    while the rest of the training set moves less than under retraining."""
     model, tokenizer, train, theta_init = trained
     requests = [Remove("ex2"), Remove("ex9")]
     removed = [e for e in train if e.id in {"ex2", "ex9"}]
     rest = [e for e in train if e.id not in {"ex2", "ex9"}]
     theta = AdapterParameters.of(model).flat()
-    result = erase(model, tokenizer, train, requests, newton_steps=newton_steps, **ERASE)
+    result = erase(model, tokenizer, train, requests, **ERASE)
     theta_retrain = retrain(model, tokenizer, theta_init, edited_training_set(train, resolve(requests, train)))
 
     original, erased, retrained = (losses_at(model, tokenizer, t, removed) for t in (theta, result.theta_new, theta_retrain))
     assert retrained.mean() > original.mean()  # retraining forgets: the removed examples get less likely
-    assert erased.mean() - original.mean() >= fraction * (retrained.mean() - original.mean())
+    assert erased.mean() - original.mean() >= 0.4 * (retrained.mean() - original.mean())
 
     rest_original, rest_erased, rest_retrained = (losses_at(model, tokenizer, t, rest) for t in (theta, result.theta_new, theta_retrain))
     assert abs(rest_erased.mean() - rest_original.mean()) < abs(rest_retrained.mean() - rest_original.mean())

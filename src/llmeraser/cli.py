@@ -194,7 +194,6 @@ def _erase(args: argparse.Namespace) -> None:
         seed=args.seed,
         auto_damping=args.auto_damping,
         curvature_use=args.curvature_use,
-        newton_steps=args.newton_steps,
     )
     kfac = None
     if args.curvature_cache:
@@ -294,7 +293,6 @@ def _check_erase_flags(args: argparse.Namespace) -> None:
     checks = [
         ("--damping", args.damping, args.damping >= 0 and math.isfinite(args.damping), ">= 0"),
         ("--max-iters", args.max_iters, args.max_iters >= 1, ">= 1"),
-        ("--newton-steps", args.newton_steps, args.newton_steps >= 1, ">= 1"),
         ("--tol", args.tol, args.tol > 0, "> 0"),
         ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
         ("--curvature-examples", args.curvature_examples, args.curvature_examples is None or args.curvature_examples >= 1, ">= 1"),
@@ -595,9 +593,6 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--curvature-examples", type=int, default=None, help="estimate H on a random subset of this many examples (default: all)")
     erase.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's, else 256)")
     erase.add_argument("--seed", type=int, default=0, help="seed of subsets and stochastic solvers")
-    erase.add_argument("--newton-steps", type=int, default=1,
-                       help="1: the influence update; k > 1: k − 1 further Newton steps on the retraining objective, "
-                       "each a gradient pass over the whole edited training set plus a solve")
     erase.add_argument("--curvature-cache", default=None,
                        help="a fit-curvature directory (K-FAC) for this adapter and data, used as --curvature-use says")
     erase.add_argument("--curvature-use", default="precondition", choices=["precondition", "direct"],

@@ -32,9 +32,9 @@ from llmeraser.data import (
     iter_batches,
     tokenize_examples,
 )
-from llmeraser.distributed import all_reduce_sum, is_distributed, shard, world_size
+from llmeraser.distributed import is_distributed, shard, world_size
 from llmeraser.errors import NumericalError
-from llmeraser.gradients import influence_rhs, summed_gradient
+from llmeraser.gradients import influence_rhs
 from llmeraser.hashing import adapter_hash, example_hash
 from llmeraser.model import AdapterParameters, save_adapter
 from llmeraser.requests import (
@@ -76,7 +76,6 @@ class EraseConfig:
     probe_examples: int = 64
     max_length: int = 256
     curvature_use: str = "precondition"
-    newton_steps: int = 1
     seed: int = 0
     solver_options: dict[str, Any] = field(default_factory=dict)
     diverge_after: int = 5
@@ -340,11 +339,6 @@ def erase(
     result, operator, damping, attempts = _solve_with_damping(config, operator_with, b, progress, kfac)
     timings["solve_s"] = time.perf_counter() - start
     update = result.solution
-    refinements: list[dict[str, Any]] = []
-    if config.newton_steps > 1:
-        start = time.perf_counter()
-        update, refinements = _refine(model, tokenizer, params, theta, update, train, pairs, config, operator_with)
-        timings["refine_s"] = time.perf_counter() - start
     report = {
         "requests": count_by_kind([p.request for p in pairs]),
         "affected_examples": [
@@ -360,7 +354,6 @@ def erase(
         "theta_norm": float(theta.norm()),
         "solver": result.summary(),
         "damping_used": damping,
-        "newton_refinements": refinements,
         "damping_attempts": attempts,
         "truncated_prompts": {  # prompts cut from the left to fit max_length (the recipe's policy)
             "edited_examples": sum(item.truncated for item in [*old_items, *new_items]),
@@ -372,44 +365,6 @@ def erase(
         "versions": library_versions(),
     }
     return ErasureResult(theta, update, pairs, result, report, b)
-
-
-def _refine(
-    model: Any,
-    tokenizer: Any,
-    params: AdapterParameters,
-    theta: Tensor,
-    update: Tensor,
-    train: Sequence[Example],
-    pairs: Sequence[EditPair],
-    config: EraseConfig,
-    operator_with: Callable[[float], CurvatureOperator],
-) -> tuple[Tensor, list[dict[str, Any]]]:
-    """Further Newton steps on the retraining objective R'(θ) = (1/m) Σ_{edited set} ℓ + (λ_wd/2)‖θ‖²:
-    at θ_k = θ̂ + v_k solve (H(θ_k) + λI) δ = −∇R'(θ_k) and set v_{k+1} = v_k + δ. Each costs a gradient
-    pass over the whole edited training set plus a solve; the first step (the influence update) does not."""
-    edited = edited_training_set(train, pairs)
-    items = tokenize_examples(tokenizer, edited, TokenizationConfig(max_length=config.max_length))
-    parallel = is_distributed()
-    if parallel:
-        items = shard(items)
-    steps = []
-    try:
-        for step in range(2, config.newton_steps + 1):
-            current = theta + update
-            params.assign(current)
-            gradient = summed_gradient(model, params, items, tokenizer.pad_token_id, config.batch_size)
-            gradient = (all_reduce_sum(gradient) if parallel else gradient) / len(edited)
-            gradient = gradient + config.weight_decay * current
-            if not torch.isfinite(gradient).all():
-                raise NumericalError(f"the gradient at Newton step {step} contains NaN or Inf", stage="refine")
-            refined, _, _, _ = _solve_with_damping(config, operator_with, -gradient, False)
-            update = update + refined.solution
-            steps.append({"step": step, "gradient_norm": float(gradient.norm()), "step_norm": float(refined.solution.norm()),
-                          "solver": refined.summary()})
-    finally:
-        params.assign(theta)
-    return update, steps
 
 
 def library_versions() -> dict[str, str]:
