@@ -35,7 +35,7 @@ from torch import Tensor
 
 from llmeraser.data import TokenizedExample, aligned_labels, forward_logits, iter_batches, shifted_targets
 from llmeraser.errors import InputError
-from llmeraser.model import AdapterParameters
+from llmeraser.model import AdapterParameters, atomic_directory
 
 CURVATURE_FILE = "kfac.safetensors"
 CURVATURE_META = "curvature.json"
@@ -197,29 +197,17 @@ class KfacInverse:
 def save_kfac(
     factors: dict[str, KroneckerFactors], out_dir: str | Path, metadata: dict[str, Any]
 ) -> Path:
-    """Write ``kfac.safetensors`` + ``curvature.json`` to a new directory (atomically)."""
-    import os
-    import shutil
-
+    """Write ``kfac.safetensors`` + ``curvature.json`` to a new directory (atomically, ``atomic_directory``)."""
     from safetensors.torch import save_file
 
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise InputError("output directory already exists (choose a new one)", out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         tensors = {}
         for name, factor in factors.items():
             for field in ("a_vectors", "a_values", "g_vectors", "g_values"):
                 tensors[f"{name}::{field}"] = getattr(factor, field).contiguous()
         save_file(tensors, str(tmp / CURVATURE_FILE))
         (tmp / CURVATURE_META).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def load_kfac(curvature_dir: str | Path, expected: dict[str, str]) -> tuple[dict[str, KroneckerFactors], dict[str, Any]]:

@@ -14,12 +14,13 @@ All models use eager attention: second derivatives and forward-mode AD fail with
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shutil
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,28 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out_dir`` to fill; on success it is flushed to disk and renamed
+    to ``out_dir``, on failure removed. Refuses an existing ``out_dir``; removes temporaries that killed
+    runs left for the same target."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise InputError("output directory already exists (choose a new one; inputs are never overwritten)", out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
+    tmp = out_dir.with_name(f"{_temporary_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)  # complete on disk before it gets its name
+        os.replace(tmp, out_dir)
+        _fsync_directory(out_dir.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_adapter(
     model: Any,
     out_dir: str | Path,
@@ -312,33 +335,25 @@ def save_adapter(
     objects, or a function of the temporary directory holding the written weights that returns them)
     go to a temporary directory beside ``out_dir`` (flushed to disk) that is renamed into place when
     complete; a killed run leaves at most that temporary directory, which the next save to the same
-    target removes. The model's own θ is restored afterwards. Refuses to overwrite an existing ``out_dir``.
+    target removes (``atomic_directory``). The model's own θ is restored afterwards. Refuses to
+    overwrite an existing ``out_dir``.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise InputError("output directory already exists (choose a new one; inputs are never overwritten)", out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     params = AdapterParameters.of(model)
     original = params.flat()
-    remove_stale_temporaries(out_dir)
-    tmp = out_dir.with_name(f"{_temporary_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if theta is not None:
-            params.assign(theta)
-        # save_embedding_layers=False: llmeraser never resizes the vocabulary, and PEFT's default "auto"
-        # looks the base model's name up on the Hub (a network call, or a warning when offline).
-        model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
-        files = extra_files(tmp) if callable(extra_files) else (extra_files or {})
-        for name, content in files.items():  # a str is written as it is (e.g. JSONL), anything else as JSON
-            text = content if isinstance(content, str) else json.dumps(content, indent=2, sort_keys=True) + "\n"
-            (tmp / name).write_text(text, encoding="utf-8")
-        _fsync_tree(tmp)  # complete on disk before it gets its name
-        os.replace(tmp, out_dir)
-        _fsync_directory(out_dir.parent)
+        with atomic_directory(out_dir) as tmp:
+            if theta is not None:
+                params.assign(theta)
+            # save_embedding_layers=False: llmeraser never resizes the vocabulary, and PEFT's default "auto"
+            # looks the base model's name up on the Hub (a network call, or a warning when offline).
+            model.save_pretrained(str(tmp), safe_serialization=True, save_embedding_layers=False)
+            files = extra_files(tmp) if callable(extra_files) else (extra_files or {})
+            for name, content in files.items():  # a str is written as it is (e.g. JSONL), anything else as JSON
+                text = content if isinstance(content, str) else json.dumps(content, indent=2, sort_keys=True) + "\n"
+                (tmp / name).write_text(text, encoding="utf-8")
     finally:
         params.assign(original)
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
