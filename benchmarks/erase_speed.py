@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 
+from llmeraser.bench.resources import machine, measured
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import TokenizationConfig, tokenize_examples
-from llmeraser.eraser import EraseConfig, erase, library_versions
+from llmeraser.eraser import EraseConfig, erase
 from llmeraser.errors import NumericalError
 from llmeraser.evaluate import answer_scores, auc, binary_labels
 from llmeraser.gradients import summed_gradient
@@ -44,41 +39,6 @@ from llmeraser.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import Remove, edited_training_set, resolve
 from llmeraser.solvers import relative_residual
 from llmeraser.train import TrainConfig, train_adapter
-
-
-@contextmanager
-def measured(record: dict, key: str):
-    """Wall time (s) and peak RSS (MiB, sampled every 20 ms) of the block, stored under ``record[key]``."""
-    process = psutil.Process()
-    peak = [process.memory_info().rss]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.02):
-            peak[0] = max(peak[0], process.memory_info().rss)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds = time.perf_counter() - start
-        done.set()
-        thread.join()
-        record[key] = {"seconds": seconds, "peak_rss_mib": max(peak[0], process.memory_info().rss) / 2**20}
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        **library_versions(),
-    }
 
 
 def main() -> None:

@@ -5,12 +5,14 @@
 - answer score: log P(positive answer | prompt) − log P(negative answer | prompt), the sums of the answer
   tokens' log-probabilities (EOS excluded); for single-token answers this is logit(Yes) − logit(No).
 - AUC: ROC AUC of the answer scores against the true Yes/No labels (scikit-learn).
+- membership-inference AUC: ROC AUC of −loss for members (label 1) against non-members (label 0).
 - KL: mean over examples of the token-averaged KL(P_a ‖ P_b) of the next-token distributions on the
   response positions, between the same model under two adapter vectors θ_a, θ_b (nats per token).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,14 +59,42 @@ def answer_log_likelihoods(
     return torch.cat(values).double().numpy()
 
 
+def single_token_id(tokenizer: Any, text: str) -> int | None:
+    """The token id of ``text`` when it tokenises (without special tokens) to exactly one token, else None."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+@torch.no_grad()
 def answer_scores(
-    model: Any, tokenizer: Any, examples: Sequence[Example], positive: str = " Yes", negative: str = " No", **kwargs: Any
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    positive: str = " Yes",
+    negative: str = " No",
+    max_length: int = 256,
+    batch_size: int = 8,
 ) -> np.ndarray:
-    """log P(positive | prompt) − log P(negative | prompt) per example, shape (n,)."""
+    """log P(positive | prompt) − log P(negative | prompt) per example, shape (n,).
+
+    When both answers are single tokens this is one forward pass (the answer position's log-softmax);
+    otherwise two (each answer's summed token log-probabilities)."""
     prompts = [e.prompt for e in examples]
-    return answer_log_likelihoods(model, tokenizer, prompts, positive, **kwargs) - answer_log_likelihoods(
-        model, tokenizer, prompts, negative, **kwargs
-    )
+    pos_id, neg_id = single_token_id(tokenizer, positive), single_token_id(tokenizer, negative)
+    if pos_id is None or neg_id is None:
+        return answer_log_likelihoods(model, tokenizer, prompts, positive, max_length, batch_size) - (
+            answer_log_likelihoods(model, tokenizer, prompts, negative, max_length, batch_size)
+        )
+    probes = [Example(str(i), prompt, positive) for i, prompt in enumerate(prompts)]
+    items = tokenize_examples(tokenizer, probes, TokenizationConfig(max_length=max_length, append_eos=False))
+    values = []
+    for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
+        logits, labels = forward_logits(model, batch)
+        _, weights = shifted_targets(labels)
+        first = (weights > 0).double().argmax(dim=1)  # the position predicting the (single) answer token
+        log_p = torch.log_softmax(logits[torch.arange(len(first)), first].double(), dim=-1)
+        values.append(log_p[:, pos_id] - log_p[:, neg_id])
+    return torch.cat(values).numpy()
 
 
 def binary_labels(examples: Sequence[Example], positive: str = " Yes") -> np.ndarray:
@@ -81,13 +111,54 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+Thetas = Tensor | Sequence[Tensor]
+
+
+def _as_list(thetas: Thetas) -> list[Tensor]:
+    return [thetas] if isinstance(thetas, Tensor) else list(thetas)
+
+
+def _mixture_log_probs(model: Any, params: AdapterParameters, batch: dict[str, Tensor], thetas: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Next-token log-probabilities (B, L'-1, V, float64) of the equal-weight mixture of the model under each
+    θ in ``thetas`` (one θ: the model itself), and the aligned labels (B, L')."""
+    parts = []
+    for theta in thetas:
+        params.assign(theta)
+        logits, labels = forward_logits(model, batch)
+        parts.append(torch.log_softmax(logits[:, :-1].double(), dim=-1))
+    if len(parts) == 1:
+        return parts[0], labels
+    return torch.logsumexp(torch.stack(parts), dim=0) - math.log(len(parts)), labels
+
+
+@torch.no_grad()
+def ensemble_loss_values(
+    model: Any, tokenizer: Any, examples: Sequence[Example], thetas: Thetas, max_length: int = 256, batch_size: int = 8
+) -> np.ndarray:
+    """Per-example mean response NLL (nats per token) of the mixture of the model under ``thetas``
+    (one θ: equal to ``example_loss_values`` under that θ), shape (n,). The model's own θ is restored."""
+    params = AdapterParameters.of(model)
+    original = params.flat()
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+    values = []
+    try:
+        for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
+            log_p, labels = _mixture_log_probs(model, params, batch, _as_list(thetas))
+            targets, weights = shifted_targets(labels)
+            token_log_p = log_p.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            values.append(-(token_log_p * weights).sum(dim=1))
+    finally:
+        params.assign(original)
+    return torch.cat(values).numpy()
+
+
 @torch.no_grad()
 def function_space_distance(
     model: Any,
     tokenizer: Any,
     examples: Sequence[Example],
-    theta_a: Tensor,
-    theta_b: Tensor,
+    theta_a: Thetas,
+    theta_b: Thetas,
     max_length: int = 256,
     batch_size: int = 8,
 ) -> dict[str, float]:
@@ -95,7 +166,8 @@ def function_space_distance(
 
     ``kl``: mean over examples of the token-averaged KL(P_θa ‖ P_θb) (nats per token);
     ``top1_agreement``: mean over examples of the fraction of response positions whose most likely
-    next token is the same. The model's own θ is restored afterwards.
+    next token is the same. A list of θ on either side stands for the equal-weight mixture of those
+    models' next-token distributions (an ensemble such as SISA's). The model's own θ is restored.
     """
     params = AdapterParameters.of(model)
     original = params.flat()
@@ -103,12 +175,8 @@ def function_space_distance(
     kl_total, agree_total = 0.0, 0.0
     try:
         for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
-            params.assign(theta_a)
-            logits_p, labels = forward_logits(model, batch)
-            params.assign(theta_b)
-            logits_q, _ = forward_logits(model, batch)
-            log_p = torch.log_softmax(logits_p[:, :-1].double(), dim=-1)
-            log_q = torch.log_softmax(logits_q[:, :-1].double(), dim=-1)
+            log_p, labels = _mixture_log_probs(model, params, batch, _as_list(theta_a))
+            log_q, _ = _mixture_log_probs(model, params, batch, _as_list(theta_b))
             _, weights = shifted_targets(labels)
             weights = weights.double()
             kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
@@ -118,6 +186,13 @@ def function_space_distance(
     finally:
         params.assign(original)
     return {"kl": kl_total / len(items), "top1_agreement": agree_total / len(items)}
+
+
+def membership_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
+    """Loss-based membership inference: ROC AUC of −loss at telling members (label 1) from non-members
+    (label 0). 0.5: the attack cannot tell them apart; 1: members always have the lower loss."""
+    labels = np.concatenate([np.ones(len(member_losses)), np.zeros(len(nonmember_losses))])
+    return auc(labels, -np.concatenate([member_losses, nonmember_losses]))
 
 
 def is_yes_no(examples: Sequence[Example], positive: str = " Yes", negative: str = " No") -> bool:

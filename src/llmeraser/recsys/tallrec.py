@@ -301,6 +301,30 @@ def subsample_records(
     return chosen
 
 
+def sample_tallrec(
+    n_train: int,
+    n_valid_or_test: int,
+    history_length: int = 10,
+    seed: int = 0,
+    *,
+    path: str | Path | None = None,
+    format: str | None = None,
+) -> TallRecSplits:
+    """A small TALLRec set from rating data at ``path`` (MovieLens-100k shipped in ``recbole`` when None;
+    ``format`` as in :func:`load_ratings`, detected when None): ``n_train`` train examples and
+    ``n_valid_or_test`` examples in each of valid and test, drawn at random (seeded) from the per-user time
+    split of all users (liked/disliked by the data set's threshold)."""
+    source = path if path is not None else default_ml100k_path()
+    data = load_ratings(source, format)
+    config = TallRecConfig(history_length=history_length, seed=seed)
+    records = build_records(data, config)
+    counts = {"train": n_train, "valid": n_valid_or_test, "test": n_valid_or_test}
+    for name, want in counts.items():
+        if want > len(records[name]):
+            raise InputError(f"{source}: asked for {want} {name} examples; the data gives {len(records[name])}")
+    return splits_from_records(subsample_records(records, counts, seed), data, config)
+
+
 def movielens_demo_examples(
     n_train: int = 64,
     n_valid_or_test: int = 32,
@@ -309,14 +333,5 @@ def movielens_demo_examples(
     *,
     path: str | Path | None = None,
 ) -> TallRecSplits:
-    """A small TALLRec set from MovieLens-100k (the copy shipped in ``recbole`` unless ``path`` is given):
-    ``n_train`` train examples and ``n_valid_or_test`` examples in each of valid and test, drawn at random
-    (seeded) from the per-user time split of all users (liked: rating > 3)."""
-    data = load_ratings(path if path is not None else default_ml100k_path())
-    config = TallRecConfig(history_length=history_length, seed=seed)
-    records = build_records(data, config)
-    counts = {"train": n_train, "valid": n_valid_or_test, "test": n_valid_or_test}
-    for name, want in counts.items():
-        if want > len(records[name]):
-            raise InputError(f"asked for {want} {name} examples; MovieLens-100k gives {len(records[name])}")
-    return splits_from_records(subsample_records(records, counts, seed), data, config)
+    """:func:`sample_tallrec` on MovieLens-100k (the copy shipped in ``recbole`` unless ``path`` is given)."""
+    return sample_tallrec(n_train, n_valid_or_test, history_length, seed, path=path)

@@ -1,0 +1,275 @@
+"""The paper's protocol (DESIGN.md §4) on TALLRec data: corrupt, train, undo by each method, measure.
+
+For each ratio: a TALLRec set is drawn once (``data_seed``): ``n_train`` training examples, ``n_test``
+test examples, and ``n_nonmembers`` further training-distribution examples that no model trains on (the
+non-members of the membership-inference attack). The task's generator corrupts the training set and writes
+the requests that undo the damage. Then, for each training seed (LoRA initialisation and example order):
+
+- ``original``: the adapter trained on the training set as given (the corrupted one for query/response);
+- ``retrain``: trained from the same initial θ, recipe and seed on the edited set (the gold standard);
+- ``llmeraser``: the influence update of ``original`` (``eraser.erase``);
+- ``gradient_ascent`` (removal), ``finetune`` (continued fine-tuning on the corrected examples), ``sisa``
+  (K shard adapters; only affected shards retrained): see ``bench.baselines``.
+
+Every method is scored on the same sets (``bench.metrics``); the spread between the retrained models of
+two different seeds is the yardstick for "as close to retraining as retraining is to itself".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from llmeraser.bench.baselines import continued_finetuning, gradient_ascent, train_sisa, unlearn_sisa
+from llmeraser.bench.metrics import EvalSets, score_method
+from llmeraser.bench.pii import pii_task, score_pii
+from llmeraser.bench.resources import machine, measured
+from llmeraser.eraser import EraseConfig, erase
+from llmeraser.evaluate import function_space_distance
+from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
+from llmeraser.recsys.corruption import TASKS, make_task
+from llmeraser.recsys.tallrec import sample_tallrec
+from llmeraser.requests import resolve
+from llmeraser.train import TrainConfig, train_adapter
+
+METHODS = ("original", "retrain", "llmeraser", "gradient_ascent", "finetune", "sisa")
+DEFAULT_METHODS = {
+    "removal": ("original", "retrain", "llmeraser", "gradient_ascent", "sisa"),
+    "query": ("original", "retrain", "llmeraser", "finetune", "sisa"),
+    "response": ("original", "retrain", "llmeraser", "finetune", "sisa"),
+    "pii": ("original", "retrain", "llmeraser", "gradient_ascent"),
+}
+BENCH_TASKS = (*TASKS, "pii")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run. ``data``: ``ml-100k`` (the copy in the ``recbole`` package) or a rating-data
+    directory (``format`` as in ``recsys.ratings.load_ratings``; detected when None). Sizes are examples;
+    the defaults keep one task (two seeds) within 30 minutes on 2 CPU cores with SmolLM2-135M. For the
+    ``pii`` task ``n_train`` and ``n_nonmembers`` count people (three examples each), ``ratio`` the share
+    of people removed (as many others get one attribute corrected), and ``data`` is not used."""
+
+    task: str = "removal"
+    data: str = "ml-100k"
+    format: str | None = None
+    ratios: tuple[float, ...] = (0.05,)
+    model: str = "smollm2-135m"
+    seeds: tuple[int, ...] = (0, 1)
+    methods: tuple[str, ...] | None = None
+    n_train: int = 160
+    n_test: int = 64
+    n_nonmembers: int = 32
+    history_length: int = 3
+    data_seed: int = 0
+    sisa_shards: int = 4
+    lora: LoraSettings = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
+    recipe: TrainConfig = TrainConfig(epochs=2, lr=1e-3, batch_size=8, weight_decay=1e-2, max_length=256)
+    eraser: EraseConfig = field(
+        default_factory=lambda: EraseConfig(
+            solver="cg", curvature="gauss-newton", damping=1e-2, weight_decay=1e-2, max_iters=5, tol=1e-3,
+            curvature_examples=16, batch_size=8, auto_damping=True,
+        )
+    )
+
+    def chosen_methods(self) -> tuple[str, ...]:
+        """The methods to run (the task's defaults when ``methods`` is None), always with ``retrain``."""
+        methods = self.methods or DEFAULT_METHODS[self.task]
+        unknown = sorted(set(methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)} (expected: {', '.join(METHODS)})")
+        if self.task == "removal" and "finetune" in methods:
+            raise ValueError("finetune needs corrected examples; the removal task has none")
+        return tuple(m for m in METHODS if m in methods or m == "retrain")
+
+    def validate(self) -> None:
+        if self.task not in BENCH_TASKS:
+            raise ValueError(f"unknown task {self.task!r} (expected one of: {', '.join(BENCH_TASKS)})")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        self.chosen_methods()
+
+
+def quick_config(task: str) -> BenchConfig:
+    """The protocol on the tiny random-init model and a few dozen examples: seconds, for the test suite."""
+    return BenchConfig(
+        task=task,
+        model="tiny",
+        ratios=(0.1,),
+        n_train=20,
+        n_test=12,
+        n_nonmembers=6,
+        history_length=1,
+        sisa_shards=2,
+        lora=LoraSettings(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "lm_head")),
+        recipe=TrainConfig(epochs=3, lr=1e-2, batch_size=8, weight_decay=1e-2, max_length=384),
+        eraser=EraseConfig(solver="cg", curvature="gauss-newton", damping=0.1, weight_decay=1e-2, max_iters=8,
+                           tol=1e-3, max_length=384, curvature_examples=12, batch_size=12, auto_damping=True),
+    )
+
+
+def pii_config(quick: bool = False) -> BenchConfig:
+    """The generative scenario: memorisation needs more epochs and a higher learning rate."""
+    if quick:
+        return dataclasses.replace(
+            quick_config("pii"), n_train=8, n_nonmembers=4, ratios=(0.125,),
+            recipe=TrainConfig(epochs=6, lr=1e-2, batch_size=8, weight_decay=1e-3, max_length=128),
+        )
+    return BenchConfig(
+        task="pii", ratios=(0.1,), n_train=24, n_nonmembers=8,
+        recipe=TrainConfig(epochs=10, lr=2e-3, batch_size=8, weight_decay=1e-3, max_length=64),
+        eraser=EraseConfig(solver="cg", curvature="gauss-newton", damping=1e-2, weight_decay=1e-3, max_iters=8,
+                           tol=1e-3, max_length=64, curvature_examples=24, batch_size=8, auto_damping=True),
+    )
+
+
+def _data_path(config: BenchConfig) -> str | None:
+    return None if config.data == "ml-100k" else config.data
+
+
+def prepare_ratio(config: BenchConfig, ratio: float) -> tuple[Any, EvalSets]:
+    """The corrupted task and the evaluation sets for one ratio (drawn with ``data_seed``)."""
+    if config.task == "pii":
+        return pii_task(config.n_train, config.n_nonmembers, ratio, config.data_seed)
+    splits = sample_tallrec(
+        config.n_train + config.n_nonmembers, config.n_test, config.history_length, config.data_seed,
+        path=_data_path(config), format=config.format,
+    )
+    pool = list(splits.train)
+    held = set(random.Random(f"{config.data_seed}:nonmembers").sample(range(len(pool)), config.n_nonmembers))
+    nonmembers = [e for k, e in enumerate(pool) if k in held]
+    splits = dataclasses.replace(splits, train=[e for k, e in enumerate(pool) if k not in held])
+    task = make_task(splits, config.task, ratio, config.data_seed)  # type: ignore[arg-type]
+    pairs = resolve(task.requests, task.train)
+    sets = EvalSets(
+        test=list(splits.test),
+        old=[p.old for p in pairs],
+        new=[p.new for p in pairs if p.new is not None],
+        nonmembers=nonmembers,
+    )
+    return task, sets
+
+
+def run_seed(
+    config: BenchConfig, task: Any, sets: EvalSets, seed: int, log: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """All methods for one training seed; returns the scored rows and ``extras`` (retrained θ, solver
+    residual history, the model and tokenizer for later distance computations)."""
+    base, tokenizer = load_base_model(config.model, seed=config.data_seed)
+    model = attach_lora(base, dataclasses.replace(config.lora, seed=seed))
+    params = AdapterParameters.of(model)
+    recipe = dataclasses.replace(config.recipe, seed=seed)
+    theta_init = params.flat()
+    pairs = resolve(task.requests, task.train)
+    methods = config.chosen_methods()
+    cost: dict[str, Any] = {}
+    thetas: dict[str, list[Tensor]] = {}
+    extras: dict[str, Any] = {"model": model, "tokenizer": tokenizer}
+
+    log(f"  seed {seed}: train original on {len(task.train)} examples")
+    with measured(cost, "original"):
+        train_adapter(model, tokenizer, task.train, recipe)
+    theta_original = params.flat()
+    thetas["original"] = [theta_original]
+
+    log(f"  seed {seed}: retrain on {len(task.target)} examples")
+    params.assign(theta_init)
+    with measured(cost, "retrain"):
+        train_adapter(model, tokenizer, task.target, recipe)
+    thetas["retrain"] = [params.flat()]
+
+    if "llmeraser" in methods:
+        log(f"  seed {seed}: llmeraser ({config.eraser.solver}, {config.eraser.curvature})")
+        params.assign(theta_original)
+        with measured(cost, "llmeraser"):
+            result = erase(model, tokenizer, task.train, task.requests, dataclasses.replace(config.eraser, seed=seed))
+        thetas["llmeraser"] = [result.theta_new]
+        extras["residual_history"] = [float(r) for r in result.solver.residuals]
+        extras["erase_report"] = {k: result.report[k] for k in ("solver", "damping_used", "timings_s", "n_curvature_examples")}
+    if "gradient_ascent" in methods:
+        log(f"  seed {seed}: gradient ascent on {len(sets.old)} removed examples")
+        params.assign(theta_original)
+        with measured(cost, "gradient_ascent"):
+            gradient_ascent(model, tokenizer, [p.old for p in pairs if p.new is None], recipe, epochs=recipe.epochs)
+        thetas["gradient_ascent"] = [params.flat()]
+    if "finetune" in methods:
+        log(f"  seed {seed}: continued fine-tuning on {len(sets.new)} corrected examples")
+        params.assign(theta_original)
+        with measured(cost, "finetune"):
+            continued_finetuning(model, tokenizer, pairs, recipe)
+        thetas["finetune"] = [params.flat()]
+    if "sisa" in methods:
+        log(f"  seed {seed}: SISA, {config.sisa_shards} shards")
+        with measured(cost, "sisa_initial"):
+            sisa = train_sisa(model, tokenizer, task.train, theta_init, config.sisa_shards, recipe, seed)
+        with measured(cost, "sisa"):
+            sisa = unlearn_sisa(model, tokenizer, sisa, task.train, pairs, theta_init, recipe)
+        thetas["sisa"] = sisa.members
+        extras["sisa_affected_shards"] = len(sisa.affected(pairs))
+        extras["sisa_initial"] = cost["sisa_initial"]
+
+    log(f"  seed {seed}: scoring {len(thetas)} methods")
+    rows = []
+    for method in methods:
+        score = score_pii if config.task == "pii" else score_method
+        metrics = score(model, tokenizer, thetas[method], sets, thetas["retrain"][0], config.recipe.max_length)
+        rows.append({"method": method, "seed": seed, **metrics, **cost[method]})
+    params.assign(theta_original)
+    extras["theta_retrain"] = thetas["retrain"][0]
+    return rows, extras
+
+
+def retrain_spread(
+    model: Any, tokenizer: Any, sets: EvalSets, retrained: Sequence[Tensor], max_length: int
+) -> list[dict[str, float]]:
+    """KL between retrained models of consecutive seeds (both directions), on the test and edited sets."""
+    spread = []
+    for a, b in zip(retrained, retrained[1:]):
+        for first, second in ((a, b), (b, a)):
+            spread.append({
+                "kl_test": function_space_distance(model, tokenizer, sets.test, first, second, max_length)["kl"],
+                "kl_edited": function_space_distance(model, tokenizer, sets.edited, first, second, max_length)["kl"],
+            })
+    return spread
+
+
+def run_bench(config: BenchConfig, log: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
+    """Run the protocol for every ratio and seed; returns the results (see ``bench.report``)."""
+    config.validate()
+    results: dict[str, Any] = {
+        "command": command,
+        "machine": machine(),
+        "config": json.loads(json.dumps(asdict(config), default=str)),
+        "rows": [],
+        "spread": [],
+        "residuals": [],
+        "sisa": [],
+        "requests": {},
+    }
+    for ratio in config.ratios:
+        task, sets = prepare_ratio(config, ratio)
+        results["requests"][str(ratio)] = len(task.requests)
+        log(f"{config.task} at ratio {ratio}: {len(task.requests)} requests, {len(task.train)} training examples")
+        retrained = []
+        extras: dict[str, Any] = {}
+        for seed in config.seeds:
+            rows, extras = run_seed(config, task, sets, seed, log)
+            results["rows"].extend({"ratio": ratio, **row} for row in rows)
+            retrained.append(extras["theta_retrain"])
+            if "residual_history" in extras:
+                results["residuals"].append({"ratio": ratio, "seed": seed, "history": extras["residual_history"],
+                                             "erase_report": extras["erase_report"]})
+            if "sisa_initial" in extras:
+                results["sisa"].append({"ratio": ratio, "seed": seed, "affected_shards": extras["sisa_affected_shards"],
+                                        "shards": config.sisa_shards, "initial_training": extras["sisa_initial"]})
+        if len(retrained) > 1:
+            spread = retrain_spread(extras["model"], extras["tokenizer"], sets, retrained, config.recipe.max_length)
+            results["spread"].extend({"ratio": ratio, **row} for row in spread)
+    return results
+

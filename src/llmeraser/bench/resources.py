@@ -1,0 +1,55 @@
+"""Wall time and peak resident memory of a block, and the machine description stored with every result."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psutil
+import torch
+
+
+@contextmanager
+def measured(record: dict[str, Any], key: str, interval_s: float = 0.02) -> Iterator[None]:
+    """Store ``{"seconds", "peak_rss_mib"}`` of the block under ``record[key]``: wall time in seconds and
+    the process's peak resident memory in MiB, sampled every ``interval_s`` seconds while the block runs."""
+    process = psutil.Process()
+    peak = [process.memory_info().rss]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(interval_s):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        thread.join()
+        record[key] = {"seconds": seconds, "peak_rss_mib": max(peak[0], process.memory_info().rss) / 2**20}
+
+
+def machine() -> dict[str, Any]:
+    """The machine and library versions a result was measured with."""
+    from llmeraser.eraser import library_versions
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": sys.version.split()[0],
+        **library_versions(),
+    }
