@@ -63,9 +63,9 @@ class BenchConfig:
     model: str = "smollm2-135m"
     seeds: tuple[int, ...] = (0, 1)
     methods: tuple[str, ...] | None = None
-    n_train: int = 160
+    n_train: int = 96
     n_test: int = 64
-    n_nonmembers: int = 32
+    n_nonmembers: int = 24
     history_length: int = 3
     data_seed: int = 0
     sisa_shards: int = 4

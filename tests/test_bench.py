@@ -1,0 +1,167 @@
+"""The benchmark: baselines do what they claim, the report aggregates and judges correctly, and
+``llmeraser bench --quick`` runs the whole protocol end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import cli
+from conftest import tiny_lora_model, toy_examples
+from llmeraser.bench.baselines import (
+    continued_finetuning,
+    gradient_ascent,
+    shard_assignment,
+    train_sisa,
+    unlearn_sisa,
+)
+from llmeraser.bench.pii import generate_people, pii_task
+from llmeraser.bench.protocol import BenchConfig, prepare_ratio, quick_config
+from llmeraser.bench.report import check_targets, summarise
+from llmeraser.evaluate import example_loss_values
+from llmeraser.model import AdapterParameters
+from llmeraser.requests import CorrectResponse, Remove, edited_training_set, resolve
+from llmeraser.train import TrainConfig, train_adapter
+
+RECIPE = TrainConfig(epochs=2, lr=1e-2, batch_size=4, max_length=64)
+
+
+def test_shard_assignment_is_a_seeded_partition() -> None:
+    ids = [f"e{i}" for i in range(10)]
+    shards = shard_assignment(ids, 3, seed=1)
+    assert set(shards) == set(ids)
+    sizes = sorted(list(shards.values()).count(k) for k in range(3))
+    assert sizes == [3, 3, 4]
+    assert shards == shard_assignment(ids, 3, seed=1) and shards != shard_assignment(ids, 3, seed=2)
+    with pytest.raises(ValueError):
+        shard_assignment(ids, 11)
+
+
+def test_sisa_retrains_exactly_the_affected_shards() -> None:
+    model, tokenizer = tiny_lora_model(dtype=torch.float32)
+    params = AdapterParameters.of(model)
+    theta_init = params.flat()
+    train = toy_examples(12)
+    sisa = train_sisa(model, tokenizer, train, theta_init, 3, RECIPE)
+    assert len(sisa.members) == 3 and torch.equal(params.flat(), theta_init)
+    victim = train[0]
+    pairs = resolve([Remove(victim.id)], train)
+    after = unlearn_sisa(model, tokenizer, sisa, train, pairs, theta_init, RECIPE)
+    k = sisa.shard_of[victim.id]
+    assert sisa.affected(pairs) == [k]
+    for j in range(3):
+        if j != k:
+            assert torch.equal(after.thetas[j], sisa.thetas[j])
+    # the affected shard equals training on that shard without the removed example, from the same start
+    params.assign(theta_init)
+    train_adapter(model, tokenizer, [e for e in train if sisa.shard_of[e.id] == k and e.id != victim.id], RECIPE)
+    torch.testing.assert_close(after.thetas[k], params.flat())
+    assert not torch.equal(after.thetas[k], sisa.thetas[k])
+
+
+def test_gradient_ascent_raises_and_finetuning_lowers_the_targeted_loss() -> None:
+    model, tokenizer = tiny_lora_model(dtype=torch.float32)
+    train = toy_examples(8)
+    forget = train[:2]
+    before = example_loss_values(model, tokenizer, forget).mean()
+    result = gradient_ascent(model, tokenizer, forget, RECIPE, epochs=2)
+    assert result.steps == 2 and example_loss_values(model, tokenizer, forget).mean() > before + 1e-3
+
+    flipped = CorrectResponse(train[3].id, " No" if train[3].response == " Yes" else " Yes")
+    pairs = resolve([Remove(train[0].id), flipped], train)
+    new = [pairs[1].new]
+    before_new = example_loss_values(model, tokenizer, new).mean()
+    continued_finetuning(model, tokenizer, pairs, RECIPE)
+    assert example_loss_values(model, tokenizer, new).mean() < before_new - 1e-3
+    with pytest.raises(ValueError):
+        continued_finetuning(model, tokenizer, pairs[:1], RECIPE)
+
+
+def test_pii_task_is_consistent() -> None:
+    people = generate_people(10, seed=3)
+    assert len({p.name for p in people}) == 10 and people == generate_people(10, seed=3)
+    task, sets = pii_task(10, 4, 0.2, seed=3)
+    pairs = resolve(task.requests, task.train)
+    assert edited_training_set(task.train, pairs) == task.target
+    removed_people = {r.id.split("-")[0] for r in task.requests if r.op == "remove"}
+    assert len(removed_people) == 2 and sum(r.op == "correct_response" for r in task.requests) == 2
+    assert all(len([r for r in task.requests if r.id.startswith(p)]) == 3 for p in removed_people)
+    member_ids = {e.id for e in task.train}
+    assert not member_ids & {e.id.split("-")[0] for e in sets.nonmembers}
+    assert {e.id.split("-")[0] for e in sets.nonmembers}.isdisjoint({e.id.split("-")[0] for e in task.train})
+    assert all(e.id not in {r.id for r in task.requests} for e in sets.test)
+    for old, new in zip([e for e in sets.old if e.id in {n.id for n in sets.new}], sets.new):
+        assert old.prompt == new.prompt and old.response != new.response
+
+
+def test_prepare_ratio_holds_out_nonmembers_and_aligns_sets() -> None:
+    config = quick_config("response")
+    task, sets = prepare_ratio(config, 0.25)
+    train_ids = {e.id for e in task.train}
+    assert len(task.train) == config.n_train and len(sets.nonmembers) == config.n_nonmembers
+    assert train_ids.isdisjoint(e.id for e in sets.nonmembers)
+    assert len(sets.old) == len(sets.new) == len(task.requests) == 5
+    assert all(o.response != n.response and o.prompt == n.prompt for o, n in zip(sets.old, sets.new))
+
+
+def _rows(task: str) -> dict:
+    rows = []
+    for seed, jitter in ((0, 0.0), (1, 0.02)):
+        for method, test_auc, kl, seconds in (("original", 0.60, 0.02, 100.0), ("retrain", 0.70, 0.0, 100.0),
+                                              ("llmeraser", 0.69, 0.001, 10.0)):
+            rows.append({"ratio": 0.05, "seed": seed, "method": method, "test_auc": test_auc + jitter,
+                         "loss_old": 1.0, "mia_auc": 0.5, "kl_test": kl, "kl_edited": kl, "seconds": seconds,
+                         "peak_rss_mib": 100.0})
+    return {"config": {"task": task, "seeds": [0, 1]}, "rows": rows, "requests": {"0.05": 3},
+            "spread": [{"ratio": 0.05, "kl_test": 0.004, "kl_edited": 0.004}]}
+
+
+def test_summary_and_targets() -> None:
+    results = _rows("query")
+    summary = summarise(results)["0.05"]
+    assert summary["methods"]["retrain"]["test_auc"]["mean"] == pytest.approx(0.71)
+    assert summary["methods"]["retrain"]["test_auc"]["std"] == pytest.approx(0.01)
+    assert math.isnan(summary["methods"]["retrain"]["loss_new"]["mean"])
+    targets = {t["target"]: t for t in check_targets("query", summarise(results))}
+    recovery = targets["recovers ≥ 80 % of Retrain's AUC gain over the corrupted model"]
+    assert recovery["value"] == pytest.approx(0.9) and recovery["met"]
+    assert targets["KL to Retrain (test) ≤ retrain-vs-retrain spread"]["met"]
+    assert targets["erase time ≤ 1/5 of retrain time"]["value"] == pytest.approx(0.1)
+    removal = {t["target"]: t for t in check_targets("removal", summarise(_rows("removal")))}
+    assert removal["test AUC within 0.01 of Retrain"]["value"] == pytest.approx(0.01)
+
+
+def test_bench_config_rejects_bad_methods() -> None:
+    with pytest.raises(ValueError, match="finetune"):
+        BenchConfig(task="removal", methods=("finetune",)).validate()
+    with pytest.raises(ValueError, match="unknown method"):
+        BenchConfig(task="query", methods=("magic",)).validate()
+    assert "retrain" in BenchConfig(task="query", methods=("llmeraser",)).chosen_methods()
+
+
+@pytest.mark.parametrize("task", ["response", "pii"])
+def test_bench_quick_end_to_end(tmp_path, task: str) -> None:
+    out = tmp_path / "bench"
+    result = cli("bench", "--task", task, "--quick", "--out", out)
+    assert result.code == 0, result.err
+    results = json.loads((out / "results.json").read_text())
+    methods = {"response": {"original", "retrain", "llmeraser", "finetune", "sisa"},
+               "pii": {"original", "retrain", "llmeraser", "gradient_ascent"}}[task]
+    assert {row["method"] for row in results["rows"]} == methods
+    assert {row["seed"] for row in results["rows"]} == {0, 1}
+    assert results["command"].startswith("llmeraser bench --task") and results["machine"]["cpu_count"]
+    retrain = [row for row in results["rows"] if row["method"] == "retrain"]
+    assert all(row["kl_test"] == pytest.approx(0.0, abs=1e-9) for row in retrain)
+    assert all(row["kl_test"] > 0 for row in results["rows"] if row["method"] == "original")
+    assert len(results["spread"]) == 2 and all(s["kl_test"] > 0 for s in results["spread"])
+    assert all(np.isfinite(r["seconds"]) and r["peak_rss_mib"] > 0 for r in results["rows"])
+    assert results["residuals"] and all(len(r["history"]) >= 1 for r in results["residuals"])
+    for name in ("results.md", "metrics_vs_ratio.png", "solver_residual.png", "time_per_method.png"):
+        assert (out / name).stat().st_size > 0
+    assert "retrain vs retrain" in result.out and "llmeraser" in (out / "results.md").read_text()
+    if task == "response":
+        assert any("recovers" in t["target"] for t in results["targets"])
