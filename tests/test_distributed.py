@@ -1,4 +1,5 @@
-"""Data-parallel erase on torch.distributed (gloo, 2 CPU processes under torchrun) equals one process."""
+"""Data-parallel erase, train and fit-curvature on torch.distributed (gloo, 2 CPU processes under torchrun)
+equal one process."""
 
 from __future__ import annotations
 
@@ -18,11 +19,30 @@ from llmeraser.model import save_adapter
 from llmeraser.train import TrainConfig, train_adapter
 
 BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def adapter_tensors(directory: Path) -> torch.Tensor:
     weights = load_file(str(directory / "adapter_model.safetensors"))
     return torch.cat([weights[k].double().reshape(-1) for k in sorted(weights)])
+
+
+def run_both(program: list[str], args_one: list[str], args_two: list[str], env: dict[str, str] = ENV) -> None:
+    """``python PROGRAM ARGS_ONE`` in one process, then ``torchrun --nproc-per-node 2 PROGRAM ARGS_TWO``
+    (PROGRAM: ``-m llmeraser …`` or a script)."""
+    single = subprocess.run([sys.executable, *program, *args_one], capture_output=True, text=True, timeout=600, env=env)
+    assert single.returncode == 0, single.stderr
+    parallel = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
+         *program, *args_two],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+
+
+def relative_max_difference(one: torch.Tensor, two: torch.Tensor) -> float:
+    """max |one − two| / ‖one‖."""
+    return float((one - two).abs().max()) / float(one.norm())
 
 
 @pytest.mark.parametrize("solver", ["cg", "sgd"])
@@ -39,16 +59,7 @@ def test_two_process_erase_equals_single_process(tmp_path, solver):
                         '{"op": "correct_response", "id": "ex6", "response": " Maybe"}\n')
     common = ["erase", "--model", "tiny", "--adapter", str(adapter), "--data", str(data), "--requests", str(requests),
               "--solver", solver, "--damping", "0.05", "--weight-decay", "0.1", "--batch-size", "4", "--max-iters", "40"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([str(BIN / "llmeraser"), *common, "--out", str(tmp_path / "one")],
-                            capture_output=True, text=True, timeout=600, env=env)
-    assert single.returncode == 0, single.stderr
-    parallel = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
-         "-m", "llmeraser", *common, "--out", str(tmp_path / "two")],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
-    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    run_both(["-m", "llmeraser", *common], ["--out", str(tmp_path / "one")], ["--out", str(tmp_path / "two")])
     theta = adapter_tensors(adapter)
     update_one = adapter_tensors(tmp_path / "one") - theta
     update_two = adapter_tensors(tmp_path / "two") - theta
@@ -56,3 +67,51 @@ def test_two_process_erase_equals_single_process(tmp_path, solver):
     assert float((update_one - update_two).abs().max()) <= 1e-5 * float(update_one.norm())
     report = json.loads((tmp_path / "two" / "erasure_report.json").read_text())
     assert report["world_size"] == 2 and report["n_curvature_examples"] == 11
+
+
+def test_two_process_train_equals_single_process(tmp_path):
+    data = tmp_path / "train.jsonl"
+    write_examples(data, toy_examples(13, seed=7))  # batches of 4: the last one (1 example) leaves rank 1 empty
+    args = ["train", "--model", "tiny", "--data", str(data), "--lora-r", "2", "--epochs", "3", "--lr", "2e-2",
+            "--batch-size", "4", "--weight-decay", "0.1", "--max-length", "128"]
+    run_both(["-m", "llmeraser", *args], ["--out", str(tmp_path / "one")], ["--out", str(tmp_path / "two")])
+    one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    assert relative_max_difference(one, two) <= 1e-5
+    records = [json.loads((tmp_path / d / "llmeraser_training.json").read_text()) for d in ("one", "two")]
+    assert records[0] == records[1]
+
+
+def test_two_process_lbfgs_equals_single_process(tmp_path):
+    runner = Path(__file__).with_name("distributed_train_runner.py")  # float64, rank 1: see its docstring
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(runner.parent), os.environ.get("PYTHONPATH", "")])}
+    run_both([str(runner)], [str(tmp_path / "one.pt")], [str(tmp_path / "two.pt")], env)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert relative_max_difference(one, two) <= 1e-5
+
+
+def test_two_process_fit_curvature_equals_single_process(tmp_path):
+    model, tokenizer = tiny_lora_model(r=2, dtype=torch.float32)
+    examples = toy_examples(13, seed=7)
+    train_adapter(model, tokenizer, examples, TrainConfig(epochs=2, lr=2e-2, batch_size=4))
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter)
+    data = tmp_path / "train.jsonl"
+    write_examples(data, examples)
+    run_both(["-m", "llmeraser", "fit-curvature", "--model", "tiny", "--adapter", str(adapter), "--data", str(data),
+              "--batch-size", "3"], ["--out", str(tmp_path / "one")], ["--out", str(tmp_path / "two")])
+
+    def factors(directory: Path) -> torch.Tensor:  # A and G rebuilt (eigenvectors are defined up to sign)
+        tensors = load_file(str(directory / "kfac.safetensors"))
+        layers = sorted({key.split("::")[0] for key in tensors})
+        pieces = []
+        for name in layers:
+            for side in ("a", "g"):
+                vectors, values = tensors[f"{name}::{side}_vectors"], tensors[f"{name}::{side}_values"]
+                pieces.append(((vectors * values) @ vectors.T).reshape(-1))
+        return torch.cat(pieces).double()
+
+    one, two = factors(tmp_path / "one"), factors(tmp_path / "two")
+    assert float(one.norm()) > 0
+    assert relative_max_difference(one, two) <= 1e-5
+    meta = json.loads((tmp_path / "two" / "curvature.json").read_text())
+    assert meta["n_examples"] == 13

@@ -12,7 +12,7 @@ from llmeraser.data import (
     tokenize_example,
     tokenize_examples,
 )
-from llmeraser.gradients import influence_rhs, summed_gradient
+from llmeraser.gradients import influence_rhs, per_example_gradients, summed_gradient
 
 CONFIG = TokenizationConfig(max_length=64)
 
@@ -136,3 +136,26 @@ def test_unknown_scaling_is_rejected(setup):
     model, tokenizer, params, _, items = setup
     with pytest.raises(ValueError, match="unknown scaling 'exact'"):
         influence_rhs(model, params, items[:1], [], 6, tokenizer.pad_token_id, scaling="exact")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 8])
+def test_vectorised_per_example_gradients_equal_the_loop(setup, per_example, chunk_size):
+    """vmap(grad) over padded chunks (lengths differ within a chunk) = one unpadded backward pass each."""
+    model, tokenizer, params, _, items = setup
+    rows = per_example_gradients(model, params, items, tokenizer.pad_token_id, chunk_size=chunk_size)
+    assert rows.shape == (len(items), params.dim)
+    torch.testing.assert_close(rows, torch.stack(per_example), rtol=1e-10, atol=1e-14)
+
+
+def test_vectorised_gradients_of_an_unpadded_chunk_and_in_float32():
+    """Same-length examples (an all-ones attention mask) and the default float32 model, rtol 1e-5."""
+    model, tokenizer, params = perturbed_model(("q_proj", "v_proj"), r=2, seed=4)
+    model.to(torch.float32)
+    examples = toy_examples(3, seed=1) + [Example("x", "A longer prompt here?", " No")]
+    items = tokenize_examples(tokenizer, examples, CONFIG)
+    rows = per_example_gradients(model, params, items, tokenizer.pad_token_id, chunk_size=4)
+    assert rows.dtype == torch.float32
+    loop = torch.stack([summed_gradient(model, params, [item], tokenizer.pad_token_id) for item in items])
+    torch.testing.assert_close(rows, loop, rtol=1e-5, atol=1e-6)
+    same = per_example_gradients(model, params, [items[0]] * 3, tokenizer.pad_token_id, chunk_size=3)
+    torch.testing.assert_close(same, loop[:1].expand(3, -1), rtol=1e-5, atol=1e-6)

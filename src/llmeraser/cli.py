@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -24,11 +25,39 @@ import tomllib
 
 from llmeraser.distributed import init_from_environment, shutdown
 from llmeraser.errors import InputError, NumericalError
+from llmeraser.model import DTYPES
 
 EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL = 2, 3, 4
 
 
 # ----------------------------------------------------------------------------------------------- commands
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from llmeraser.bench import BenchConfig, finish, quick_config, render_text, run_bench, write_results
+    from llmeraser.bench.protocol import pii_config
+
+    if args.task == "pii":
+        config = pii_config(quick=args.quick)
+    else:
+        config = quick_config(args.task) if args.quick else BenchConfig(task=args.task)
+    eraser = replace(config.eraser, **{k: v for k, v in {
+        "solver": args.solver, "max_iters": args.max_iters, "curvature_examples": args.curvature_examples,
+        "damping": args.damping}.items() if v is not None})
+    recipe = replace(config.recipe, epochs=args.epochs) if args.epochs else config.recipe
+    config = replace(config, eraser=eraser, recipe=recipe, data=args.data, format=args.format, **{k: v for k, v in {
+        "ratios": tuple(args.ratio) if args.ratio else None, "model": args.model,
+        "seeds": tuple(range(args.seeds)) if args.seeds else None,
+        "methods": tuple(args.methods) if args.methods else None,
+        "n_train": args.n_train, "n_test": args.n_test}.items() if v is not None})
+    try:
+        config.validate()
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    results = finish(run_bench(config, command=args.command_line))
+    print(render_text(results))
+    for path in write_results(results, args.out):
+        print(f"wrote {path}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -47,7 +76,8 @@ def _lora_settings(args: argparse.Namespace) -> Any:
 def _recipe(args: argparse.Namespace) -> Any:
     from llmeraser.train import TrainConfig
 
-    return TrainConfig(args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, args.max_length)
+    return TrainConfig(args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, args.max_length,
+                       args.optimizer)
 
 
 def _train_and_save(
@@ -62,10 +92,13 @@ def _train_and_save(
     requests: Sequence[Any] = (),
     command: str = "train",
     dry_run: bool = False,
+    dtype: str = "float32",
 ) -> None:
-    """Fresh LoRA on the base model, trained with ``recipe``, saved with its training record and the
-    first entry of its lineage. ``dry_run``: print the estimated time and memory instead (writes nothing)."""
+    """Fresh LoRA on the base model (loaded in ``dtype``; the adapter is float32), trained with ``recipe``,
+    saved with its training record and the first entry of its lineage. ``dry_run``: print the estimated time
+    and memory instead (writes nothing). Under torchrun the ranks train data-parallel and rank 0 writes."""
     started = time.perf_counter()
+    from llmeraser.distributed import is_main_process
     from llmeraser.hashing import adapter_hash, dataset_hash
     from llmeraser.lineage import LINEAGE_FILE, append_entry, lineage_text, train_entry
     from llmeraser.model import attach_lora, load_base_model, save_adapter
@@ -74,17 +107,20 @@ def _train_and_save(
     from llmeraser.validate import check_examples_fit, check_max_length
 
     _refuse_existing(out)
-    base, tokenizer = load_base_model(model_name, seed=recipe.seed, trust_remote_code=trust_remote_code)
+    base, tokenizer = load_base_model(model_name, seed=recipe.seed, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     check_max_length(recipe.max_length, base)
     check_examples_fit(tokenizer, examples, recipe.max_length, data_path, requests, base)
     record = TrainingRecord(model_name, model_fingerprint(base), dataset_hash(examples), len(examples), recipe, lora)
     model = attach_lora(base, lora)
     if dry_run:
-        _print_dry_run(command, time.perf_counter() - started, lambda: _estimate_train(model, tokenizer, examples, recipe))
+        if is_main_process():
+            _print_dry_run(command, time.perf_counter() - started, lambda: _estimate_train(model, tokenizer, examples, recipe))
         return
-    result = train_adapter(model, tokenizer, examples, recipe, progress=True)
+    result = train_adapter(model, tokenizer, examples, recipe, progress=is_main_process())
     if result.losses and not math.isfinite(result.losses[-1]):
         raise NumericalError(f"the training objective is {result.losses[-1]} (lower --lr)", stage="train")
+    if not is_main_process():  # data-parallel run: rank 0 writes
+        return
     record_json = {**record.to_json(), **(extra or {})}
 
     def files(written: Path) -> dict[str, Any]:
@@ -109,7 +145,8 @@ def _train(args: argparse.Namespace) -> None:
     from llmeraser.data import read_examples
 
     _train_and_save(args.model, read_examples(args.data), _lora_settings(args), _recipe(args), args.out,
-                    trust_remote_code=args.trust_remote_code, data_path=args.data, dry_run=args.dry_run)
+                    trust_remote_code=args.trust_remote_code, data_path=args.data, dry_run=args.dry_run,
+                    dtype=args.dtype)
 
 
 def _estimate_train(model: Any, tokenizer: Any, examples: list, recipe: Any) -> Any:
@@ -131,9 +168,10 @@ def _print_dry_run(command: str, load_s: float, estimate: Any) -> None:
 
 
 def _load_for_adapter(
-    model_arg: str | None, adapter: str, trust_remote_code: bool = False
+    model_arg: str | None, adapter: str, trust_remote_code: bool = False, dtype: str = "float32"
 ) -> tuple[Any, Any, Any, Any]:
-    """(model with the adapter loaded, tokenizer, base, training record) for an existing adapter."""
+    """(model with the adapter loaded, tokenizer, base, training record) for an existing adapter; the base
+    model in ``dtype``, the adapter float32."""
     from llmeraser.model import load_adapter, load_base_model
     from llmeraser.provenance import read_training_record
 
@@ -142,7 +180,8 @@ def _load_for_adapter(
     name = model_arg or (record.model if record else None)
     if name is None:
         raise InputError("--model is required: the adapter has no llmeraser training record", adapter)
-    base, tokenizer = load_base_model(name, seed=record.recipe.seed if record else 0, trust_remote_code=trust_remote_code)
+    base, tokenizer = load_base_model(name, seed=record.recipe.seed if record else 0, dtype=DTYPES[dtype],
+                                      trust_remote_code=trust_remote_code)
     return load_adapter(base, adapter), tokenizer, base, record
 
 
@@ -169,7 +208,7 @@ def _erase(args: argparse.Namespace) -> None:
     _require_adapter(args.adapter)
     input_hash = adapter_hash(args.adapter)
     lineage, lineage_problems = _input_lineage(args.adapter, input_hash, args.allow_mismatch)
-    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code)
+    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
     given_data_hash = dataset_hash(examples)
     try:
         mismatches = check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
@@ -248,17 +287,21 @@ def _erase(args: argparse.Namespace) -> None:
 
 def _fit_curvature(args: argparse.Namespace) -> None:
     from llmeraser.data import TokenizationConfig, read_examples, tokenize_examples
+    from llmeraser.distributed import is_distributed, is_main_process
     from llmeraser.eraser import library_versions
     from llmeraser.hashing import adapter_hash, dataset_hash
     from llmeraser.kfac import fit_and_time, save_kfac
     from llmeraser.model import AdapterParameters
     from llmeraser.provenance import check_matches, model_fingerprint
 
+    valid_damping = args.damping is None or (args.damping >= 0 and math.isfinite(args.damping))
+    if not valid_damping or (args.damping is not None and args.method != "datainf"):
+        raise ValueError(f"--damping applies to --method datainf only and must be >= 0, got {args.damping}")
     examples = read_examples(args.data)
     _refuse_existing(args.out)
     _require_adapter(args.adapter)
     input_hash = adapter_hash(args.adapter)
-    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code)
+    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
     check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
     max_length = args.max_length or (record.recipe.max_length if record else 256)
     chosen = examples
@@ -269,9 +312,14 @@ def _fit_curvature(args: argparse.Namespace) -> None:
         chosen = [examples[i] for i in sorted(order[: args.curvature_examples].tolist())]
     items = tokenize_examples(tokenizer, chosen, TokenizationConfig(max_length=max_length))
     params = AdapterParameters.of(model)
-    factors, seconds = fit_and_time(model, params, items, tokenizer.pad_token_id, args.batch_size, args.seed)
+    factors, seconds = fit_and_time(model, params, items, tokenizer.pad_token_id, args.batch_size, args.seed,
+                                    distributed=is_distributed(),  # each rank fits its batches; sums all-reduced
+                                    method=args.method, damping=args.damping)
+    if not is_main_process():  # data-parallel run: rank 0 writes
+        return
     metadata = {
-        "kind": "kfac",
+        "kind": args.method,
+        "damping": args.damping,
         "model_fingerprint": model_fingerprint(base),
         "adapter_sha256": input_hash,
         "data_sha256": dataset_hash(examples),
@@ -284,7 +332,8 @@ def _fit_curvature(args: argparse.Namespace) -> None:
         "versions": library_versions(),
     }
     save_kfac(factors, args.out, metadata)
-    print(f"K-FAC factors of {len(factors)} LoRA layers fitted on {len(chosen)} examples in {seconds:.1f} s")
+    what = {"kfac": "K-FAC factors", "ekfac": "EK-FAC factors", "datainf": "DataInf per-example gradients"}[args.method]
+    print(f"{what} of {len(factors)} LoRA layers fitted on {len(chosen)} examples in {seconds:.1f} s")
     print(f"curvature written to {args.out}")
 
 
@@ -351,6 +400,7 @@ def _lineage_data_hint(lineage: list[dict], data_sha256: str, data_path: str) ->
 
 def _retrain(args: argparse.Namespace) -> None:
     from llmeraser.data import read_examples
+    from llmeraser.distributed import is_main_process
     from llmeraser.provenance import read_training_record
     from llmeraser.requests import edited_training_set, read_requests, resolve
 
@@ -366,9 +416,10 @@ def _retrain(args: argparse.Namespace) -> None:
         if not args.model:
             raise InputError("retrain needs --model (or --like ADAPTER_DIR to copy model and recipe)")
         model_name, lora, recipe = args.model, _lora_settings(args), _recipe(args)
-    print(f"retraining on the edited set: {len(edited)} of {len(examples)} examples")
+    if is_main_process():
+        print(f"retraining on the edited set: {len(edited)} of {len(examples)} examples")
     _train_and_save(model_name, edited, lora, recipe, args.out, trust_remote_code=args.trust_remote_code,
-                    data_path=args.data, requests=requests, command="retrain")
+                    data_path=args.data, requests=requests, command="retrain", dtype=args.dtype)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -383,7 +434,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from llmeraser.requests import read_requests, resolve
 
     examples = read_examples(args.data)
-    model, tokenizer, _, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code)
+    model, tokenizer, _, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
     max_length = args.max_length or (record.recipe.max_length if record else 256)
     params = AdapterParameters.of(model)
     theta = params.flat()
@@ -529,6 +580,12 @@ def _add_model(parser: argparse.ArgumentParser, required: bool) -> None:
                         help="run Python code shipped with the model checkpoint (off: such models are refused)")
 
 
+def _add_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                        help="precision of the base model's weights and activations (bfloat16: for GPUs); the LoRA "
+                        "adapter, gradients, updates and solver state stay float32")
+
+
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / r)")
@@ -539,6 +596,8 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="λ_wd of the L2 term (λ_wd/2)‖θ‖²")
     parser.add_argument("--seed", type=int, default=0, help="seed of adapter initialisation and example order")
     parser.add_argument("--max-length", type=int, default=256, help="max tokens per example (prompt cut from the left)")
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"],
+                        help="adam: mini-batches of --batch-size; lbfgs: full-batch L-BFGS, --epochs outer steps")
 
 
 def _add_dry_run(parser: argparse.ArgumentParser, stages: str) -> None:
@@ -567,11 +626,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="directory for demo_results.json")
     demo.set_defaults(run=_demo)
 
+    bench = command("bench", "the paper's protocol on rating data: corrupt, train, undo by LLMEraser and baselines, "
+                    "compare with retraining; prints a table, writes results.json, results.md and plots")
+    bench.add_argument("--task", required=True, choices=["removal", "query", "response", "pii"],
+                       help="removal / query (noisy prompts restored) / response (flipped labels corrected) on TALLRec "
+                       "data; pii: the generated people-attributes question-answer scenario")
+    bench.add_argument("--data", default="ml-100k", help="ml-100k (the copy in the recbole package) or a rating-data directory")
+    bench.add_argument("--format", default=None, choices=["recbole", "movielens", "bookcrossing", "lastfm"],
+                       help="format of --data (default: detected from the files)")
+    bench.add_argument("--ratio", type=float, nargs="+", default=None, help="fraction(s) of training examples edited (default 0.05)")
+    bench.add_argument("--model", default=None, help="base model (default smollm2-135m; tiny with --quick)")
+    bench.add_argument("--seeds", type=int, default=None, help="number of training seeds (0, 1, …; default 2)")
+    bench.add_argument("--methods", nargs="+", default=None,
+                       help="subset of: original retrain llmeraser gradient_ascent finetune sisa (default: the task's)")
+    bench.add_argument("--n-train", type=int, default=None, help="training examples")
+    bench.add_argument("--n-test", type=int, default=None, help="test examples")
+    bench.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe")
+    bench.add_argument("--solver", default=None, choices=["direct", "cg", "lissa", "sgd"], help="LLMEraser's solver")
+    bench.add_argument("--max-iters", type=int, default=None, help="LLMEraser's solver iterations")
+    bench.add_argument("--curvature-examples", type=int, default=None, help="examples for LLMEraser's curvature")
+    bench.add_argument("--damping", type=float, default=None, help="LLMEraser's damping λ")
+    bench.add_argument("--quick", action="store_true", help="the tiny random-init model and a few dozen examples (seconds)")
+    bench.add_argument("--out", required=True, help="output directory for results.json, results.md and the PNG plots")
+    bench.set_defaults(run=_bench)
+
     train = command("train", "LoRA fine-tuning on a JSONL data file; records recipe, base model and data hash")
     _add_model(train, required=True)
     train.add_argument("--data", required=True, help="training data, JSONL {id, prompt, response}")
     train.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     _add_recipe(train)
+    _add_dtype(train)
     _add_dry_run(train, "training")
     train.set_defaults(run=_train)
 
@@ -594,18 +678,19 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's, else 256)")
     erase.add_argument("--seed", type=int, default=0, help="seed of subsets and stochastic solvers")
     erase.add_argument("--curvature-cache", default=None,
-                       help="a fit-curvature directory (K-FAC) for this adapter and data, used as --curvature-use says")
+                       help="a fit-curvature directory (K-FAC, EK-FAC or DataInf) for this adapter and data, used as --curvature-use says")
     erase.add_argument("--curvature-use", default="precondition", choices=["precondition", "direct"],
-                       help="precondition: cg against the exact operator, K-FAC as preconditioner; direct: v = (K + λI)⁻¹ b, "
+                       help="precondition: cg against the exact operator, the cached curvature as preconditioner; direct: v = (K + λI)⁻¹ b, "
                        "no iterations (fast, approximate; the report gives its residual against the exact operator)")
     erase.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
     erase.add_argument("--auto-damping", action="store_true",
                        help="when the solve diverges or meets non-positive curvature, retry with 10x the damping "
                        "(up to 4 solves); each attempt is recorded in the report and the lineage")
+    _add_dtype(erase)
     _add_dry_run(erase, "erasure (prepare, gradients, solve, save)")
     erase.set_defaults(run=_erase)
 
-    fit = command("fit-curvature", "fit K-FAC curvature factors of an adapter's LoRA layers once, for fast erasures")
+    fit = command("fit-curvature", "fit a curvature approximation of an adapter's LoRA layers once, for fast erasures")
     _add_model(fit, required=False)
     fit.add_argument("--adapter", required=True, help="PEFT adapter directory")
     fit.add_argument("--data", required=True, help="the training data the adapter was trained on (JSONL)")
@@ -614,7 +699,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     fit.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the subset and of the sampled labels")
+    fit.add_argument("--method", default="kfac", choices=["kfac", "ekfac", "datainf"],
+                     help="kfac: Kronecker factors per LoRA layer; ekfac: K-FAC eigenbases with the diagonal refitted "
+                     "from per-example gradients; datainf: per-example gradients for DataInf's closed form "
+                     "(stores n x p float32 numbers: bound n with --curvature-examples)")
+    fit.add_argument("--damping", type=float, default=None,
+                     help="datainf only: λ_l of every layer (default: DataInf's 0.1 · mean ‖g_i‖² / d_l)")
     fit.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
+    _add_dtype(fit)
     fit.set_defaults(run=_fit_curvature)
 
     retrain = command("retrain", "train from scratch on the edited training set with the same recipe (exact reference)")
@@ -624,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     retrain.add_argument("--like", default=None, help="adapter directory whose recorded model and recipe to reuse")
     _add_recipe(retrain)
+    _add_dtype(retrain)
     retrain.set_defaults(run=_retrain)
 
     make_data = command("make-data", "TALLRec Yes/No examples from rating data, a corrupted training set and the requests that repair it")
@@ -650,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     evaluate.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+    _add_dtype(evaluate)
     evaluate.set_defaults(run=_evaluate)
 
     history = command("history", "print an adapter's lineage (train and erase steps) and verify its hash chain")
@@ -705,6 +799,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _config_defaults(parser, argv)
         args = parser.parse_args(argv)
+        args.command_line = "llmeraser " + " ".join(shlex.quote(a) for a in argv)
         init_from_environment()  # a no-op outside torchrun
         try:
             args.run(args)

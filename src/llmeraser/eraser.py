@@ -44,7 +44,7 @@ from llmeraser.requests import (
     edited_training_set,
     resolve,
 )
-from llmeraser.kfac import KfacInverse, KroneckerFactors
+from llmeraser.kfac import CurvatureLayer, KfacInverse, cache_method
 from llmeraser.solvers import SolverResult, solve
 
 
@@ -155,7 +155,7 @@ def _solve_once(
     operator: CurvatureOperator,
     b: Tensor,
     progress: bool,
-    kfac: dict[str, KroneckerFactors] | None = None,
+    kfac: dict[str, CurvatureLayer] | None = None,
 ) -> SolverResult:
     """One solve; raises ``NumericalError`` (stage 'solve') on divergence, non-positive curvature, NaN/Inf
     in v, or a result worse than v = 0 (relative residual > 1)."""
@@ -193,7 +193,7 @@ def _solve_with_damping(
     operator_with: Callable[[float], CurvatureOperator],
     b: Tensor,
     progress: bool,
-    kfac: dict[str, KroneckerFactors] | None = None,
+    kfac: dict[str, CurvatureLayer] | None = None,
 ) -> tuple[SolverResult, CurvatureOperator, float, list[dict[str, Any]]]:
     """Solve with λ = ``config.damping``; with ``auto_damping``, on a numerical failure of the solve
     retry with λ × ``damping_factor`` (at most ``max_damping_attempts`` solves). Returns the result, its
@@ -254,13 +254,15 @@ def _solve_with_kfac(
     config: EraseConfig, operator: CurvatureOperator, b: Tensor, inverse: KfacInverse,
     callback: Callable[[int, float], None],
 ) -> SolverResult:
-    """Use fitted K-FAC factors directly or as the preconditioner of cg against the exact operator."""
+    """Use a fitted curvature (K-FAC, EK-FAC or DataInf) directly or as the preconditioner of cg against
+    the exact operator; the result names the method (``details["curvature_cache"]``)."""
+    method = cache_method(inverse.factors)
     if config.curvature_use == "precondition":
         if config.solver != "cg":
-            raise ValueError("a K-FAC curvature cache preconditions the cg solver only (use --solver cg)")
+            raise ValueError("a curvature cache preconditions the cg solver only (use --solver cg)")
         result = solve("cg", operator, b, max_iters=config.max_iters, tol=config.tol, preconditioner=inverse,
                        callback=callback)
-        result.details["curvature_cache"] = "kfac preconditioner"
+        result.details["curvature_cache"] = f"{method} preconditioner"
         return result
     if config.curvature_use != "direct":
         raise ValueError(f"unknown curvature_use {config.curvature_use!r} (expected 'precondition' or 'direct')")
@@ -276,10 +278,10 @@ def _solve_with_kfac(
     norm_b = float(b.norm())
     residual = float((step * product - b).norm()) / norm_b if norm_b > 0 else 0.0
     return SolverResult(
-        solution, "kfac", 0, [residual], [0], False,
-        "solved with the K-FAC approximation (no iterations; step length fitted on the probe examples)",
+        solution, method, 0, [residual], [0], False,
+        f"solved with the {method} approximation (no iterations; step length fitted on the probe examples)",
         time.perf_counter() - start,
-        {"curvature_cache": "kfac direct", "probe_examples": probe.count, "step_length": step,
+        {"curvature_cache": f"{method} direct", "probe_examples": probe.count, "step_length": step,
          "note": "residual against the exact operator on the probe examples"},
     )
 
@@ -291,13 +293,13 @@ def erase(
     requests: Sequence[Request],
     config: EraseConfig | None = None,
     progress: bool = False,
-    kfac: dict[str, KroneckerFactors] | None = None,
+    kfac: dict[str, CurvatureLayer] | None = None,
     **overrides: Any,
 ) -> ErasureResult:
     """Compute the influence update of θ (the PEFT model's trainable tensors) for ``requests``.
 
-    ``train`` is the training set the adapter was trained on; ``kfac``: fitted K-FAC factors
-    (``llmeraser.kfac``), used as ``config.curvature_use`` says; ``overrides`` replace fields of ``config``
+    ``train`` is the training set the adapter was trained on; ``kfac``: a fitted curvature (K-FAC, EK-FAC
+    or DataInf, ``llmeraser.kfac``), used as ``config.curvature_use`` says; ``overrides`` replace fields of ``config``
     (e.g. ``solver="cg", curvature="hessian", damping=1e-2``); ``progress`` shows a progress bar of
     the solver's iterations. The model's weights are left unchanged.
     """
@@ -353,6 +355,7 @@ def erase(
         "update_norm": float(update.norm()),
         "theta_norm": float(theta.norm()),
         "solver": result.summary(),
+        "curvature_cache_method": cache_method(kfac) if kfac else None,
         "damping_used": damping,
         "damping_attempts": attempts,
         "truncated_prompts": {  # prompts cut from the left to fit max_length (the recipe's policy)

@@ -56,6 +56,7 @@ from llmeraser.data import (
 )
 from llmeraser.eraser import EraseConfig, peak_memory_mb, prepare_erasure
 from llmeraser.gradients import summed_gradient
+from llmeraser.kfac import cache_method
 from llmeraser.model import AdapterParameters
 from llmeraser.requests import Request
 from llmeraser.solvers import estimate_largest_eigenvalue, solve_direct, solve_lissa, solve_sgd
@@ -379,7 +380,7 @@ def estimate_erase(
     ))
 
     seconds, how, extra_mib = _estimate_solve(model, params, curvature_items, pad, config, settings, kfac)
-    solver = config.solver if kfac is None or config.curvature_use != "direct" else "kfac"
+    solver = config.solver if kfac is None or config.curvature_use != "direct" else cache_method(kfac)
     stages.append(StageEstimate(f"solve ({solver})", seconds, peak_memory_mb() + extra_mib, how))
     stages.append(StageEstimate("save", _save_seconds(params), peak_memory_mb() + extra_mib,
                                 "in-memory serialisation + hash"))

@@ -18,7 +18,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from llmeraser.data import TokenizedExample, example_losses, iter_batches
+from llmeraser.data import (
+    TokenizedExample,
+    aligned_labels,
+    example_losses,
+    iter_batches,
+    model_inputs,
+    response_nll,
+)
 from llmeraser.distributed import all_reduce_sum
 from llmeraser.model import AdapterParameters
 
@@ -46,6 +53,43 @@ def summed_gradient(
             grads = torch.autograd.grad(weighted, params.tensors, allow_unused=True)
         total += params.flatten([torch.zeros_like(t) if g is None else g for g, t in zip(grads, params.tensors)])
     return total
+
+
+def per_example_gradients(
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    chunk_size: int = 8,
+) -> Tensor:
+    """∇ℓ_i(θ) of every example, shape (n, p) in the flat order of ``params``; eval mode (no dropout).
+
+    ``torch.func``: ``vmap`` over ``grad`` of the one-example loss under ``functional_call``, on chunks of
+    ``chunk_size`` right-padded examples (memory ~ one batch's activations and chunk_size × p gradients).
+    Each example is its own batch of one inside ``vmap``, so right padding leaves its loss unchanged.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    primals = {name: t.detach() for name, t in zip(params.names, params.tensors)}
+    rows = []
+    for batch in iter_batches(items, chunk_size, pad_token_id):
+        inputs = model_inputs(batch, model)
+        labels = aligned_labels(batch, model)
+        fixed = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+
+        def loss(theta: dict[str, Tensor], ids: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+            kwargs = {"input_ids": ids[None], "attention_mask": mask[None], **fixed}
+            logits = functional_call(model, theta, args=(), kwargs=kwargs, strict=False).logits
+            return response_nll(logits, target[None])[0]
+
+        with torch.enable_grad():
+            grads = vmap(grad(loss), in_dims=(None, 0, 0, 0))(
+                primals, inputs["input_ids"], inputs["attention_mask"], labels
+            )
+        rows.append(torch.cat([grads[name].reshape(len(labels), -1) for name in params.names], dim=1))
+    if not rows:
+        return torch.zeros(0, params.dim, dtype=params.tensors[0].dtype)
+    return torch.cat(rows)
 
 
 def influence_rhs(

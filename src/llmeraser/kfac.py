@@ -16,8 +16,13 @@ w_it = 1/T_i the per-example mean weights, so that E[δ δᵀ] carries the Gauss
 of the training objective; cross-layer blocks are dropped. The damped inverse
 (G ⊗ A + λI)⁻¹ vec(V) = Q_G [(Q_Gᵀ V Q_A) / (λ_G λ_Aᵀ + λ)] Q_Aᵀ uses the eigendecompositions of G and A.
 
-Stored as ``kfac.safetensors`` (eigenvectors and eigenvalues per layer) + ``curvature.json`` (the hashes
-of base model, adapter and data it was fitted on, and its settings), and refused on a mismatch.
+Two variants share the cache: EK-FAC (``fit_ekfac``) keeps Q_A, Q_G and refits the eigenvalues from
+per-example gradients of the same sampled loss; DataInf (``fit_datainf``) stores per-example loss
+gradients and inverts each block by its closed form (``datainf_inverse_product``).
+
+Stored as ``kfac.safetensors`` (eigenvectors and eigenvalues per layer; ``datainf.safetensors`` for
+DataInf) + ``curvature.json`` (the method as ``kind``, the hashes of base model, adapter and data it was
+fitted on, and its settings), and refused on a mismatch.
 """
 
 from __future__ import annotations
@@ -25,43 +30,55 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from llmeraser.data import TokenizedExample, aligned_labels, forward_logits, iter_batches, shifted_targets
+from llmeraser.data import TokenizedExample, aligned_labels, collate, forward_logits, shifted_targets
+from llmeraser.distributed import all_reduce_sum, shard
 from llmeraser.errors import InputError
 from llmeraser.model import AdapterParameters, atomic_directory
 
 CURVATURE_FILE = "kfac.safetensors"
+DATAINF_FILE = "datainf.safetensors"
 CURVATURE_META = "curvature.json"
 MAX_FACTOR_DIM = 8192
 
 
 @dataclass
 class KroneckerFactors:
-    """Eigendecompositions of A (in × in) and G (out × out) for one LoRA weight (out × in)."""
+    """Eigendecompositions of A (in × in) and G (out × out) for one LoRA weight (out × in). With
+    ``corrected`` Λ (out × in; EK-FAC) the eigenvalues λ_G λ_Aᵀ of G ⊗ A are replaced by Λ, so that
+    K vec(V) = vec(Q_G [Λ ⊙ (Q_Gᵀ V Q_A)] Q_Aᵀ)."""
 
     a_vectors: Tensor
     a_values: Tensor
     g_vectors: Tensor
     g_values: Tensor
+    corrected: Tensor | None = None
+
+    @property
+    def method(self) -> str:
+        return "kfac" if self.corrected is None else "ekfac"
+
+    def eigenvalues(self) -> Tensor:
+        """The curvature's eigenvalues in the Kronecker eigenbasis, (out × in): λ_G λ_Aᵀ, or Λ for EK-FAC."""
+        return torch.outer(self.g_values, self.a_values) if self.corrected is None else self.corrected
 
     def inverse_product(self, matrix: Tensor, shift: float) -> Tensor:
-        """(G ⊗ A + shift·I)⁻¹ applied to a weight-shaped (out × in) matrix."""
+        """(K + shift·I)⁻¹ applied to a weight-shaped (out × in) matrix, K = G ⊗ A (or its EK-FAC form)."""
         rotated = self.g_vectors.T @ matrix @ self.a_vectors
-        rotated = rotated / (torch.outer(self.g_values, self.a_values) + shift)
+        rotated = rotated / (self.eigenvalues() + shift)
         return self.g_vectors @ rotated @ self.a_vectors.T
 
     def product(self, matrix: Tensor) -> Tensor:
-        """(G ⊗ A) applied to a weight-shaped matrix: G V A."""
-        g = (self.g_vectors * self.g_values) @ self.g_vectors.T
-        a = (self.a_vectors * self.a_values) @ self.a_vectors.T
-        return g @ matrix @ a
+        """K applied to a weight-shaped matrix: G V A for K-FAC (its EK-FAC form when ``corrected``)."""
+        rotated = self.g_vectors.T @ matrix @ self.a_vectors
+        return self.g_vectors @ (rotated * self.eigenvalues()) @ self.a_vectors.T
 
 
 def lora_layers(model: torch.nn.Module, params: AdapterParameters) -> dict[str, torch.nn.Linear]:
@@ -92,16 +109,7 @@ def _suffix(mask: Tensor, length: int) -> Tensor:
     return mask[:, mask.shape[1] - length :]
 
 
-def fit_kfac(
-    model: Any,
-    params: AdapterParameters,
-    items: Sequence[TokenizedExample],
-    pad_token_id: int,
-    batch_size: int = 8,
-    seed: int = 0,
-) -> dict[str, KroneckerFactors]:
-    """Fit the K-FAC factors of every LoRA weight in θ over ``items`` (one pass, one label sample each)."""
-    layers = lora_layers(model, params)
+def _check_factor_sizes(layers: dict[str, torch.nn.Linear]) -> None:
     too_large = [n for n, m in layers.items() if max(m.in_features, m.out_features) > MAX_FACTOR_DIM]
     if too_large:
         raise InputError(
@@ -109,44 +117,51 @@ def fit_kfac(
             f"{layers[too_large[0]].out_features}×{layers[too_large[0]].in_features} (a LoRA on the vocabulary "
             "projection?): use the exact curvature operator instead of a curvature cache"
         )
-    sums_a = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
-    sums_g = {name: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for name, m in layers.items()}
+
+
+LayerCallback = Callable[[str, Tensor, dict[str, Tensor]], None]
+
+
+def _sampled_passes(
+    model: Any,
+    layers: dict[str, torch.nn.Linear],
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int,
+    seed: int,
+    on_input: LayerCallback,
+    on_output_grad: LayerCallback,
+    distributed: bool = False,
+) -> int:
+    """One forward/backward of the sampled loss (module docstring) per batch of ``items``.
+
+    Calls ``on_input(name, a, state)`` with each LoRA layer's input a (B, S, in) and ``on_output_grad(name,
+    δ, state)`` with the gradient δ (B, S, out) of the sampled loss w.r.t. its output, both float64;
+    ``state`` holds the batch's ``mask`` (B, L, 1: non-padding) and ``loss_mask`` (B, S_logits, 1: logits
+    positions that carry a loss). The same ``seed`` draws the same labels. Returns the number of loss positions.
+    ``distributed``: only this rank's batches (``_sampling_batches``); the caller all-reduces its sums.
+    """
     state: dict[str, Tensor] = {}
     handles = []
 
-    expand = output_layer_names(model, params)
-
     def forward_hook(name: str):
         def hook(module: torch.nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            a = inputs[0].detach().to(torch.float64)
-            if name in expand:  # per position: only the positions that carry a loss
-                a = a * state["loss_mask"]
-                sums_a[name] += torch.einsum("bsi,bsj->ij", a, a)
-            else:
-                mask = _suffix(state["mask"], a.shape[1])
-                mean_a = (a * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
-                sums_a[name] += mean_a.T @ mean_a
+            on_input(name, inputs[0].detach().to(torch.float64), state)
         return hook
 
     def backward_hook(name: str):
         def hook(module: torch.nn.Module, grad_input: tuple, grad_output: tuple[Tensor, ...]) -> None:
-            delta = grad_output[0].detach().to(torch.float64)
-            if name in expand:
-                delta = delta * state["loss_mask"]
-                sums_g[name] += torch.einsum("bsi,bsj->ij", delta, delta)
-            else:
-                summed = (delta * _suffix(state["mask"], delta.shape[1])).sum(dim=1)
-                sums_g[name] += summed.T @ summed
+            on_output_grad(name, grad_output[0].detach().to(torch.float64), state)
         return hook
 
     for name, module in layers.items():
         handles.append(module.register_forward_hook(forward_hook(name)))
         handles.append(module.register_full_backward_hook(backward_hook(name)))
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
-    generator = torch.Generator().manual_seed(seed)
     loss_positions = 0
     try:
-        for batch in iter_batches(items, batch_size, pad_token_id):
+        for batch, generator in _sampling_batches(items, batch_size, pad_token_id, seed, distributed):
             state["mask"] = batch["attention_mask"].to(torch.float64).unsqueeze(-1)
             _, loss_weights = shifted_targets(aligned_labels(batch, model))
             has_loss = torch.nn.functional.pad((loss_weights > 0).to(torch.float64), (0, 1))  # logits positions
@@ -166,6 +181,51 @@ def fit_kfac(
     finally:
         for handle in handles:
             handle.remove()
+    return loss_positions
+
+
+def fit_kfac(
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    distributed: bool = False,
+) -> dict[str, KroneckerFactors]:
+    """Fit the K-FAC factors of every LoRA weight in θ over ``items`` (one pass, one label sample each).
+
+    ``distributed``: ``items`` are all examples; this rank fits on its share of the batches and the factor
+    sums and counts are all-reduced, with the same result as one process.
+    """
+    layers = lora_layers(model, params)
+    _check_factor_sizes(layers)
+    sums_a = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
+    sums_g = {name: torch.zeros(m.out_features, m.out_features, dtype=torch.float64) for name, m in layers.items()}
+    expand = output_layer_names(model, params)
+
+    def on_input(name: str, a: Tensor, state: dict[str, Tensor]) -> None:
+        if name in expand:  # per position: only the positions that carry a loss
+            a = a * state["loss_mask"]
+            sums_a[name] += torch.einsum("bsi,bsj->ij", a, a)
+        else:
+            mask = _suffix(state["mask"], a.shape[1])
+            mean_a = (a * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+            sums_a[name] += mean_a.T @ mean_a
+
+    def on_output_grad(name: str, delta: Tensor, state: dict[str, Tensor]) -> None:
+        if name in expand:
+            delta = delta * state["loss_mask"]
+            sums_g[name] += torch.einsum("bsi,bsj->ij", delta, delta)
+        else:
+            summed = (delta * _suffix(state["mask"], delta.shape[1])).sum(dim=1)
+            sums_g[name] += summed.T @ summed
+
+    loss_positions = _sampled_passes(
+        model, layers, params, items, pad_token_id, batch_size, seed, on_input, on_output_grad, distributed
+    )
+    if distributed:
+        loss_positions = _all_reduce_sums([*sums_a.values(), *sums_g.values()], loss_positions)
     factors = {}
     for name in layers:
         a = sums_a[name] / (loss_positions if name in expand else len(items))
@@ -176,11 +236,149 @@ def fit_kfac(
     return factors
 
 
+def eigenbasis_diagonal(factor: KroneckerFactors, gradients: Tensor) -> Tensor:
+    """Σ_i (Q_Gᵀ g_i Q_A)² for per-example weight gradients ``gradients`` (n, out, in): the (unnormalised)
+    diagonal of Σ_i vec(g_i) vec(g_i)ᵀ in the Kronecker eigenbasis, shape (out, in)."""
+    rotated = factor.g_vectors.T @ gradients.to(factor.g_vectors.dtype) @ factor.a_vectors
+    return (rotated**2).sum(dim=0)
+
+
+def fit_ekfac(
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    distributed: bool = False,
+) -> dict[str, KroneckerFactors]:
+    """EK-FAC (George et al. 2018): the K-FAC eigenbases Q_A, Q_G of every LoRA weight, with the diagonal
+    refitted in that basis, Λ = (1/N) Σ_i (Q_Gᵀ g_i Q_A)² (out × in), g_i = Σ_s δ_is a_isᵀ the exact
+    per-example gradient of the sampled loss (a second pass with the same labels, from the same hooks).
+    Λ is the best diagonal in the eigenbasis: it minimises ‖Q diag(Λ) Qᵀ − (1/N) Σ_i vec(g_i)vec(g_i)ᵀ‖_F.
+    ``distributed``: as for ``fit_kfac``."""
+    factors = fit_kfac(model, params, items, pad_token_id, batch_size, seed, distributed)
+    layers = lora_layers(model, params)
+    sums = {name: torch.zeros(m.out_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
+    inputs: dict[str, Tensor] = {}
+
+    def on_input(name: str, a: Tensor, state: dict[str, Tensor]) -> None:
+        inputs[name] = a
+
+    def on_output_grad(name: str, delta: Tensor, state: dict[str, Tensor]) -> None:
+        # δ is zero where no loss depends on the position (padding, past the last response token)
+        gradients = torch.einsum("bso,bsi->boi", delta, inputs.pop(name))
+        sums[name] += eigenbasis_diagonal(factors[name], gradients)
+
+    _sampled_passes(model, layers, params, items, pad_token_id, batch_size, seed, on_input, on_output_grad, distributed)
+    if distributed:
+        _all_reduce_sums(list(sums.values()), 0)
+    return {name: replace(factor, corrected=sums[name] / len(items)) for name, factor in factors.items()}
+
+
+# --- data parallelism: the batches a rank fits on, and the reduction of its sums -----------------------
+
+
+def _sampling_batches(
+    items: Sequence[TokenizedExample], batch_size: int, pad_token_id: int, seed: int, distributed: bool
+) -> Iterator[tuple[dict[str, Tensor], torch.Generator]]:
+    """This rank's batches (every ``world_size``-th one when ``distributed``), each with its own generator
+    for the sampled labels, seeded per batch from ``seed``: the labels drawn, hence the factors, do not
+    depend on the number of processes."""
+    starts = list(range(0, len(items), batch_size))
+    seeds = torch.randint(2**62, (len(starts),), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = list(zip(starts, seeds))
+    for start, batch_seed in shard(batches) if distributed else batches:
+        yield collate(items[start : start + batch_size], pad_token_id), torch.Generator().manual_seed(batch_seed)
+
+
+def _all_reduce_sums(sums: Sequence[Tensor], count: int) -> int:
+    """Sum ``sums`` (in place) and ``count`` over ranks; returns the summed count."""
+    for tensor in sums:
+        all_reduce_sum(tensor)
+    return int(all_reduce_sum(torch.tensor([count], dtype=torch.long)).item())
+
+
+def datainf_damping(gradients: Tensor) -> float:
+    """DataInf's damping of one layer, λ_l = 0.1 · mean_i ‖g_i‖² / d_l, for ``gradients`` (n, d_l)."""
+    return 0.1 * float((gradients.to(torch.float64) ** 2).sum(dim=1).mean()) / gradients.shape[1]
+
+
+def datainf_inverse_product(gradients: Tensor, vector: Tensor, damping: float) -> Tensor:
+    """DataInf's closed form (Kwon et al. 2024) of ((1/n) Σ_i g_i g_iᵀ + λI)⁻¹ v, for ``gradients`` (n, d)
+    and ``vector`` (d,): the mean of the per-example Sherman–Morrison inverses (g_i g_iᵀ + λI)⁻¹ v,
+
+        (1/(n λ)) Σ_i [v − (g_iᵀ v) / (λ + ‖g_i‖²) · g_i]     (exact for n = 1; shape (d,)).
+    """
+    if damping <= 0:
+        raise ValueError(f"DataInf needs a damping > 0, got {damping}")
+    coefficients = (gradients @ vector) / (damping + (gradients**2).sum(dim=1))
+    return (vector - gradients.T @ coefficients / len(gradients)) / damping
+
+
+@dataclass
+class DataInfLayer:
+    """Per-example gradients ``gradients`` (n, *shape) of one θ tensor and DataInf's ``damping`` λ_l (a
+    0-d tensor): the curvature K = (1/n) Σ_i g_i g_iᵀ + λ_l I, inverted by the closed form."""
+
+    gradients: Tensor
+    damping: Tensor
+
+    method = "datainf"
+
+    def inverse_product(self, matrix: Tensor, shift: float) -> Tensor:
+        """≈ (K + shift·I)⁻¹ applied to a θ-tensor-shaped matrix (DataInf with λ = λ_l + shift)."""
+        rows = self.gradients.reshape(len(self.gradients), -1).to(matrix.dtype)
+        solved = datainf_inverse_product(rows, matrix.reshape(-1), float(self.damping) + shift)
+        return solved.view(matrix.shape)
+
+    def product(self, matrix: Tensor) -> Tensor:
+        """K applied to a θ-tensor-shaped matrix: (1/n) Σ_i g_i (g_iᵀ v) + λ_l v."""
+        rows = self.gradients.reshape(len(self.gradients), -1).to(matrix.dtype)
+        vector = matrix.reshape(-1)
+        return (rows.T @ (rows @ vector) / len(rows) + float(self.damping) * vector).view(matrix.shape)
+
+
+def fit_datainf(
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int = 8,
+    damping: float | None = None,
+) -> dict[str, DataInfLayer]:
+    """DataInf's curvature of every θ tensor: the per-example loss gradients over ``items`` (float32;
+    n × p numbers in all) and λ_l = ``damping``, or DataInf's 0.1 · mean_i ‖g_i‖² / d_l when None."""
+    from llmeraser.gradients import per_example_gradients
+
+    rows = per_example_gradients(model, params, items, pad_token_id, chunk_size=batch_size)
+    layers = {}
+    for name, shape, piece in zip(params.names, params.shapes, torch.split(rows, [s.numel() for s in params.shapes], 1)):
+        value = datainf_damping(piece) if damping is None else damping
+        layers[name] = DataInfLayer(
+            piece.reshape(len(rows), *shape).to(torch.float32).contiguous(), torch.tensor(value, dtype=torch.float64)
+        )
+    return layers
+
+
+CurvatureLayer = KroneckerFactors | DataInfLayer
+METHODS = ("kfac", "ekfac", "datainf")
+
+
+def cache_method(layers: dict[str, CurvatureLayer]) -> str:
+    """The method of a fitted curvature: ``kfac``, ``ekfac`` or ``datainf``."""
+    methods = {layer.method for layer in layers.values()}
+    if len(methods) != 1:
+        raise ValueError(f"a curvature cache holds one method, got {sorted(methods)}")
+    return methods.pop()
+
+
 @dataclass
 class KfacInverse:
-    """v ↦ (K + shift·I)⁻¹ v for a flat θ-shaped vector, K the block-diagonal K-FAC curvature."""
+    """v ↦ (K + shift·I)⁻¹ v for a flat θ-shaped vector, K the block-diagonal cached curvature (K-FAC,
+    EK-FAC or DataInf: one ``KroneckerFactors`` / ``DataInfLayer`` per θ tensor)."""
 
-    factors: dict[str, KroneckerFactors]
+    factors: dict[str, CurvatureLayer]
     params: AdapterParameters
     shift: float
 
@@ -194,31 +392,45 @@ class KfacInverse:
         return self.params.flatten(solved)
 
 
+def curvature_file(method: str) -> str:
+    """The tensor file of a cache of ``method``."""
+    return DATAINF_FILE if method == "datainf" else CURVATURE_FILE
+
+
 def save_kfac(
-    factors: dict[str, KroneckerFactors], out_dir: str | Path, metadata: dict[str, Any]
+    factors: dict[str, CurvatureLayer], out_dir: str | Path, metadata: dict[str, Any]
 ) -> Path:
-    """Write ``kfac.safetensors`` + ``curvature.json`` to a new directory (atomically, ``atomic_directory``)."""
+    """Write the tensors (``kfac.safetensors``, or ``datainf.safetensors``) + ``curvature.json``, whose
+    ``kind`` records the method, to a new directory (atomically, ``atomic_directory``)."""
     from safetensors.torch import save_file
 
+    method = cache_method(factors)
     with atomic_directory(out_dir) as tmp:
         tensors = {}
         for name, factor in factors.items():
-            for field in ("a_vectors", "a_values", "g_vectors", "g_values"):
-                tensors[f"{name}::{field}"] = getattr(factor, field).contiguous()
-        save_file(tensors, str(tmp / CURVATURE_FILE))
+            for field in fields(factor):
+                value = getattr(factor, field.name)
+                if value is not None:
+                    tensors[f"{name}::{field.name}"] = value.contiguous()
+        save_file(tensors, str(tmp / curvature_file(method)))
+        metadata = {**metadata, "kind": method}
         (tmp / CURVATURE_META).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(out_dir)
 
 
-def load_kfac(curvature_dir: str | Path, expected: dict[str, str]) -> tuple[dict[str, KroneckerFactors], dict[str, Any]]:
-    """Read a fitted curvature; raise ``InputError`` if any ``expected`` hash differs from the stored one."""
+def load_kfac(curvature_dir: str | Path, expected: dict[str, str]) -> tuple[dict[str, CurvatureLayer], dict[str, Any]]:
+    """Read a fitted curvature of any method (``metadata["kind"]``); raise ``InputError`` if any
+    ``expected`` hash differs from the stored one."""
     from safetensors.torch import load_file
 
     curvature_dir = Path(curvature_dir)
     meta_path = curvature_dir / CURVATURE_META
-    if not meta_path.is_file() or not (curvature_dir / CURVATURE_FILE).is_file():
-        raise InputError(f"not a curvature directory (needs {CURVATURE_META} and {CURVATURE_FILE})", curvature_dir)
-    metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+    metadata = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    method = metadata.get("kind", "kfac")
+    if method not in METHODS:
+        raise InputError(f"unknown curvature method '{method}' in {CURVATURE_META}", curvature_dir)
+    if not meta_path.is_file() or not (curvature_dir / curvature_file(method)).is_file():
+        raise InputError(f"not a curvature directory (needs {CURVATURE_META} and {curvature_file(method)})", curvature_dir)
     for key, value in expected.items():
         if metadata.get(key) != value:
             raise InputError(
@@ -226,18 +438,35 @@ def load_kfac(curvature_dir: str | Path, expected: dict[str, str]) -> tuple[dict
                 f"(stored {str(metadata.get(key))[:12]}…, given {value[:12]}…); fit it again with fit-curvature",
                 curvature_dir,
             )
-    tensors = load_file(str(curvature_dir / CURVATURE_FILE))
-    factors: dict[str, dict[str, Tensor]] = {}
+    tensors = load_file(str(curvature_dir / curvature_file(method)))
+    layers: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
         name, field = key.split("::")
-        factors.setdefault(name, {})[field] = tensor
-    return {name: KroneckerFactors(**fields) for name, fields in factors.items()}, metadata
+        layers.setdefault(name, {})[field] = tensor
+    kind = DataInfLayer if method == "datainf" else KroneckerFactors
+    return {name: kind(**values) for name, values in layers.items()}, metadata
 
 
 def fit_and_time(
-    model: Any, params: AdapterParameters, items: Sequence[TokenizedExample], pad_token_id: int, batch_size: int, seed: int
-) -> tuple[dict[str, KroneckerFactors], float]:
-    """``fit_kfac`` and its wall time in seconds."""
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int,
+    seed: int,
+    distributed: bool = False,
+    method: str = "kfac",
+    damping: float | None = None,
+) -> tuple[dict[str, CurvatureLayer], float]:
+    """Fit the curvature of ``method`` (kfac | ekfac | datainf; ``damping``: DataInf's λ_l, default its
+    heuristic) and its wall time in seconds. DataInf is fitted on all ``items`` on every rank."""
     start = time.perf_counter()
-    factors = fit_kfac(model, params, items, pad_token_id, batch_size, seed)
+    if method == "kfac":
+        factors: dict[str, CurvatureLayer] = dict(fit_kfac(model, params, items, pad_token_id, batch_size, seed, distributed))
+    elif method == "ekfac":
+        factors = dict(fit_ekfac(model, params, items, pad_token_id, batch_size, seed, distributed))
+    elif method == "datainf":
+        factors = dict(fit_datainf(model, params, items, pad_token_id, batch_size, damping))
+    else:
+        raise ValueError(f"unknown curvature method {method!r} (expected one of: {', '.join(METHODS)})")
     return factors, time.perf_counter() - start

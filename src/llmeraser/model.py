@@ -33,6 +33,8 @@ from llmeraser.errors import InputError
 SMOLLM2_NAME = "smollm2-135m"
 TINY_NAME = "tiny"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FINGERPRINT_ATTRIBUTE = "llmeraser_fingerprint"  # set by load_base_model on a model cast from its stored dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir() -> Path:
@@ -125,7 +127,10 @@ def load_base_model(
 
     Weights are read from safetensors only (a checkpoint offered only as pickle files is refused, never
     unpickled); code shipped with a checkpoint runs only when ``trust_remote_code`` is true.
-    The model is in eval mode with frozen weights; the tokenizer has a pad token.
+    The model is in eval mode with frozen weights in ``dtype``; the tokenizer has a pad token. A model cast
+    from the precision it is stored in carries the fingerprint of the stored weights (``FINGERPRINT_ATTRIBUTE``),
+    so that an adapter trained on the float32 model matches the bfloat16 one. LoRA adapters attached or
+    loaded later stay float32 (PEFT's ``autocast_adapter_dtype``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -135,8 +140,8 @@ def load_base_model(
         path = smollm2_path() if name == SMOLLM2_NAME else name
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(
-                path, attn_implementation="eager", dtype=dtype, use_safetensors=True,
+            model = AutoModelForCausalLM.from_pretrained(  # other dtypes: as stored, cast below
+                path, attn_implementation="eager", dtype=dtype if dtype == torch.float32 else "auto", use_safetensors=True,
                 trust_remote_code=trust_remote_code,
             )
         except (OSError, ValueError) as err:  # not found, no safetensors weights, remote code refused
@@ -146,6 +151,10 @@ def load_base_model(
         model.config._name_or_path = name
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model.dtype != dtype:
+        from llmeraser.provenance import model_fingerprint
+
+        setattr(model, FINGERPRINT_ATTRIBUTE, model_fingerprint(model))
     model.to(dtype)
     model.eval()
     for parameter in model.parameters():

@@ -21,7 +21,7 @@ import torch
 from llmeraser.data import Example
 from llmeraser.errors import InputError
 from llmeraser.hashing import dataset_hash
-from llmeraser.model import LoraSettings
+from llmeraser.model import FINGERPRINT_ATTRIBUTE, LoraSettings
 from llmeraser.train import TrainConfig
 
 TRAINING_RECORD = "llmeraser_training.json"
@@ -31,8 +31,12 @@ def model_fingerprint(base: Any) -> str:
     """Hash of a base model's architecture config and its input-embedding weights.
 
     Identifies the base model whatever name it was loaded by; a different checkpoint of the same
-    architecture (another seed, another fine-tune) gets a different fingerprint.
+    architecture (another seed, another fine-tune) gets a different fingerprint. A model that
+    ``load_base_model`` cast to another dtype (bfloat16) carries the fingerprint of its weights as stored.
     """
+    stamped = getattr(base, FINGERPRINT_ATTRIBUTE, None)
+    if stamped is not None:
+        return stamped
     config = base.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation_autoset"):
         config.pop(volatile, None)

@@ -3,6 +3,10 @@
 Objective (DESIGN.md §1): R(θ) = (1/N) Σ_i ℓ_i(θ) + (λ_wd/2)‖θ‖², ℓ_i the per-example mean response NLL.
 The weight decay is an L2 term of the objective (not decoupled AdamW decay), so that the influence
 update and the retrained model target the same minimiser.
+
+Data-parallel under ``torchrun``: every rank takes its share (``llmeraser.distributed.shard``) of each
+global mini-batch (Adam) or of the whole set (L-BFGS) and the loss sums and gradients are all-reduced, so
+each step sees the same global objective as one process and every rank keeps the same θ.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from llmeraser.data import (
     example_losses,
     tokenize_examples,
 )
+from llmeraser.distributed import all_reduce_sum, is_distributed, shard
 from llmeraser.model import AdapterParameters
 
 
@@ -70,10 +75,11 @@ def train_adapter(
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     was_training = model.training
+    parallel = is_distributed()
     model.eval()  # dropout off: the trained objective is the one the eraser differentiates
     try:
         if config.optimizer == "lbfgs":
-            _train_lbfgs(model, params, items, pad, config, losses)
+            _train_lbfgs(model, params, items, pad, config, losses, parallel)
         elif config.optimizer == "adam":
             optimizer = torch.optim.Adam(params.tensors, lr=config.lr)
             steps_per_epoch = -(-len(items) // config.batch_size)
@@ -81,12 +87,11 @@ def train_adapter(
             for _ in range(config.epochs):
                 order = torch.randperm(len(items), generator=generator).tolist()
                 for begin in range(0, len(order), config.batch_size):
-                    batch = collate([items[i] for i in order[begin : begin + config.batch_size]], pad)
-                    objective = example_losses(model, batch).mean() + l2_penalty(params, config.weight_decay)
-                    optimizer.zero_grad(set_to_none=True)
-                    objective.backward()
+                    chosen = [items[i] for i in order[begin : begin + config.batch_size]]
+                    local = shard(chosen) if parallel else chosen
+                    objective = objective_and_gradient(model, params, local, pad, config, len(chosen), parallel)
                     optimizer.step()
-                    losses.append(float(objective.detach()))
+                    losses.append(float(objective))
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.close()
@@ -99,15 +104,38 @@ def train_adapter(
     return TrainResult(losses, len(losses), time.perf_counter() - start)
 
 
-def full_objective(
-    model: Any, params: AdapterParameters, items: Sequence[TokenizedExample], pad: int, config: TrainConfig
+def objective_and_gradient(
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad: int,
+    config: TrainConfig,
+    count: int,
+    distributed: bool = False,
 ) -> torch.Tensor:
-    """R(θ) over all items (differentiable), computed in batches of ``config.batch_size``."""
-    total = torch.zeros((), dtype=params.tensors[0].dtype)
+    """R(θ) = (1/count) Σ_items ℓ_i + (λ_wd/2)‖θ‖² (detached); its gradient is written to the θ tensors' ``.grad``.
+
+    Forward/backward in batches of ``config.batch_size``. ``distributed``: ``items`` are this rank's share of
+    the ``count`` examples; the loss sum and its gradient are all-reduced, so every rank gets the global R.
+    """
+    grads = [torch.zeros_like(t) for t in params.tensors]
+    data = torch.zeros((), dtype=params.tensors[0].dtype)
     for begin in range(0, len(items), config.batch_size):
-        batch = collate(items[begin : begin + config.batch_size], pad)
-        total = total + example_losses(model, batch).sum()
-    return total / len(items) + l2_penalty(params, config.weight_decay)
+        loss = example_losses(model, collate(items[begin : begin + config.batch_size], pad)).sum() / count
+        for total, piece in zip(grads, torch.autograd.grad(loss, params.tensors, allow_unused=True)):
+            if piece is not None:
+                total += piece
+        data += loss.detach().to(data.dtype)
+    if distributed:
+        grads = params.split(all_reduce_sum(params.flatten(grads)))
+        all_reduce_sum(data)
+    penalty = l2_penalty(params, config.weight_decay)
+    if config.weight_decay:
+        for total, piece in zip(grads, torch.autograd.grad(penalty, params.tensors)):
+            total += piece
+    for tensor, grad in zip(params.tensors, grads):
+        tensor.grad = grad
+    return data + penalty.detach()
 
 
 def _train_lbfgs(
@@ -117,6 +145,7 @@ def _train_lbfgs(
     pad: int,
     config: TrainConfig,
     losses: list[float],
+    distributed: bool = False,
 ) -> None:
     optimizer = torch.optim.LBFGS(
         params.tensors,
@@ -127,12 +156,10 @@ def _train_lbfgs(
         history_size=50,
         line_search_fn="strong_wolfe",
     )
+    local = shard(items) if distributed else items
 
     def closure() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        objective = full_objective(model, params, items, pad, config)
-        objective.backward()
-        return objective
+        return objective_and_gradient(model, params, local, pad, config, len(items), distributed)
 
     for _ in range(config.epochs):
-        losses.append(float(optimizer.step(closure).detach()))
+        losses.append(float(optimizer.step(closure)))
