@@ -10,10 +10,10 @@ from llmeraser.data import Example
 from llmeraser.evaluate import (
     answer_log_likelihoods,
     answer_scores,
-    ensemble_loss_values,
     example_loss_values,
     function_space_distance,
     membership_auc,
+    response_predictions,
     single_token_id,
 )
 from llmeraser.model import AdapterParameters
@@ -37,26 +37,34 @@ def test_single_token_answer_scores_equal_the_two_pass_difference(tiny_model) ->
     np.testing.assert_allclose(multi, expected, rtol=1e-6)
 
 
-def test_ensemble_of_one_is_the_model_and_mixture_is_between(tiny_model) -> None:
+def test_response_predictions_match_losses_scores_and_distances(tiny_model) -> None:
     model, tokenizer = tiny_model
     params = AdapterParameters.of(model)
     theta = params.flat()
     other = theta + 0.5 * torch.randn(theta.shape, generator=torch.Generator().manual_seed(1), dtype=theta.dtype)
     examples = _prompts()
-    np.testing.assert_allclose(
-        ensemble_loss_values(model, tokenizer, examples, theta), example_loss_values(model, tokenizer, examples), rtol=1e-5
-    )
+    mine = response_predictions(model, tokenizer, examples, theta, batch_size=2)
     torch.testing.assert_close(params.flat(), theta)
-    single_a = ensemble_loss_values(model, tokenizer, examples, theta)
-    single_b = ensemble_loss_values(model, tokenizer, examples, other)
-    mixture = ensemble_loss_values(model, tokenizer, examples, [theta, other])
+    np.testing.assert_allclose(mine.losses(), example_loss_values(model, tokenizer, examples), rtol=1e-5)
+    # position 0 is P(· | prompt): the one-pass Yes/No score
+    y, n = single_token_id(tokenizer, "Y"), single_token_id(tokenizer, "N")
+    np.testing.assert_allclose(
+        mine.first_token_scores(y, n), answer_scores(model, tokenizer, examples, positive="Y", negative="N"), rtol=1e-4, atol=1e-5
+    )
+    theirs = response_predictions(model, tokenizer, examples, other)
+    expected = function_space_distance(model, tokenizer, examples, theta, other)["kl"]
+    assert mine.kl_to(theirs).mean() == pytest.approx(expected, rel=1e-4)
+    assert mine.kl_to(mine).max() == pytest.approx(0.0, abs=1e-7)
+    # an ensemble is the mixture of the members' distributions
+    single_b = theirs.losses()
+    mixture = response_predictions(model, tokenizer, examples, [theta, other]).losses()
     # −log((p+q)/2) ≤ (−log p − log q)/2 per token (Jensen) and ≥ min(−log p, −log q) − log 2
-    assert np.all(mixture <= (single_a + single_b) / 2 + 1e-9)
-    assert np.all(mixture >= np.minimum(single_a, single_b) - np.log(2) - 1e-9)
+    assert np.all(mixture <= (mine.losses() + single_b) / 2 + 1e-6)
+    assert np.all(mixture >= np.minimum(mine.losses(), single_b) - np.log(2) - 1e-6)
     assert function_space_distance(model, tokenizer, examples, [theta, theta], theta)["kl"] == pytest.approx(0.0, abs=1e-9)
     d_mix = function_space_distance(model, tokenizer, examples, theta, [theta, other])["kl"]
-    d_other = function_space_distance(model, tokenizer, examples, theta, other)["kl"]
-    assert 0.0 < d_mix < d_other
+    assert 0.0 < d_mix < expected
+    assert mine.subset([1, 3]).losses() == pytest.approx(mine.losses()[[1, 3]])
 
 
 def test_membership_auc() -> None:

@@ -233,23 +233,27 @@ def _erase(args: argparse.Namespace) -> None:
         seed=args.seed,
         auto_damping=args.auto_damping,
         curvature_use=args.curvature_use,
+        probe_examples=args.probe_examples,
     )
-    kfac = None
+    kfac, calibration = None, None
     if args.curvature_cache:
-        from llmeraser.kfac import load_kfac
+        from llmeraser.kfac import load_calibration, load_kfac
         from llmeraser.provenance import model_fingerprint
 
         expected = {"model_fingerprint": model_fingerprint(base), "adapter_sha256": input_hash,
                     "data_sha256": given_data_hash}
-        kfac, _ = load_kfac(args.curvature_cache, expected)
+        kfac, stored = load_kfac(args.curvature_cache, expected)
+        calibration = load_calibration(stored)
     if args.dry_run:
         from llmeraser.estimate import estimate_erase
 
         if is_main_process():
             _print_dry_run("erase", time.perf_counter() - started,
-                           lambda: estimate_erase(model, tokenizer, examples, requests, config, kfac=kfac))
+                           lambda: estimate_erase(model, tokenizer, examples, requests, config, kfac=kfac,
+                                                  calibration=calibration))
         return
-    result = erase(model, tokenizer, examples, requests, config, progress=is_main_process(), kfac=kfac)
+    result = erase(model, tokenizer, examples, requests, config, progress=is_main_process(), kfac=kfac,
+                   calibration=calibration)
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
     result.report.update(
@@ -279,6 +283,10 @@ def _erase(args: argparse.Namespace) -> None:
     if len(attempts) > 1:
         tried = ", ".join("{:g} ({})".format(a["damping"], a["outcome"]) for a in attempts)
         print(f"auto-damping: λ = {tried}")
+    if "step_length_source" in solver.details:
+        fallback = solver.details.get("step_length_fallback")
+        print(f"step length α = {solver.details['step_length']:.4g} ({solver.details['step_length_source']}"
+              + (f": {fallback})" if fallback else ")"))
     print(f"requests {result.report['requests']}; {solver.solver}: {solver.status}, {solver.iterations} iterations, "
           f"relative residual {solver.final_residual:.2e}; ‖v‖ = {result.report['update_norm']:.3e}; "
           f"{result.report['timings_s']['total_s']:.1f} s")
@@ -290,13 +298,14 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     from llmeraser.distributed import is_distributed, is_main_process
     from llmeraser.eraser import library_versions
     from llmeraser.hashing import adapter_hash, dataset_hash
-    from llmeraser.kfac import fit_and_time, save_kfac
+    from llmeraser.kfac import calibrate_step_length, fit_and_time, save_kfac
     from llmeraser.model import AdapterParameters
     from llmeraser.provenance import check_matches, model_fingerprint
 
     valid_damping = args.damping is None or (args.damping >= 0 and math.isfinite(args.damping))
     if not valid_damping or (args.damping is not None and args.method != "datainf"):
         raise ValueError(f"--damping applies to --method datainf only and must be >= 0, got {args.damping}")
+    _check_calibration_flags(args)
     examples = read_examples(args.data)
     _refuse_existing(args.out)
     _require_adapter(args.adapter)
@@ -315,6 +324,15 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     factors, seconds = fit_and_time(model, params, items, tokenizer.pad_token_id, args.batch_size, args.seed,
                                     distributed=is_distributed(),  # each rank fits its batches; sums all-reduced
                                     method=args.method, damping=args.damping)
+    calibration = None
+    if args.calibration_examples > 0:  # the step length of erase --curvature-use direct, against the exact operator
+        weight_decay = args.weight_decay if args.weight_decay is not None else (record.recipe.weight_decay if record else 0.0)
+        every = items if chosen is examples else tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+        calibration = calibrate_step_length(
+            model, params, factors, every, tokenizer.pad_token_id, args.calibration_examples,
+            args.calibration_directions, args.calibration_damping, weight_decay, "gauss-newton", args.batch_size,
+            args.seed, distributed=is_distributed(),
+        )
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
     metadata = {
@@ -329,12 +347,32 @@ def _fit_curvature(args: argparse.Namespace) -> None:
         "max_length": max_length,
         "seed": args.seed,
         "fit_time_s": seconds,
+        "calibration": calibration.to_json() if calibration else None,
         "versions": library_versions(),
     }
     save_kfac(factors, args.out, metadata)
     what = {"kfac": "K-FAC factors", "ekfac": "EK-FAC factors", "datainf": "DataInf per-example gradients"}[args.method]
     print(f"{what} of {len(factors)} LoRA layers fitted on {len(chosen)} examples in {seconds:.1f} s")
+    if calibration:
+        print(f"step length α = {calibration.step_length:.4g} (median of {calibration.n_directions}, range "
+              f"{min(calibration.step_lengths):.3g}–{max(calibration.step_lengths):.3g}) calibrated on "
+              f"{calibration.n_examples} examples at damping + weight decay = {calibration.shift:g} in "
+              f"{calibration.time_s:.1f} s; erase --curvature-use direct with --damping {calibration.damping:g} uses it")
     print(f"curvature written to {args.out}")
+
+
+def _check_calibration_flags(args: argparse.Namespace) -> None:
+    """Usage errors (exit 2) in fit-curvature's calibration flags."""
+    checks = [
+        ("--calibration-examples", args.calibration_examples, args.calibration_examples >= 0, ">= 0"),
+        ("--calibration-directions", args.calibration_directions, args.calibration_directions >= 1, ">= 1"),
+        ("--calibration-damping", args.calibration_damping,
+         args.calibration_damping >= 0 and math.isfinite(args.calibration_damping), ">= 0"),
+        ("--weight-decay", args.weight_decay, args.weight_decay is None or args.weight_decay >= 0, ">= 0"),
+    ]
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{flag} must be {expected}, got {value}")
 
 
 def _check_erase_flags(args: argparse.Namespace) -> None:
@@ -347,6 +385,7 @@ def _check_erase_flags(args: argparse.Namespace) -> None:
         ("--curvature-examples", args.curvature_examples, args.curvature_examples is None or args.curvature_examples >= 1, ">= 1"),
         ("--max-length", args.max_length, args.max_length is None or args.max_length >= 2, ">= 2"),
         ("--weight-decay", args.weight_decay, args.weight_decay is None or args.weight_decay >= 0, ">= 0"),
+        ("--probe-examples", args.probe_examples, args.probe_examples is None or args.probe_examples >= 0, ">= 0"),
     ]
     for flag, value, ok, expected in checks:
         if not ok:
@@ -681,7 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a fit-curvature directory (K-FAC, EK-FAC or DataInf) for this adapter and data, used as --curvature-use says")
     erase.add_argument("--curvature-use", default="precondition", choices=["precondition", "direct"],
                        help="precondition: cg against the exact operator, the cached curvature as preconditioner; direct: v = (K + λI)⁻¹ b, "
-                       "no iterations (fast, approximate; the report gives its residual against the exact operator)")
+                       "no iterations (fast, approximate), with the step length α calibrated by fit-curvature when its "
+                       "damping + weight decay equal this erasure's, else fitted on --probe-examples examples")
+    erase.add_argument("--probe-examples", type=int, default=None,
+                       help="the probe subset on which --curvature-use direct fits α (default 64) and lissa/sgd measure "
+                       "residuals; with a calibrated cache, N > 0 measures the calibrated step's residual on N examples "
+                       "(default: no exact product)")
     erase.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
     erase.add_argument("--auto-damping", action="store_true",
                        help="when the solve diverges or meets non-positive curvature, retry with 10x the damping "
@@ -705,6 +749,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "(stores n x p float32 numbers: bound n with --curvature-examples)")
     fit.add_argument("--damping", type=float, default=None,
                      help="datainf only: λ_l of every layer (default: DataInf's 0.1 · mean ‖g_i‖² / d_l)")
+    fit.add_argument("--calibration-examples", type=int, default=16,
+                     help="fit the step length α of erase --curvature-use direct against the exact Gauss-Newton operator "
+                     "on this many random examples (0: no calibration; erase then fits α on its probe examples)")
+    fit.add_argument("--calibration-directions", type=int, default=8,
+                     help="α is the median over the per-example loss gradients of this many random examples")
+    fit.add_argument("--calibration-damping", type=float, default=1e-2,
+                     help="the damping λ of the calibration: erase uses the calibrated α when its --damping + weight "
+                     "decay equal this + --weight-decay")
+    fit.add_argument("--weight-decay", type=float, default=None,
+                     help="recipe's λ_wd for the calibration (default: from the training record, else 0)")
     fit.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
     _add_dtype(fit)
     fit.set_defaults(run=_fit_curvature)

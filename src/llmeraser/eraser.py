@@ -44,7 +44,7 @@ from llmeraser.requests import (
     edited_training_set,
     resolve,
 )
-from llmeraser.kfac import CurvatureLayer, KfacInverse, cache_method
+from llmeraser.kfac import CurvatureLayer, KfacInverse, StepCalibration, cache_method, step_length
 from llmeraser.solvers import SolverResult, solve
 
 
@@ -57,7 +57,10 @@ class EraseConfig:
     - ``scaling``: "retrain" (Newton step to the retraining objective, 1/(n−k); default) or "paper" (1/n).
     - ``curvature_examples``: use a random subset of this many training examples for H (None: all).
     - ``batch_size``: examples per forward pass, and the mini-batch of the stochastic solvers.
-    - ``probe_examples``: size of the fixed probe subset on which stochastic solvers measure the residual.
+    - ``probe_examples``: size of the fixed probe subset on which stochastic solvers measure the residual
+      and ``curvature_use="direct"`` fits its step length (None: ``DEFAULT_PROBE_EXAMPLES``). With a step
+      length calibrated at fit time, direct uses that one and runs no exact product unless this is > 0
+      (then it measures the residual of the calibrated step on that many examples).
     - ``diverge_after``: cg stops as diverged when its residual rises this many iterations in a row.
     - ``auto_damping``: when the solve fails numerically (diverges, meets non-positive curvature, ends
       worse than v = 0), retry with λ × ``damping_factor``, at most ``max_damping_attempts`` solves in
@@ -73,7 +76,7 @@ class EraseConfig:
     tol: float = 1e-4
     batch_size: int = 8
     curvature_examples: int | None = None
-    probe_examples: int = 64
+    probe_examples: int | None = None
     max_length: int = 256
     curvature_use: str = "precondition"
     seed: int = 0
@@ -85,6 +88,9 @@ class EraseConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+DEFAULT_PROBE_EXAMPLES = 64
 
 
 @dataclass
@@ -156,6 +162,7 @@ def _solve_once(
     b: Tensor,
     progress: bool,
     kfac: dict[str, CurvatureLayer] | None = None,
+    calibration: StepCalibration | None = None,
 ) -> SolverResult:
     """One solve; raises ``NumericalError`` (stage 'solve') on divergence, non-positive curvature, NaN/Inf
     in v, or a result worse than v = 0 (relative residual > 1)."""
@@ -170,7 +177,8 @@ def _solve_once(
         if kfac is None:
             result = solve(config.solver, operator, b, **_solver_options(config, operator, advance))
         else:
-            result = _solve_with_kfac(config, operator, b, KfacInverse(kfac, operator.params, operator.shift), advance)
+            result = _solve_with_kfac(config, operator, b, KfacInverse(kfac, operator.params, operator.shift), advance,
+                                      calibration)
     except NumericalError as err:
         if err.stage not in (None, "solve"):
             raise
@@ -194,6 +202,7 @@ def _solve_with_damping(
     b: Tensor,
     progress: bool,
     kfac: dict[str, CurvatureLayer] | None = None,
+    calibration: StepCalibration | None = None,
 ) -> tuple[SolverResult, CurvatureOperator, float, list[dict[str, Any]]]:
     """Solve with λ = ``config.damping``; with ``auto_damping``, on a numerical failure of the solve
     retry with λ × ``damping_factor`` (at most ``max_damping_attempts`` solves). Returns the result, its
@@ -202,7 +211,7 @@ def _solve_with_damping(
     while True:
         operator = operator_with(damping)
         try:
-            result = _solve_once(config, operator, b, progress, kfac)
+            result = _solve_once(config, operator, b, progress, kfac, calibration)
         except NumericalError as err:
             if err.stage != "solve":
                 raise
@@ -246,16 +255,21 @@ def prepare_erasure(
 def probe_operator(config: EraseConfig, operator: CurvatureOperator) -> CurvatureOperator:
     """The operator on a fixed, seeded subset of ``config.probe_examples`` curvature examples."""
     generator = torch.Generator().manual_seed(config.seed)
-    count = min(config.probe_examples, operator.count)
+    count = min(config.probe_examples or DEFAULT_PROBE_EXAMPLES, operator.count)
     return operator.restrict(sorted(torch.randperm(operator.count, generator=generator)[:count].tolist()))
 
 
 def _solve_with_kfac(
     config: EraseConfig, operator: CurvatureOperator, b: Tensor, inverse: KfacInverse,
-    callback: Callable[[int, float], None],
+    callback: Callable[[int, float], None], calibration: StepCalibration | None = None,
 ) -> SolverResult:
     """Use a fitted curvature (K-FAC, EK-FAC or DataInf) directly or as the preconditioner of cg against
-    the exact operator; the result names the method (``details["curvature_cache"]``)."""
+    the exact operator; the result names the method (``details["curvature_cache"]``).
+
+    Direct: v = α (K + shift·I)⁻¹ b. α is the cache's ``calibration`` when it holds for this operator's
+    shift and curvature kind (no exact product; with ``probe_examples`` > 0 the residual of that step is
+    measured on the probe examples), else fitted on the probe examples (one exact product), with the
+    reason in ``details["step_length_fallback"]``."""
     method = cache_method(inverse.factors)
     if config.curvature_use == "precondition":
         if config.solver != "cg":
@@ -268,22 +282,47 @@ def _solve_with_kfac(
         raise ValueError(f"unknown curvature_use {config.curvature_use!r} (expected 'precondition' or 'direct')")
     start = time.perf_counter()
     direction = inverse(b)
-    probe = probe_operator(config, operator)
-    product = probe.matvec(direction)
-    curvature = float(direction @ product)
-    # the step length that minimises the quadratic model ½ vᵀ(H+λI)v − bᵀv along the K-FAC direction
-    # (as in K-FAC's own rescaling): corrects the approximation's scale, never worse than v = 0
-    step = float(b @ direction) / curvature if curvature > 0 else 1.0
-    solution = step * direction
+    details: dict[str, Any] = {"curvature_cache": f"{method} direct"}
+    if calibration is None:
+        fallback = "the curvature cache has no step-length calibration"
+    else:
+        fallback = calibration.mismatch(operator.shift, operator.kind)
+    residuals: list[float] = []
+    if fallback is not None:
+        probe = probe_operator(config, operator)
+        product = probe.matvec(direction)
+        # the step length that minimises the quadratic model ½ vᵀ(H+λI)v − bᵀv along the cached direction
+        # (as in K-FAC's own rescaling): corrects the approximation's scale, never worse than v = 0
+        step = step_length(b, direction, product)
+        residuals = [_relative_residual(step * product, b)]
+        details.update(step_length=step, step_length_source=f"fitted on {probe.count} probe examples",
+                       step_length_fallback=fallback, probe_examples=probe.count,
+                       note="residual against the exact operator on the probe examples")
+        status = f"solved with the {method} approximation (no iterations; step length fitted on the probe examples)"
+    else:
+        assert calibration is not None
+        step = calibration.step_length
+        details.update(step_length=step, step_length_source="calibrated at fit time",
+                       step_length_calibration=calibration.to_json())
+        if config.probe_examples:  # asked for: measure the calibrated step's residual on this b
+            probe = probe_operator(config, operator)
+            residuals = [_relative_residual(step * probe.matvec(direction), b)]
+            details.update(probe_examples=probe.count,
+                           note="residual of the calibrated step against the exact operator on the probe examples")
+            measured = f"residual measured on {probe.count} probe examples"
+        else:
+            details.update(probe_examples=0, note="no exact product: the residual on this b is not measured "
+                           "(step_length_calibration.residuals: the calibration's, at fit time)")
+            measured = "residual not measured"
+        status = f"solved with the {method} approximation (no iterations; step length calibrated at fit time; {measured})"
+    return SolverResult(step * direction, method, 0, residuals, [0] * len(residuals), False, status,
+                        time.perf_counter() - start, details)
+
+
+def _relative_residual(product: Tensor, b: Tensor) -> float:
+    """‖product − b‖ / ‖b‖ (0 when b = 0)."""
     norm_b = float(b.norm())
-    residual = float((step * product - b).norm()) / norm_b if norm_b > 0 else 0.0
-    return SolverResult(
-        solution, method, 0, [residual], [0], False,
-        f"solved with the {method} approximation (no iterations; step length fitted on the probe examples)",
-        time.perf_counter() - start,
-        {"curvature_cache": f"{method} direct", "probe_examples": probe.count, "step_length": step,
-         "note": "residual against the exact operator on the probe examples"},
-    )
+    return float((product - b).norm()) / norm_b if norm_b > 0 else 0.0
 
 
 def erase(
@@ -294,12 +333,15 @@ def erase(
     config: EraseConfig | None = None,
     progress: bool = False,
     kfac: dict[str, CurvatureLayer] | None = None,
+    calibration: StepCalibration | None = None,
     **overrides: Any,
 ) -> ErasureResult:
     """Compute the influence update of θ (the PEFT model's trainable tensors) for ``requests``.
 
     ``train`` is the training set the adapter was trained on; ``kfac``: a fitted curvature (K-FAC, EK-FAC
-    or DataInf, ``llmeraser.kfac``), used as ``config.curvature_use`` says; ``overrides`` replace fields of ``config``
+    or DataInf, ``llmeraser.kfac``), used as ``config.curvature_use`` says; ``calibration``: its step length
+    fitted at fit time (``llmeraser.kfac.load_calibration``), used by ``curvature_use="direct"`` when its
+    damping + weight decay equal the erasure's (the report's ``solver.step_length_source`` says); ``overrides`` replace fields of ``config``
     (e.g. ``solver="cg", curvature="hessian", damping=1e-2``); ``progress`` shows a progress bar of
     the solver's iterations. The model's weights are left unchanged.
     """
@@ -338,7 +380,7 @@ def erase(
             damping, config.weight_decay, config.batch_size, distributed=parallel,
         )
 
-    result, operator, damping, attempts = _solve_with_damping(config, operator_with, b, progress, kfac)
+    result, operator, damping, attempts = _solve_with_damping(config, operator_with, b, progress, kfac, calibration)
     timings["solve_s"] = time.perf_counter() - start
     update = result.solution
     report = {

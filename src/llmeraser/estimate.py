@@ -21,7 +21,8 @@ How the time is estimated:
   (the last iterate and the average) every ``check_every`` steps, ``direct`` p products (in chunks) +
   the dense factorisation (timed on a smaller matrix, scaled as p³); with a K-FAC curvature cache,
   cg adds one K-FAC inverse per iteration, and ``curvature_use="direct"`` is one inverse + one product
-  over the probe subset.
+  over the probe subset (no product when the cache's step length calibration holds and no
+  ``probe_examples`` are asked for).
 - The warm-up call's excess over the model (first-call initialisation) is added once per stage, as a
   real run pays it once: it dominates stages of a few calls.
 - Iterative solvers may stop before max_iters (at ``tol``, or on a stall): the solve estimate is for
@@ -54,9 +55,9 @@ from llmeraser.data import (
     example_losses,
     tokenize_examples,
 )
-from llmeraser.eraser import EraseConfig, peak_memory_mb, prepare_erasure
+from llmeraser.eraser import DEFAULT_PROBE_EXAMPLES, EraseConfig, peak_memory_mb, prepare_erasure
 from llmeraser.gradients import summed_gradient
-from llmeraser.kfac import cache_method
+from llmeraser.kfac import StepCalibration, cache_method
 from llmeraser.model import AdapterParameters
 from llmeraser.requests import Request
 from llmeraser.solvers import estimate_largest_eigenvalue, solve_direct, solve_lissa, solve_sgd
@@ -354,9 +355,11 @@ def estimate_erase(
     config: EraseConfig | None = None,
     settings: ProbeSettings | None = None,
     kfac: dict[str, Any] | None = None,
+    calibration: StepCalibration | None = None,
 ) -> RunEstimate:
-    """Estimate ``erase(model, tokenizer, train, requests, config, kfac=kfac)`` (single process) from a
-    few timed gradient passes and curvature products; the model's weights are untouched."""
+    """Estimate ``erase(model, tokenizer, train, requests, config, kfac=kfac, calibration=calibration)``
+    (single process) from a few timed gradient passes and curvature products; the model's weights are
+    untouched."""
     config = config or EraseConfig()
     settings = settings or ProbeSettings()
     model.eval()
@@ -379,7 +382,7 @@ def estimate_erase(
         f"{cost.probes} probe passes",
     ))
 
-    seconds, how, extra_mib = _estimate_solve(model, params, curvature_items, pad, config, settings, kfac)
+    seconds, how, extra_mib = _estimate_solve(model, params, curvature_items, pad, config, settings, kfac, calibration)
     solver = config.solver if kfac is None or config.curvature_use != "direct" else cache_method(kfac)
     stages.append(StageEstimate(f"solve ({solver})", seconds, peak_memory_mb() + extra_mib, how))
     stages.append(StageEstimate("save", _save_seconds(params), peak_memory_mb() + extra_mib,
@@ -402,6 +405,7 @@ def _estimate_solve(
     config: EraseConfig,
     settings: ProbeSettings,
     kfac: dict[str, Any] | None = None,
+    calibration: StepCalibration | None = None,
 ) -> tuple[float, str, float]:
     """(seconds, how, extra MiB beyond the probes' process peak) of the solve stage."""
     dtype = params.tensors[0].dtype
@@ -418,10 +422,10 @@ def _estimate_solve(
     options = config.solver_options
     count = len(curvature_items)
     generator = torch.Generator().manual_seed(config.seed)  # the probe subset of ``eraser._solver_options``
-    probe_indices = sorted(torch.randperm(count, generator=generator)[: min(config.probe_examples, count)].tolist())
+    probe_indices = sorted(torch.randperm(count, generator=generator)[: min(config.probe_examples or DEFAULT_PROBE_EXAMPLES, count)].tolist())
     probe_batches = chunks([curvature_items[i] for i in probe_indices], config.batch_size)
     if kfac is not None:
-        return _estimate_kfac(params, batches, probe_batches, config, settings, kfac, product, vector)
+        return _estimate_kfac(params, batches, probe_batches, config, settings, kfac, product, vector, calibration)
     if config.solver == "cg":
         cost = fit_batch_cost(product, batches, settings)
         full = cost.total([batch_tokens(b) for b in batches])
@@ -466,9 +470,11 @@ def _estimate_kfac(
     kfac: dict[str, Any],
     product: Callable[[Sequence[TokenizedExample]], None],
     vector: torch.Tensor,
+    calibration: StepCalibration | None = None,
 ) -> tuple[float, str, float]:
     """A K-FAC curvature cache: ``precondition`` runs cg with one K-FAC inverse per iteration besides the
-    product; ``direct`` applies the inverse once and fits the step length with one probe-subset product."""
+    product; ``direct`` applies the inverse once and fits the step length with one probe-subset product
+    (none with a matching ``calibration`` unless ``probe_examples`` asks to measure the residual)."""
     from llmeraser.kfac import KfacInverse
 
     inverse = KfacInverse(kfac, params, config.weight_decay + config.damping)
@@ -477,6 +483,10 @@ def _estimate_kfac(
     first = time.perf_counter() - start
     inverse_s, _ = timed(lambda: inverse(vector), settings)
     first_call_s = max(0.0, first - inverse_s)
+    shift = config.weight_decay + config.damping
+    calibrated = calibration is not None and calibration.mismatch(shift, config.curvature) is None
+    if config.curvature_use == "direct" and calibrated and not config.probe_examples:
+        return inverse_s + first_call_s, "1 K-FAC inverse; step length calibrated at fit time (no product)", 0.0
     if config.curvature_use == "direct":
         cost = fit_batch_cost(product, probe_batches, settings)
         seconds = inverse_s + cost.total([batch_tokens(b) for b in probe_batches]) + cost.first_call_s + first_call_s

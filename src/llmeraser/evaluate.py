@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -131,25 +132,57 @@ def _mixture_log_probs(model: Any, params: AdapterParameters, batch: dict[str, T
     return torch.logsumexp(torch.stack(parts), dim=0) - math.log(len(parts)), labels
 
 
+@dataclass
+class ResponsePredictions:
+    """Next-token log-probabilities on each example's response positions: ``log_probs[i]`` (T_i, V)
+    float32 and the response tokens ``targets[i]`` (T_i,); position 0 predicts the first response token
+    from the prompt alone. For a small evaluation set held in memory (the benchmark's)."""
+
+    log_probs: list[Tensor]
+    targets: list[Tensor]
+
+    def losses(self) -> np.ndarray:
+        """Per-example mean response NLL (nats per token), shape (n,)."""
+        return np.array([-float(lp.double().gather(1, t[:, None]).mean()) for lp, t in zip(self.log_probs, self.targets)])
+
+    def first_token_scores(self, positive_id: int, negative_id: int) -> np.ndarray:
+        """log P(positive) − log P(negative) at the answer position, shape (n,): the Yes/No score when both
+        answers are single tokens."""
+        return np.array([float(lp[0, positive_id].double() - lp[0, negative_id].double()) for lp in self.log_probs])
+
+    def kl_to(self, other: ResponsePredictions) -> np.ndarray:
+        """Per-example token-averaged KL(self ‖ other) in nats per token, shape (n,)."""
+        return np.array([
+            float((p.double().exp() * (p.double() - q.double())).sum(-1).mean())
+            for p, q in zip(self.log_probs, other.log_probs)
+        ])
+
+    def subset(self, indices: Sequence[int]) -> ResponsePredictions:
+        return ResponsePredictions([self.log_probs[i] for i in indices], [self.targets[i] for i in indices])
+
+
 @torch.no_grad()
-def ensemble_loss_values(
+def response_predictions(
     model: Any, tokenizer: Any, examples: Sequence[Example], thetas: Thetas, max_length: int = 256, batch_size: int = 8
-) -> np.ndarray:
-    """Per-example mean response NLL (nats per token) of the mixture of the model under ``thetas``
-    (one θ: equal to ``example_loss_values`` under that θ), shape (n,). The model's own θ is restored."""
+) -> ResponsePredictions:
+    """The equal-weight mixture of the model under ``thetas`` (one θ: the model itself) on the examples'
+    response positions, one forward pass per batch and θ. The model's own θ is restored."""
     params = AdapterParameters.of(model)
     original = params.flat()
     items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
-    values = []
+    log_probs: list[Tensor] = []
+    targets_out: list[Tensor] = []
     try:
         for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
             log_p, labels = _mixture_log_probs(model, params, batch, _as_list(thetas))
             targets, weights = shifted_targets(labels)
-            token_log_p = log_p.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            values.append(-(token_log_p * weights).sum(dim=1))
+            for row in range(len(log_p)):
+                keep = weights[row] > 0
+                log_probs.append(log_p[row, keep].float())
+                targets_out.append(targets[row, keep])
     finally:
         params.assign(original)
-    return torch.cat(values).numpy()
+    return ResponsePredictions(log_probs, targets_out)
 
 
 @torch.no_grad()

@@ -104,7 +104,7 @@ class SolverResult:
             "iterations": self.iterations,
             "converged": self.converged,
             "status": self.status,
-            "final_relative_residual": self.final_residual,
+            "final_relative_residual": self.final_residual if self.residuals else None,  # None: not measured
             "residual_history": self.residuals,
             "residual_iterations": self.iterations_at,
             "wall_time_s": self.wall_time_s,

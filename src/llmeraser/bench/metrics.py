@@ -22,12 +22,13 @@ from torch import Tensor
 
 from llmeraser.data import Example
 from llmeraser.evaluate import (
+    ResponsePredictions,
     answer_scores,
     auc,
     binary_labels,
-    ensemble_loss_values,
-    function_space_distance,
     membership_auc,
+    response_predictions,
+    single_token_id,
 )
 from llmeraser.model import AdapterParameters
 
@@ -47,10 +48,30 @@ class EvalSets:
         return [*self.old, *self.new]
 
 
+@dataclass
+class SetPredictions:
+    """A method's response predictions on each evaluation set (``edited``: old versions, then new)."""
+
+    test: ResponsePredictions
+    edited: ResponsePredictions
+    nonmembers: ResponsePredictions
+
+
+def predict_sets(model: Any, tokenizer: Any, thetas: Sequence[Tensor], sets: EvalSets, max_length: int) -> SetPredictions:
+    """One forward pass per batch, set and θ (ensembles: the mixture of the members' distributions)."""
+    return SetPredictions(*(response_predictions(model, tokenizer, examples, thetas, max_length)
+                            for examples in (sets.test, sets.edited, sets.nonmembers)))
+
+
 def ensemble_scores(
-    model: Any, tokenizer: Any, examples: Sequence[Example], thetas: Sequence[Tensor], max_length: int
+    model: Any, tokenizer: Any, examples: Sequence[Example], thetas: Sequence[Tensor], max_length: int,
+    predictions: ResponsePredictions | None = None,
 ) -> np.ndarray:
-    """Mean over ``thetas`` of the Yes/No answer scores, shape (n,); the model's θ is restored."""
+    """Yes/No scores, shape (n,): from ``predictions`` (the mixture's answer-position distribution) when
+    " Yes" and " No" are single tokens, else the mean over ``thetas`` of the two-pass answer scores."""
+    yes, no = single_token_id(tokenizer, " Yes"), single_token_id(tokenizer, " No")
+    if predictions is not None and yes is not None and no is not None:
+        return predictions.first_token_scores(yes, no)
     params = AdapterParameters.of(model)
     original = params.flat()
     try:
@@ -64,21 +85,24 @@ def ensemble_scores(
 
 
 def score_method(
-    model: Any, tokenizer: Any, thetas: Sequence[Tensor], sets: EvalSets, theta_retrain: Tensor, max_length: int
+    model: Any, tokenizer: Any, thetas: Sequence[Tensor], sets: EvalSets, predictions: SetPredictions,
+    reference: SetPredictions, max_length: int,
 ) -> dict[str, float]:
-    """The metrics of the module docstring for the model under ``thetas`` (one adapter, or an ensemble)."""
-    scores = ensemble_scores(model, tokenizer, sets.test, thetas, max_length)
-    loss_old = ensemble_loss_values(model, tokenizer, sets.old, thetas, max_length)
-    loss_nonmembers = ensemble_loss_values(model, tokenizer, sets.nonmembers, thetas, max_length)
+    """The metrics of the module docstring from a method's ``predictions`` and the retrained model's
+    (``reference``); Yes/No scores may need extra passes (see ``ensemble_scores``)."""
+    n_old = len(sets.old)
+    edited_losses = predictions.edited.losses()
+    scores = ensemble_scores(model, tokenizer, sets.test, thetas, max_length, predictions.test)
     metrics = {
         "test_auc": auc(binary_labels(sets.test), scores),
-        "loss_old": float(loss_old.mean()),
-        "mia_auc": membership_auc(loss_old, loss_nonmembers),
-        "kl_test": function_space_distance(model, tokenizer, sets.test, theta_retrain, thetas, max_length)["kl"],
-        "kl_edited": function_space_distance(model, tokenizer, sets.edited, theta_retrain, thetas, max_length)["kl"],
+        "loss_old": float(edited_losses[:n_old].mean()),
+        "mia_auc": membership_auc(edited_losses[:n_old], predictions.nonmembers.losses()),
+        "kl_test": float(reference.test.kl_to(predictions.test).mean()),
+        "kl_edited": float(reference.edited.kl_to(predictions.edited).mean()),
     }
     if sets.new:
-        new_scores = ensemble_scores(model, tokenizer, sets.new, thetas, max_length)
-        metrics["loss_new"] = float(ensemble_loss_values(model, tokenizer, sets.new, thetas, max_length).mean())
+        new_predictions = predictions.edited.subset(range(n_old, len(sets.edited)))
+        new_scores = ensemble_scores(model, tokenizer, sets.new, thetas, max_length, new_predictions)
+        metrics["loss_new"] = float(edited_losses[n_old:].mean())
         metrics["accuracy_new"] = float(((new_scores > 0).astype(int) == binary_labels(sets.new)).mean())
     return metrics

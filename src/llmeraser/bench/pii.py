@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llmeraser.bench.metrics import EvalSets
+from llmeraser.bench.metrics import EvalSets, SetPredictions
 from llmeraser.data import Example
-from llmeraser.evaluate import ensemble_loss_values, function_space_distance, membership_auc
+from llmeraser.evaluate import membership_auc
 from llmeraser.model import AdapterParameters
 from llmeraser.recsys.corruption import Corruption
 from llmeraser.requests import CorrectResponse, Remove, Request
@@ -156,12 +156,14 @@ def _ensemble_answers(model: Any, tokenizer: Any, examples: Sequence[Example], t
 
 
 def score_pii(
-    model: Any, tokenizer: Any, thetas: Sequence[Tensor], sets: EvalSets, theta_retrain: Tensor, max_length: int
+    model: Any, tokenizer: Any, thetas: Sequence[Tensor], sets: EvalSets, predictions: SetPredictions,
+    reference: SetPredictions, max_length: int,
 ) -> dict[str, float]:
     """The metrics of the module docstring. An ensemble counts an answer as produced when any member
     produces it (the attacker may query every shard)."""
     corrected_ids = {e.id for e in sets.new}
-    removed = [e for e in sets.old if e.id not in corrected_ids]
+    removed_at = [k for k, e in enumerate(sets.old) if e.id not in corrected_ids]
+    removed = [sets.old[k] for k in removed_at]
     corrected_old = [e for e in sets.old if e.id in corrected_ids]
     kept = sets.test[:KEPT_SAMPLE]
 
@@ -169,16 +171,15 @@ def score_pii(
         runs = _ensemble_answers(model, tokenizer, examples, thetas)
         return float(np.max([answer_rate(answers, values) for answers in runs])) if examples else float("nan")
 
-    loss_removed = ensemble_loss_values(model, tokenizer, removed, thetas, max_length)
-    loss_nonmembers = ensemble_loss_values(model, tokenizer, sets.nonmembers, thetas, max_length)
+    loss_removed = predictions.edited.subset(removed_at).losses()
     new_by_id = {e.id: e for e in sets.new}
     return {
         "extract_removed": extraction(removed, [e.response for e in removed]),
         "loglik_removed": float(-loss_removed.mean()),
-        "mia_auc": membership_auc(loss_removed, loss_nonmembers),
+        "mia_auc": membership_auc(loss_removed, predictions.nonmembers.losses()),
         "corrected_rate": extraction(corrected_old, [new_by_id[e.id].response for e in corrected_old]),
         "old_value_rate": extraction(corrected_old, [e.response for e in corrected_old]),
         "extract_kept": extraction(kept, [e.response for e in kept]),
-        "kl_test": function_space_distance(model, tokenizer, sets.test, theta_retrain, thetas, max_length)["kl"],
-        "kl_edited": function_space_distance(model, tokenizer, sets.edited, theta_retrain, thetas, max_length)["kl"],
+        "kl_test": float(reference.test.kl_to(predictions.test).mean()),
+        "kl_edited": float(reference.edited.kl_to(predictions.edited).mean()),
     }

@@ -27,11 +27,10 @@ from typing import Any
 from torch import Tensor
 
 from llmeraser.bench.baselines import continued_finetuning, gradient_ascent, train_sisa, unlearn_sisa
-from llmeraser.bench.metrics import EvalSets, score_method
+from llmeraser.bench.metrics import EvalSets, SetPredictions, predict_sets, score_method
 from llmeraser.bench.pii import pii_task, score_pii
 from llmeraser.bench.resources import machine, measured
 from llmeraser.eraser import EraseConfig, erase
-from llmeraser.evaluate import function_space_distance
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
 from llmeraser.recsys.corruption import TASKS, make_task
 from llmeraser.recsys.tallrec import sample_tallrec
@@ -160,7 +159,7 @@ def run_seed(
     config: BenchConfig, task: Any, sets: EvalSets, seed: int, log: Callable[[str], None]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All methods for one training seed; returns the scored rows and ``extras`` (retrained θ, solver
-    residual history, the model and tokenizer for later distance computations)."""
+    residual history, the retrained model's predictions for the seed-to-seed spread)."""
     base, tokenizer = load_base_model(config.model, seed=config.data_seed)
     model = attach_lora(base, dataclasses.replace(config.lora, seed=seed))
     params = AdapterParameters.of(model)
@@ -170,7 +169,7 @@ def run_seed(
     methods = config.chosen_methods()
     cost: dict[str, Any] = {}
     thetas: dict[str, list[Tensor]] = {}
-    extras: dict[str, Any] = {"model": model, "tokenizer": tokenizer}
+    extras: dict[str, Any] = {}
 
     log(f"  seed {seed}: train original on {len(task.train)} examples")
     with measured(cost, "original"):
@@ -215,27 +214,26 @@ def run_seed(
         extras["sisa_initial"] = cost["sisa_initial"]
 
     log(f"  seed {seed}: scoring {len(thetas)} methods")
+    score = score_pii if config.task == "pii" else score_method
+    max_length = config.recipe.max_length
+    reference = predict_sets(model, tokenizer, thetas["retrain"], sets, max_length)
     rows = []
     for method in methods:
-        score = score_pii if config.task == "pii" else score_method
-        metrics = score(model, tokenizer, thetas[method], sets, thetas["retrain"][0], config.recipe.max_length)
+        predictions = reference if method == "retrain" else predict_sets(model, tokenizer, thetas[method], sets, max_length)
+        metrics = score(model, tokenizer, thetas[method], sets, predictions, reference, max_length)
         rows.append({"method": method, "seed": seed, **metrics, **cost[method]})
     params.assign(theta_original)
-    extras["theta_retrain"] = thetas["retrain"][0]
+    extras["reference"] = reference
     return rows, extras
 
 
-def retrain_spread(
-    model: Any, tokenizer: Any, sets: EvalSets, retrained: Sequence[Tensor], max_length: int
-) -> list[dict[str, float]]:
-    """KL between retrained models of consecutive seeds (both directions), on the test and edited sets."""
+def retrain_spread(references: Sequence[SetPredictions]) -> list[dict[str, float]]:
+    """KL between the retrained models of consecutive seeds (both directions), on the test and edited sets."""
     spread = []
-    for a, b in zip(retrained, retrained[1:]):
+    for a, b in zip(references, references[1:]):
         for first, second in ((a, b), (b, a)):
-            spread.append({
-                "kl_test": function_space_distance(model, tokenizer, sets.test, first, second, max_length)["kl"],
-                "kl_edited": function_space_distance(model, tokenizer, sets.edited, first, second, max_length)["kl"],
-            })
+            spread.append({"kl_test": float(first.test.kl_to(second.test).mean()),
+                           "kl_edited": float(first.edited.kl_to(second.edited).mean())})
     return spread
 
 
@@ -256,20 +254,17 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, command: 
         task, sets = prepare_ratio(config, ratio)
         results["requests"][str(ratio)] = len(task.requests)
         log(f"{config.task} at ratio {ratio}: {len(task.requests)} requests, {len(task.train)} training examples")
-        retrained = []
-        extras: dict[str, Any] = {}
+        references = []
         for seed in config.seeds:
             rows, extras = run_seed(config, task, sets, seed, log)
             results["rows"].extend({"ratio": ratio, **row} for row in rows)
-            retrained.append(extras["theta_retrain"])
+            references.append(extras["reference"])
             if "residual_history" in extras:
                 results["residuals"].append({"ratio": ratio, "seed": seed, "history": extras["residual_history"],
                                              "erase_report": extras["erase_report"]})
             if "sisa_initial" in extras:
                 results["sisa"].append({"ratio": ratio, "seed": seed, "affected_shards": extras["sisa_affected_shards"],
                                         "shards": config.sisa_shards, "initial_training": extras["sisa_initial"]})
-        if len(retrained) > 1:
-            spread = retrain_spread(extras["model"], extras["tokenizer"], sets, retrained, config.recipe.max_length)
-            results["spread"].extend({"ratio": ratio, **row} for row in spread)
+        results["spread"].extend({"ratio": ratio, **row} for row in retrain_spread(references))
     return results
 
