@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmeraser.bench.protocol import SMOLLM2_LORA, SMOLLM2_RECIPE, smollm2_erase_config
+from llmeraser.bench.report import format_table
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
 from llmeraser.evaluate import (
     answer_scores,
@@ -55,14 +57,9 @@ class DemoConfig:
     response_fraction: float = 0.03
     rest_sample: int = 32
     seed: int = 0
-    lora: LoraSettings = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
-    recipe: TrainConfig = TrainConfig(epochs=2, lr=1e-3, batch_size=8, weight_decay=1e-2, max_length=256)
-    eraser: EraseConfig = field(
-        default_factory=lambda: EraseConfig(
-            solver="cg", curvature="gauss-newton", damping=1e-2, weight_decay=1e-2, max_iters=5, tol=1e-3,
-            curvature_examples=16, batch_size=8,
-        )
-    )
+    lora: LoraSettings = SMOLLM2_LORA
+    recipe: TrainConfig = SMOLLM2_RECIPE
+    eraser: EraseConfig = field(default_factory=smollm2_erase_config)
 
 
 def tiny_demo_config() -> DemoConfig:
@@ -81,14 +78,6 @@ def tiny_demo_config() -> DemoConfig:
         eraser=EraseConfig(solver="cg", curvature="gauss-newton", damping=0.1, weight_decay=1e-2, max_iters=10,
                            tol=1e-3, max_length=512, curvature_examples=16, batch_size=16),
     )
-
-
-def _format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
-    header = [title for _, title, _ in columns]
-    body = [[format(row[key], fmt) if isinstance(row[key], float) else str(row[key]) for key, _, fmt in columns] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: str | Path | None = None) -> dict[str, Any]:
@@ -162,7 +151,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
         ("wall_time_s", "time (s)", ".1f"),
     ]
     log("")
-    log(_format_table(rows, columns))
+    log(format_table(rows, columns))
     log("")
     log("time (s): training for 'original' and 'retrained', the erase call for 'erased'. "
         f"erase / retrain = {erase_time / retrained.wall_time_s:.2f}; peak memory {peak_memory_mb():.0f} MiB")

@@ -37,6 +37,18 @@ from llmeraser.recsys.tallrec import sample_tallrec
 from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, train_adapter
 
+# The SmolLM2 recipe and erase settings shared by the demo and ``llmeraser bench``.
+SMOLLM2_LORA = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
+SMOLLM2_RECIPE = TrainConfig(epochs=2, lr=1e-3, batch_size=8, weight_decay=1e-2, max_length=256)
+
+
+def smollm2_erase_config(**overrides: Any) -> EraseConfig:
+    """Damped Gauss–Newton + cg, 5 iterations, curvature on 16 examples: fits a 10-minute CPU budget."""
+    settings: dict[str, Any] = dict(solver="cg", curvature="gauss-newton", damping=1e-2, weight_decay=1e-2,
+                                    max_iters=5, tol=1e-3, curvature_examples=16, batch_size=8)
+    return EraseConfig(**{**settings, **overrides})
+
+
 METHODS = ("original", "retrain", "llmeraser", "gradient_ascent", "finetune", "sisa")
 DEFAULT_METHODS = {
     "removal": ("original", "retrain", "llmeraser", "gradient_ascent", "sisa"),
@@ -68,14 +80,9 @@ class BenchConfig:
     history_length: int = 3
     data_seed: int = 0
     sisa_shards: int = 4
-    lora: LoraSettings = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
-    recipe: TrainConfig = TrainConfig(epochs=2, lr=1e-3, batch_size=8, weight_decay=1e-2, max_length=256)
-    eraser: EraseConfig = field(
-        default_factory=lambda: EraseConfig(
-            solver="cg", curvature="gauss-newton", damping=1e-2, weight_decay=1e-2, max_iters=5, tol=1e-3,
-            curvature_examples=16, batch_size=8, auto_damping=True,
-        )
-    )
+    lora: LoraSettings = SMOLLM2_LORA
+    recipe: TrainConfig = SMOLLM2_RECIPE
+    eraser: EraseConfig = field(default_factory=lambda: smollm2_erase_config(auto_damping=True))
 
     def chosen_methods(self) -> tuple[str, ...]:
         """The methods to run (the task's defaults when ``methods`` is None), always with ``retrain``."""
