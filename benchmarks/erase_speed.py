@@ -1,12 +1,14 @@
-"""Erase time against retrain time and the gradient floor, with and without a cached K-FAC curvature.
+"""Erase time against retrain time and the gradient floor, with and without a cached curvature.
 
 On SmolLM2-135M + LoRA (r=8, q_proj/v_proj) and TALLRec examples from MovieLens-100k: fine-tune once on
-``--n-train`` examples, fit K-FAC once, then for request sets of each size in ``--requests`` (removals
-of random training examples) measure:
+``--n-train`` examples, fit each cached curvature of ``--curvature-methods`` (K-FAC, EK-FAC, DataInf) once
+and calibrate its step length once against the exact operator (``fit-curvature``'s calibration), then for
+request sets of each size in ``--requests`` (removals of random training examples) measure:
 
 - floor: one forward+backward pass over the affected examples (what forming b costs at least);
 - erase (cold): b + damped Gauss–Newton cg on ``--curvature-examples`` examples, ``--cg-iters`` iterations;
-- erase (cached): b + the K-FAC solve (``--curvature-use direct``), no curvature products;
+- erase (cached): b + the cached solve with the calibrated step length (``--curvature-use direct``): no
+  exact curvature product at erase time;
 - retrain: training from scratch on the edited set (measured once, for the middle request size; the
   others cost the same up to the small change in n);
 - the relative residual of each update against the exact damped Gauss–Newton operator on a probe set,
@@ -33,7 +35,7 @@ from llmeraser.eraser import EraseConfig, erase
 from llmeraser.errors import NumericalError
 from llmeraser.evaluate import answer_scores, auc, binary_labels
 from llmeraser.gradients import summed_gradient
-from llmeraser.kfac import fit_kfac
+from llmeraser.kfac import calibrate_step_length, fit_and_time
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
 from llmeraser.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import Remove, edited_training_set, resolve
@@ -50,7 +52,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--curvature-examples", type=int, default=32)
-    parser.add_argument("--kfac-examples", type=int, default=256)
+    parser.add_argument("--kfac-examples", type=int, default=256, help="examples the cached curvature is fitted on")
+    parser.add_argument("--curvature-methods", nargs="+", default=["kfac", "ekfac", "datainf"],
+                        help="cached curvatures to compare (each fitted once and step-calibrated once)")
+    parser.add_argument("--calibration-examples", type=int, default=8)
+    parser.add_argument("--calibration-directions", type=int, default=4)
     parser.add_argument("--cg-iters", type=int, default=5)
     parser.add_argument("--damping", type=float, default=1e-2)
     parser.add_argument("--probe-examples", type=int, default=16)
@@ -91,9 +97,19 @@ def main() -> None:
     results["auc_original"] = test_auc(theta)
     rng = np.random.default_rng(args.seed)
     kfac_items = tokenize_examples(tokenizer, [train[i] for i in sorted(rng.permutation(len(train))[: args.kfac_examples])], config)
-    print(f"fit K-FAC on {len(kfac_items)} examples", flush=True)
-    with measured(stages, "fit_curvature"):
-        factors = fit_kfac(model, params, kfac_items, tokenizer.pad_token_id, batch_size=8, seed=args.seed)
+    caches = {}
+    for method in args.curvature_methods:
+        print(f"fit {method} on {len(kfac_items)} examples + calibrate its step length", flush=True)
+        with measured(stages, f"fit_{method}"):
+            factors, _ = fit_and_time(model, params, kfac_items, tokenizer.pad_token_id, 8, args.seed, method=method)
+        with measured(stages, f"calibrate_{method}"):
+            calibration = calibrate_step_length(
+                model, params, factors, kfac_items, tokenizer.pad_token_id, args.calibration_examples,
+                args.calibration_directions, args.damping, recipe.weight_decay, seed=args.seed,
+            )
+        stages[f"calibrate_{method}"]["step_length"] = calibration.step_length
+        stages[f"calibrate_{method}"]["residuals"] = list(calibration.residuals)
+        caches[method] = (factors, calibration)
     probe_items = tokenize_examples(tokenizer, [train[i] for i in sorted(rng.permutation(len(train))[: args.probe_examples])], config)
     probe = CurvatureOperator(model, params, probe_items, tokenizer.pad_token_id, "gauss-newton", args.damping, recipe.weight_decay)
 
@@ -108,7 +124,11 @@ def main() -> None:
         print(f"requests: {k} removals", flush=True)
         with measured(row, "floor"):
             summed_gradient(model, params, affected, tokenizer.pad_token_id, 8)
-        for name, options in (("cold", {}), ("cached", {"kfac": factors, "curvature_use": "direct"})):
+        variants = [("cold", {})] + [
+            (f"cached_{method}", {"kfac": factors, "calibration": calibration, "curvature_use": "direct"})
+            for method, (factors, calibration) in caches.items()
+        ]
+        for name, options in variants:
             try:
                 with measured(row, f"erase_{name}"):
                     result = erase(model, tokenizer, train, requests, erase_config, **options)
@@ -150,21 +170,30 @@ def render(results: dict) -> str:
         f"- train ({results['settings']['n_train']} examples, {results['settings']['epochs']} epoch): "
         f"{stages['train']['seconds']:.0f} s, peak RSS {stages['train']['peak_rss_mib']:.0f} MiB",
         f"- one training step (batch 8): {stages['one_train_step']['seconds']:.1f} s, peak RSS {stages['one_train_step']['peak_rss_mib']:.0f} MiB",
-        f"- fit K-FAC ({results['settings']['kfac_examples']} examples): {stages['fit_curvature']['seconds']:.0f} s",
+        *(f"- fit {m} ({results['settings']['kfac_examples']} examples): {stages['fit_' + m]['seconds']:.0f} s; "
+          f"step-length calibration {stages['calibrate_' + m]['seconds']:.0f} s (α = {stages['calibrate_' + m]['step_length']:.3g})"
+          for m in results["settings"]["curvature_methods"]),
         f"- test AUC of the original adapter: {results['auc_original']:.4f}",
         "",
-        "| requests | floor (s) | erase cold (s) | erase cached (s) | retrain (s) | residual cold | residual cached | AUC cold | AUC cached | AUC retrain | peak RSS erase (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Times in seconds; residual = ‖(H+λI)v − b‖/‖b‖ on the probe examples (exact operator), measured after the timed erase.",
+        "",
+    ]
+    variants = ["cold", *(f"cached_{m}" for m in results["settings"]["curvature_methods"])]
+    lines += [
+        "| requests | floor | retrain | " + " | ".join(f"erase {v}" for v in variants) + " | "
+        + " | ".join(f"residual {v}" for v in variants) + " | AUC retrain | " + " | ".join(f"AUC {v}" for v in variants)
+        + " | peak RSS erase (MiB) |",
+        "|---" * (5 + 3 * len(variants)) + "|",
     ]
     for row in results["requests"]:
         retrain = f"{row['retrain']['seconds']:.0f}" if "retrain" in row else "–"
         auc_retrain = f"{row['auc_retrained']:.4f}" if row.get("auc_retrained") is not None else "–"
-        peak = max(row["erase_cold"]["peak_rss_mib"], row["erase_cached"]["peak_rss_mib"])
+        peak = max(row[f"erase_{v}"]["peak_rss_mib"] for v in variants if f"erase_{v}" in row)
         lines.append(
-            f"| {row['k']} | {row['floor']['seconds']:.1f} | {row['erase_cold']['seconds']:.1f} | "
-            f"{row['erase_cached']['seconds']:.1f} | {retrain} | {row['residual_cold_probe']:.3f} | "
-            f"{row['residual_cached_probe']:.3f} | {row['auc_erased_cold']:.4f} | {row['auc_erased_cached']:.4f} | "
-            f"{auc_retrain} | {peak:.0f} |"
+            f"| {row['k']} | {row['floor']['seconds']:.1f} | {retrain} | "
+            + " | ".join(f"{row[f'erase_{v}']['seconds']:.1f}" if f"erase_{v}" in row else "–" for v in variants) + " | "
+            + " | ".join(f"{row[f'residual_{v}_probe']:.3f}" for v in variants) + f" | {auc_retrain} | "
+            + " | ".join(f"{row[f'auc_erased_{v}']:.4f}" for v in variants) + f" | {peak:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
