@@ -165,3 +165,20 @@ def test_bench_quick_end_to_end(tmp_path, task: str) -> None:
     assert "retrain vs retrain" in result.out and "llmeraser" in (out / "results.md").read_text()
     if task == "response":
         assert any("recovers" in t["target"] for t in results["targets"])
+
+
+def test_bench_on_a_rating_directory_with_chosen_methods(tmp_path) -> None:
+    from recsys.test_tallrec import movielens_fixture
+
+    directory = movielens_fixture(tmp_path, n_users=10, per_user=16)
+    out = tmp_path / "bench"
+    result = cli("bench", "--task", "removal", "--quick", "--data", directory, "--format", "movielens",
+                 "--methods", "llmeraser", "gradient_ascent", "--seeds", "1", "--ratio", "0.1", "0.2", "--out", out)
+    assert result.code == 0, result.err
+    results = json.loads((out / "results.json").read_text())
+    assert {row["method"] for row in results["rows"]} == {"original", "retrain", "llmeraser", "gradient_ascent"}
+    assert sorted({row["ratio"] for row in results["rows"]}) == [0.1, 0.2]
+    assert results["requests"] == {"0.1": 2, "0.2": 4} and results["spread"] == []
+    assert results["config"]["data"] == str(directory) and results["config"]["format"] == "movielens"
+    bad = cli("bench", "--task", "removal", "--quick", "--methods", "finetune", "--out", tmp_path / "x")
+    assert bad.code == 3 and "finetune" in bad.err and not (tmp_path / "x").exists()

@@ -11,6 +11,7 @@ import pytest
 from llmeraser.errors import InputError
 from llmeraser.recsys.ratings import RatingData, default_ml100k_path, load_ratings
 from llmeraser.recsys.tallrec import (
+    sample_tallrec,
     NO,
     YES,
     TallRecConfig,
@@ -171,3 +172,14 @@ def test_movielens_demo_examples() -> None:
     assert {e.response for e in demo.train} <= {YES, NO}
     again = movielens_demo_examples(n_train=20, n_valid_or_test=8, history_length=5, seed=2)
     assert again.train == demo.train and again.test == demo.test
+
+
+def test_sample_tallrec_from_a_directory_with_format(tmp_path: Path) -> None:
+    directory = movielens_fixture(tmp_path, n_users=6, per_user=16)
+    splits = sample_tallrec(12, 3, history_length=2, seed=1, path=directory, format="movielens")
+    assert (len(splits.train), len(splits.valid), len(splits.test)) == (12, 3, 3)
+    assert splits.train == sample_tallrec(12, 3, 2, 1, path=directory).train  # format detected
+    with pytest.raises(InputError, match="asked for 10000 train examples"):
+        sample_tallrec(10000, 3, 2, 1, path=directory)
+    with pytest.raises(InputError):
+        sample_tallrec(12, 3, 2, 1, path=directory, format="lastfm")

@@ -85,14 +85,15 @@ class BenchConfig:
     eraser: EraseConfig = field(default_factory=lambda: smollm2_erase_config(auto_damping=True))
 
     def chosen_methods(self) -> tuple[str, ...]:
-        """The methods to run (the task's defaults when ``methods`` is None), always with ``retrain``."""
+        """The methods to run (the task's defaults when ``methods`` is None), always with ``original`` and
+        ``retrain`` (both are trained in any case: the start of every update and the reference)."""
         methods = self.methods or DEFAULT_METHODS[self.task]
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)} (expected: {', '.join(METHODS)})")
         if self.task == "removal" and "finetune" in methods:
             raise ValueError("finetune needs corrected examples; the removal task has none")
-        return tuple(m for m in METHODS if m in methods or m == "retrain")
+        return tuple(m for m in METHODS if m in methods or m in ("original", "retrain"))
 
     def validate(self) -> None:
         if self.task not in BENCH_TASKS:
@@ -145,7 +146,7 @@ def prepare_ratio(config: BenchConfig, ratio: float) -> tuple[Any, EvalSets]:
         return pii_task(config.n_train, config.n_nonmembers, ratio, config.data_seed)
     splits = sample_tallrec(
         config.n_train + config.n_nonmembers, config.n_test, config.history_length, config.data_seed,
-        path=_data_path(config), format=config.format,
+        path=_data_path(config), format=config.format, n_valid=0,
     )
     pool = list(splits.train)
     held = set(random.Random(f"{config.data_seed}:nonmembers").sample(range(len(pool)), config.n_nonmembers))

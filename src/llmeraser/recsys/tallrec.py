@@ -309,16 +309,17 @@ def sample_tallrec(
     *,
     path: str | Path | None = None,
     format: str | None = None,
+    n_valid: int | None = None,
 ) -> TallRecSplits:
     """A small TALLRec set from rating data at ``path`` (MovieLens-100k shipped in ``recbole`` when None;
     ``format`` as in :func:`load_ratings`, detected when None): ``n_train`` train examples and
     ``n_valid_or_test`` examples in each of valid and test, drawn at random (seeded) from the per-user time
-    split of all users (liked/disliked by the data set's threshold)."""
+    split of all users (liked/disliked by the data set's threshold); ``n_valid`` overrides the valid count."""
     source = path if path is not None else default_ml100k_path()
     data = load_ratings(source, format)
     config = TallRecConfig(history_length=history_length, seed=seed)
     records = build_records(data, config)
-    counts = {"train": n_train, "valid": n_valid_or_test, "test": n_valid_or_test}
+    counts = {"train": n_train, "valid": n_valid_or_test if n_valid is None else n_valid, "test": n_valid_or_test}
     for name, want in counts.items():
         if want > len(records[name]):
             raise InputError(f"{source}: asked for {want} {name} examples; the data gives {len(records[name])}")
