@@ -127,12 +127,20 @@ def test_summary_and_targets() -> None:
     assert summary["methods"]["retrain"]["test_auc"]["std"] == pytest.approx(0.01)
     assert math.isnan(summary["methods"]["retrain"]["loss_new"]["mean"])
     targets = {t["target"]: t for t in check_targets("query", summarise(results))}
-    recovery = targets["recovers ≥ 80 % of Retrain's AUC gain over the corrupted model"]
+    recovery = targets["llmeraser: recovers ≥ 80 % of Retrain's AUC gain over the corrupted model"]
     assert recovery["value"] == pytest.approx(0.9) and recovery["met"]
-    assert targets["KL to Retrain (test) ≤ retrain-vs-retrain spread"]["met"]
-    assert targets["erase time ≤ 1/5 of retrain time"]["value"] == pytest.approx(0.1)
+    assert targets["llmeraser: KL to Retrain (test) ≤ retrain-vs-retrain spread"]["met"]
+    assert targets["llmeraser: erase time ≤ 1/5 of retrain time"]["value"] == pytest.approx(0.1)
     removal = {t["target"]: t for t in check_targets("removal", summarise(_rows("removal")))}
-    assert removal["test AUC within 0.01 of Retrain"]["value"] == pytest.approx(0.01)
+    assert removal["llmeraser: test AUC within 0.01 of Retrain"]["value"] == pytest.approx(0.01)
+    worse = _rows("query")
+    for row in worse["rows"]:
+        if row["method"] == "llmeraser":
+            row["test_auc"], row["kl_test"] = 0.62, 0.01
+    judged = {t["target"]: t for t in check_targets("query", summarise(worse))}
+    assert judged["llmeraser: recovers ≥ 80 % of Retrain's AUC gain over the corrupted model"]["value"] == pytest.approx(0.1)
+    assert not judged["llmeraser: recovers ≥ 80 % of Retrain's AUC gain over the corrupted model"]["met"]
+    assert not judged["llmeraser: KL to Retrain (test) ≤ retrain-vs-retrain spread"]["met"]
 
 
 def test_bench_config_rejects_bad_methods() -> None:
@@ -149,8 +157,8 @@ def test_bench_quick_end_to_end(tmp_path, task: str) -> None:
     result = cli("bench", "--task", task, "--quick", "--out", out)
     assert result.code == 0, result.err
     results = json.loads((out / "results.json").read_text())
-    methods = {"response": {"original", "retrain", "llmeraser", "finetune", "sisa"},
-               "pii": {"original", "retrain", "llmeraser", "gradient_ascent"}}[task]
+    methods = {"response": {"original", "retrain", "llmeraser", "llmeraser_cached", "finetune", "sisa"},
+               "pii": {"original", "retrain", "llmeraser", "llmeraser_cached", "gradient_ascent"}}[task]
     assert {row["method"] for row in results["rows"]} == methods
     assert {row["seed"] for row in results["rows"]} == {0, 1}
     assert results["command"].startswith("llmeraser bench --task") and results["machine"]["cpu_count"]
@@ -165,6 +173,10 @@ def test_bench_quick_end_to_end(tmp_path, task: str) -> None:
     assert "retrain vs retrain" in result.out and "llmeraser" in (out / "results.md").read_text()
     if task == "response":
         assert any("recovers" in t["target"] for t in results["targets"])
+        assert any(t["target"].startswith("llmeraser_cached:") for t in results["targets"])
+    cached = [row for row in results["rows"] if row["method"] == "llmeraser_cached"]
+    assert all(row["kl_test"] < 10 for row in cached) and len(results["caches"]) == 2
+    assert all(c["fit"]["seconds"] > 0 and c["step_length"] > 0 for c in results["caches"])
 
 
 def test_bench_on_a_rating_directory_with_chosen_methods(tmp_path) -> None:

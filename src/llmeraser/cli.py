@@ -77,7 +77,7 @@ def _recipe(args: argparse.Namespace) -> Any:
     from llmeraser.train import TrainConfig
 
     return TrainConfig(args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, args.max_length,
-                       args.optimizer)
+                       args.optimizer, args.lr_schedule)
 
 
 def _train_and_save(
@@ -635,6 +635,8 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="λ_wd of the L2 term (λ_wd/2)‖θ‖²")
     parser.add_argument("--seed", type=int, default=0, help="seed of adapter initialisation and example order")
     parser.add_argument("--max-length", type=int, default=256, help="max tokens per example (prompt cut from the left)")
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "linear"],
+                        help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
     parser.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"],
                         help="adam: mini-batches of --batch-size; lbfgs: full-batch L-BFGS, --epochs outer steps")
 

@@ -12,7 +12,7 @@ each step sees the same global objective as one process and every rank keeps the
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -34,7 +34,9 @@ from llmeraser.model import AdapterParameters
 @dataclass(frozen=True)
 class TrainConfig:
     """The recipe. ``optimizer="lbfgs"`` runs full-batch L-BFGS (``epochs`` outer steps): for small convex
-    problems trained to convergence. ``lr`` is in units of the optimizer's step."""
+    problems trained to convergence. ``lr`` is in units of the optimizer's step; ``lr_schedule="linear"``
+    decays Adam's lr linearly to 0 over the run (a final iterate close to a minimum, as influence updates
+    assume), ``"constant"`` keeps it."""
 
     epochs: int = 3
     lr: float = 1e-3
@@ -43,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 256
     optimizer: Literal["adam", "lbfgs"] = "adam"
+    lr_schedule: Literal["constant", "linear"] = "constant"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +86,8 @@ def train_adapter(
         elif config.optimizer == "adam":
             optimizer = torch.optim.Adam(params.tensors, lr=config.lr)
             steps_per_epoch = -(-len(items) // config.batch_size)
+            schedule = lr_multiplier(config.lr_schedule, config.epochs * steps_per_epoch)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             bar = tqdm(total=config.epochs * steps_per_epoch, desc="train", disable=not progress, leave=False)
             for _ in range(config.epochs):
                 order = torch.randperm(len(items), generator=generator).tolist()
@@ -91,6 +96,7 @@ def train_adapter(
                     local = shard(chosen) if parallel else chosen
                     objective = objective_and_gradient(model, params, local, pad, config, len(chosen), parallel)
                     optimizer.step()
+                    scheduler.step()
                     losses.append(float(objective))
                     bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -102,6 +108,16 @@ def train_adapter(
         for tensor in params.tensors:
             tensor.grad = None
     return TrainResult(losses, len(losses), time.perf_counter() - start)
+
+
+def lr_multiplier(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """The factor of the base lr at step t (0-based): 1 for ``constant``; (T − t)/T for ``linear``, so the
+    last of T steps uses lr/T."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    if schedule == "linear":
+        return lambda step: max(total_steps - step, 0) / max(total_steps, 1)
+    raise ValueError(f"unknown lr_schedule {schedule!r} (expected 'constant' or 'linear')")
 
 
 def objective_and_gradient(

@@ -7,7 +7,11 @@ the requests that undo the damage. Then, for each training seed (LoRA initialisa
 
 - ``original``: the adapter trained on the training set as given (the corrupted one for query/response);
 - ``retrain``: trained from the same initial θ, recipe and seed on the edited set (the gold standard);
-- ``llmeraser``: the influence update of ``original`` (``eraser.erase``);
+- ``llmeraser``: the influence update of ``original`` (``eraser.erase``: cg on the exact damped
+  Gauss–Newton operator of a curvature sample);
+- ``llmeraser_cached``: the same update from a curvature fitted once per adapter (``cache_method``, on the
+  whole training set, step length calibrated against the exact operator; ``fit-curvature``), then
+  ``erase --curvature-use direct``; its time is the erase alone, the fit is reported beside it;
 - ``gradient_ascent`` (removal), ``finetune`` (continued fine-tuning on the corrected examples), ``sisa``
   (K shard adapters; only affected shards retrained): see ``bench.baselines``.
 
@@ -30,7 +34,9 @@ from llmeraser.bench.baselines import continued_finetuning, gradient_ascent, tra
 from llmeraser.bench.metrics import EvalSets, SetPredictions, predict_sets, score_method
 from llmeraser.bench.pii import pii_task, score_pii
 from llmeraser.bench.resources import machine, measured
+from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase
+from llmeraser.kfac import calibrate_step_length, fit_and_time
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
 from llmeraser.recsys.corruption import TASKS, make_task
 from llmeraser.recsys.tallrec import sample_tallrec
@@ -39,7 +45,7 @@ from llmeraser.train import TrainConfig, train_adapter
 
 # The SmolLM2 recipe and erase settings shared by the demo and ``llmeraser bench``.
 SMOLLM2_LORA = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
-SMOLLM2_RECIPE = TrainConfig(epochs=2, lr=1e-3, batch_size=8, weight_decay=1e-2, max_length=256)
+SMOLLM2_RECIPE = TrainConfig(epochs=2, lr=1e-3, batch_size=8, weight_decay=1e-2, max_length=256, lr_schedule="linear")
 
 
 def smollm2_erase_config(**overrides: Any) -> EraseConfig:
@@ -49,12 +55,12 @@ def smollm2_erase_config(**overrides: Any) -> EraseConfig:
     return EraseConfig(**{**settings, **overrides})
 
 
-METHODS = ("original", "retrain", "llmeraser", "gradient_ascent", "finetune", "sisa")
+METHODS = ("original", "retrain", "llmeraser", "llmeraser_cached", "gradient_ascent", "finetune", "sisa")
 DEFAULT_METHODS = {
-    "removal": ("original", "retrain", "llmeraser", "gradient_ascent", "sisa"),
-    "query": ("original", "retrain", "llmeraser", "finetune", "sisa"),
-    "response": ("original", "retrain", "llmeraser", "finetune", "sisa"),
-    "pii": ("original", "retrain", "llmeraser", "gradient_ascent"),
+    "removal": ("original", "retrain", "llmeraser", "llmeraser_cached", "gradient_ascent", "sisa"),
+    "query": ("original", "retrain", "llmeraser", "llmeraser_cached", "finetune", "sisa"),
+    "response": ("original", "retrain", "llmeraser", "llmeraser_cached", "finetune", "sisa"),
+    "pii": ("original", "retrain", "llmeraser", "llmeraser_cached", "gradient_ascent"),
 }
 BENCH_TASKS = (*TASKS, "pii")
 
@@ -80,6 +86,9 @@ class BenchConfig:
     history_length: int = 3
     data_seed: int = 0
     sisa_shards: int = 4
+    cache_method: str = "ekfac"
+    calibration_examples: int = 8
+    calibration_directions: int = 4
     lora: LoraSettings = SMOLLM2_LORA
     recipe: TrainConfig = SMOLLM2_RECIPE
     eraser: EraseConfig = field(default_factory=lambda: smollm2_erase_config(auto_damping=True))
@@ -199,6 +208,23 @@ def run_seed(
         thetas["llmeraser"] = [result.theta_new]
         extras["residual_history"] = [float(r) for r in result.solver.residuals]
         extras["erase_report"] = {k: result.report[k] for k in ("solver", "damping_used", "timings_s", "n_curvature_examples")}
+    if "llmeraser_cached" in methods:
+        log(f"  seed {seed}: llmeraser with a cached {config.cache_method} curvature (fit once, then erase)")
+        params.assign(theta_original)
+        eraser = dataclasses.replace(config.eraser, seed=seed, curvature_use="direct", auto_damping=False)
+        items = tokenize_examples(tokenizer, task.train, TokenizationConfig(eraser.max_length))
+        with measured(cost, "llmeraser_cached_fit"):
+            factors, _ = fit_and_time(model, params, items, tokenizer.pad_token_id, eraser.batch_size, seed,
+                                      method=config.cache_method)
+            calibration = calibrate_step_length(
+                model, params, factors, items, tokenizer.pad_token_id, config.calibration_examples,
+                config.calibration_directions, eraser.damping, eraser.weight_decay, eraser.curvature, eraser.batch_size, seed,
+            )
+        with measured(cost, "llmeraser_cached"):
+            cached = erase(model, tokenizer, task.train, task.requests, eraser, kfac=factors, calibration=calibration)
+        thetas["llmeraser_cached"] = [cached.theta_new]
+        extras["cache"] = {"method": config.cache_method, "fit": cost["llmeraser_cached_fit"],
+                           "step_length": calibration.step_length, "calibration_residuals": list(calibration.residuals)}
     if "gradient_ascent" in methods:
         log(f"  seed {seed}: gradient ascent on {len(sets.old)} removed examples")
         params.assign(theta_original)
@@ -256,6 +282,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, command: 
         "spread": [],
         "residuals": [],
         "sisa": [],
+        "caches": [],
         "requests": {},
     }
     for ratio in config.ratios:
@@ -270,6 +297,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, command: 
             if "residual_history" in extras:
                 results["residuals"].append({"ratio": ratio, "seed": seed, "history": extras["residual_history"],
                                              "erase_report": extras["erase_report"]})
+            if "cache" in extras:
+                results["caches"].append({"ratio": ratio, "seed": seed, **extras["cache"]})
             if "sisa_initial" in extras:
                 results["sisa"].append({"ratio": ratio, "seed": seed, "affected_shards": extras["sisa_affected_shards"],
                                         "shards": config.sisa_shards, "initial_training": extras["sisa_initial"]})
