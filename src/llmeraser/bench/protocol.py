@@ -139,7 +139,7 @@ def pii_config(quick: bool = False) -> BenchConfig:
         )
     return BenchConfig(
         task="pii", ratios=(0.1,), n_train=24, n_nonmembers=8,
-        recipe=TrainConfig(epochs=10, lr=2e-3, batch_size=8, weight_decay=1e-3, max_length=64),
+        recipe=TrainConfig(epochs=10, lr=2e-3, batch_size=8, weight_decay=1e-3, max_length=64, lr_schedule="linear"),
         eraser=EraseConfig(solver="cg", curvature="gauss-newton", damping=1e-2, weight_decay=1e-3, max_iters=8,
                            tol=1e-3, max_length=64, curvature_examples=24, batch_size=8, auto_damping=True),
     )
