@@ -185,10 +185,11 @@ def test_bench_on_a_rating_directory_with_chosen_methods(tmp_path) -> None:
     directory = movielens_fixture(tmp_path, n_users=10, per_user=16)
     out = tmp_path / "bench"
     result = cli("bench", "--task", "removal", "--quick", "--data", directory, "--format", "movielens",
-                 "--methods", "llmeraser", "gradient_ascent", "--seeds", "1", "--ratio", "0.1", "0.2", "--out", out)
+                 "--methods", "llmeraser_cached", "gradient_ascent", "--seeds", "1", "--cache-method", "datainf", "--ratio", "0.1", "0.2", "--out", out)
     assert result.code == 0, result.err
     results = json.loads((out / "results.json").read_text())
-    assert {row["method"] for row in results["rows"]} == {"original", "retrain", "llmeraser", "gradient_ascent"}
+    assert {row["method"] for row in results["rows"]} == {"original", "retrain", "llmeraser_cached", "gradient_ascent"}
+    assert {c["method"] for c in results["caches"]} == {"datainf"}
     assert sorted({row["ratio"] for row in results["rows"]}) == [0.1, 0.2]
     assert results["requests"] == {"0.1": 2, "0.2": 4} and results["spread"] == []
     assert results["config"]["data"] == str(directory) and results["config"]["format"] == "movielens"

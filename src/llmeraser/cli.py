@@ -49,7 +49,7 @@ def _bench(args: argparse.Namespace) -> None:
         "ratios": tuple(args.ratio) if args.ratio else None, "model": args.model,
         "seeds": tuple(range(args.seeds)) if args.seeds else None,
         "methods": tuple(args.methods) if args.methods else None,
-        "n_train": args.n_train, "n_test": args.n_test}.items() if v is not None})
+        "n_train": args.n_train, "n_test": args.n_test, "cache_method": args.cache_method}.items() if v is not None})
     try:
         config.validate()
     except ValueError as error:
@@ -687,6 +687,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-iters", type=int, default=None, help="LLMEraser's solver iterations")
     bench.add_argument("--curvature-examples", type=int, default=None, help="examples for LLMEraser's curvature")
     bench.add_argument("--damping", type=float, default=None, help="LLMEraser's damping λ")
+    bench.add_argument("--cache-method", default=None, choices=["kfac", "ekfac", "datainf"],
+                       help="curvature fitted once for llmeraser_cached (default ekfac)")
     bench.add_argument("--quick", action="store_true", help="the tiny random-init model and a few dozen examples (seconds)")
     bench.add_argument("--out", required=True, help="output directory for results.json, results.md and the PNG plots")
     bench.set_defaults(run=_bench)
