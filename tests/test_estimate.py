@@ -1,4 +1,4 @@
-"""``--dry-run`` of ``train`` and ``erase``: the estimate from timed probe steps is within a factor of 2 of
+"""``--dry-run`` of ``train``, ``erase`` and ``fit-curvature``: the estimate from timed probe steps is within a factor of 2 of
 the real run's wall time on the tiny model, and a dry run writes nothing."""
 
 from __future__ import annotations
@@ -126,6 +126,58 @@ def test_erase_dry_run_with_kfac_direct_within_factor_2(data, trained):
     timings = json.loads((out / "erasure_report.json").read_text())["timings_s"]
     ratio = within_factor_2(stages["prepare"] + stages["gradients"] + stages["solve (kfac)"], timings["total_s"])
     print(f"erase (kfac direct): estimate/real = {ratio:.2f}")
+
+
+@pytest.fixture(scope="module")
+def curvature_data(tmp_path_factory):
+    """(data, adapter) for fit-curvature: 256 examples, so that the fit takes long enough to time."""
+    root = tmp_path_factory.mktemp("fit-curvature")
+    write_examples(root / "train.jsonl", toy_examples(256, seed=2))
+    adapter = root / "adapter"
+    done = cli("train", "--data", root / "train.jsonl", "--out", adapter, "--model", "tiny", "--lora-r", "4",
+               "--target-modules", "q_proj", "v_proj", "--epochs", "1", "--lr", "1e-2", "--weight-decay", "0.1",
+               "--max-length", "128")
+    assert done.code == 0, done.err
+    return root / "train.jsonl", adapter
+
+
+@pytest.mark.parametrize("method", ["kfac", "datainf"])
+def test_fit_curvature_dry_run_within_factor_2(curvature_data, method):
+    """The fit and the step-length calibration against ``curvature.json``'s fit_time_s and calibration
+    time_s; the dry run writes nothing. Fresh processes (the console script), as a user runs them: in this
+    process the dry run's probes would warm up the real run, whose first calls then cost less."""
+    data, adapter = curvature_data
+    common = ["fit-curvature", "--adapter", adapter, "--data", data, "--method", method]
+    out = adapter.parent / f"curvature-{method}"
+    dry = script(*common, "--out", out, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert not out.exists(), "--dry-run wrote the output directory"
+    assert "nothing was written" in dry.stdout
+    stages = stage_seconds(dry.stdout)
+    fit = f"fit ({method})"
+    assert {"load and checks", "tokenize", fit, "calibrate", "save", "total"} <= set(stages), dry.stdout
+
+    real = script(*common, "--out", out)
+    assert real.returncode == 0, real.stderr
+    metadata = json.loads((out / "curvature.json").read_text())
+    fit_ratio = within_factor_2(stages[fit], metadata["fit_time_s"])
+    calibration_ratio = within_factor_2(stages["calibrate"], metadata["calibration"]["time_s"])
+    print(f"fit-curvature ({method}): estimate/real fit {fit_ratio:.2f} ({stages[fit]:.2f} / "
+          f"{metadata['fit_time_s']:.2f} s), calibration {calibration_ratio:.2f} ({stages['calibrate']:.2f} / "
+          f"{metadata['calibration']['time_s']:.2f} s)")
+
+
+def test_fit_curvature_dry_run_without_calibration(curvature_data):
+    """--calibration-examples 0: no calibration stage; EK-FAC's stage is named after the method."""
+    data, adapter = curvature_data
+    out = adapter.parent / "never"
+    dry = cli("fit-curvature", "--adapter", adapter, "--data", data, "--out", out, "--method", "ekfac",
+              "--calibration-examples", "0", "--curvature-examples", "64", "--dry-run")
+    assert dry.code == 0, dry.err
+    assert not out.exists()
+    stages = stage_seconds(dry.out)
+    assert {"fit (ekfac)", "save"} <= set(stages) and "calibrate" not in stages, dry.out
+    assert "fit examples 64" in dry.out
 
 
 def test_dry_run_refusals_write_nothing(data, trained):

@@ -298,10 +298,11 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     from llmeraser.distributed import is_distributed, is_main_process
     from llmeraser.eraser import library_versions
     from llmeraser.hashing import adapter_hash, dataset_hash
-    from llmeraser.kfac import calibrate_step_length, fit_and_time, save_kfac
+    from llmeraser.kfac import calibrate_step_length, curvature_subset, fit_and_time, save_kfac
     from llmeraser.model import AdapterParameters
     from llmeraser.provenance import check_matches, model_fingerprint
 
+    started = time.perf_counter()
     valid_damping = args.damping is None or (args.damping >= 0 and math.isfinite(args.damping))
     if not valid_damping or (args.damping is not None and args.method != "datainf"):
         raise ValueError(f"--damping applies to --method datainf only and must be >= 0, got {args.damping}")
@@ -313,12 +314,19 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
     check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
     max_length = args.max_length or (record.recipe.max_length if record else 256)
-    chosen = examples
-    if args.curvature_examples is not None and args.curvature_examples < len(examples):
-        import torch
+    weight_decay = args.weight_decay if args.weight_decay is not None else (record.recipe.weight_decay if record else 0.0)
+    if args.dry_run:
+        from llmeraser.estimate import estimate_fit_curvature
 
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed))
-        chosen = [examples[i] for i in sorted(order[: args.curvature_examples].tolist())]
+        if is_main_process():
+            _print_dry_run("fit-curvature", time.perf_counter() - started, lambda: estimate_fit_curvature(
+                model, tokenizer, examples, args.method, batch_size=args.batch_size, seed=args.seed,
+                max_length=max_length, curvature_examples=args.curvature_examples, damping=args.damping,
+                calibration_examples=args.calibration_examples, calibration_directions=args.calibration_directions,
+                calibration_damping=args.calibration_damping, weight_decay=weight_decay,
+            ))
+        return
+    chosen = curvature_subset(examples, args.curvature_examples, args.seed)
     items = tokenize_examples(tokenizer, chosen, TokenizationConfig(max_length=max_length))
     params = AdapterParameters.of(model)
     factors, seconds = fit_and_time(model, params, items, tokenizer.pad_token_id, args.batch_size, args.seed,
@@ -326,8 +334,7 @@ def _fit_curvature(args: argparse.Namespace) -> None:
                                     method=args.method, damping=args.damping)
     calibration = None
     if args.calibration_examples > 0:  # the step length of erase --curvature-use direct, against the exact operator
-        weight_decay = args.weight_decay if args.weight_decay is not None else (record.recipe.weight_decay if record else 0.0)
-        every = items if chosen is examples else tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+        every = items if len(chosen) == len(examples) else tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
         calibration = calibrate_step_length(
             model, params, factors, every, tokenizer.pad_token_id, args.calibration_examples,
             args.calibration_directions, args.calibration_damping, weight_decay, "gauss-newton", args.batch_size,
@@ -765,6 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="recipe's λ_wd for the calibration (default: from the training record, else 0)")
     fit.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
     _add_dtype(fit)
+    _add_dry_run(fit, "fit (load, tokenise, fit, step-length calibration, save)")
     fit.set_defaults(run=_fit_curvature)
 
     retrain = command("retrain", "train from scratch on the edited training set with the same recipe (exact reference)")

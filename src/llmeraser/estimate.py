@@ -1,5 +1,5 @@
-"""Dry-run estimates: the time and peak memory of each stage of ``train`` and ``erase``, from a few timed
-probe steps, without training, solving or writing anything.
+"""Dry-run estimates: the time and peak memory of each stage of ``train``, ``erase`` and ``fit-curvature``,
+from a few timed probe steps, without training, solving, fitting or writing anything.
 
 How the time is estimated:
 
@@ -23,6 +23,12 @@ How the time is estimated:
   cg adds one K-FAC inverse per iteration, and ``curvature_use="direct"`` is one inverse + one product
   over the probe subset (no product when the cache's step length calibration holds and no
   ``probe_examples`` are asked for).
+- ``fit-curvature`` (``estimate_fit_curvature``): K-FAC = one sampled forward + backward per batch of
+  the fit examples (``kfac.kfac_sums``) + the eigendecompositions of the factors (timed once on the
+  probe's factors: their sizes do not depend on the data); EK-FAC = that + the second sampled pass
+  (``kfac.ekfac_sums``); DataInf = the per-example gradients of every batch (``kfac.fit_datainf``); the
+  step-length calibration = the per-example gradients of the directions + one cached-curvature inverse
+  and one exact Gauss-Newton product over the calibration examples per direction.
 - The warm-up call's excess over the model (first-call initialisation) is added once per stage, as a
   real run pays it once: it dominates stages of a few calls.
 - Iterative solvers may stop before max_iters (at ``tol``, or on a stall): the solve estimate is for
@@ -31,7 +37,8 @@ How the time is estimated:
 Memory: the process's peak resident set size (RSS, ``getrusage``) after the stage's probes, which ran
 the stage's largest batch with the real code. It is a *process* peak: monotone over the run, and it
 includes the Python runtime, the libraries, the model and every earlier stage; it is the same measure
-the erasure report records. For the direct solver the dense p × p matrices are added analytically.
+the erasure report records. For the direct solver the dense p × p matrices are added analytically, for
+DataInf the n × p per-example gradients before their float32 copy.
 """
 
 from __future__ import annotations
@@ -189,6 +196,16 @@ def timed(operation: Callable[[], Any], settings: ProbeSettings) -> tuple[float,
     return total / count, count
 
 
+def warm_timed(operation: Callable[[], Any], settings: ProbeSettings) -> tuple[Any, float, float]:
+    """(the result of a first, warm-up call of ``operation()``, the mean seconds of later calls (``timed``),
+    the first call's excess over that mean)."""
+    start = time.perf_counter()
+    result = operation()
+    first = time.perf_counter() - start
+    seconds, _ = timed(operation, settings)
+    return result, seconds, max(0.0, first - seconds)
+
+
 def representative_batches(batches: Sequence[Sequence[TokenizedExample]]) -> list[Sequence[TokenizedExample]]:
     """The batch with the most padded tokens and the median one (one batch if they coincide)."""
     ranked = sorted(batches, key=batch_tokens)
@@ -256,6 +273,20 @@ def _save_seconds(params: AdapterParameters) -> float:
     data = save({name: tensor.detach().contiguous() for name, tensor in zip(params.names, params.tensors)})
     hashlib.sha256(data).hexdigest()
     hashlib.sha256(data).hexdigest()  # the output hash reads the written weights back
+    return time.perf_counter() - start
+
+
+def _save_cache_seconds(factors: dict[str, Any], examples: Sequence[Example]) -> float:
+    """The data hash of the cache's metadata and the cache's tensors serialised in memory (safetensors):
+    the work of ``save_kfac``, without writing."""
+    from safetensors.torch import save
+
+    from llmeraser.hashing import dataset_hash
+    from llmeraser.kfac import cache_tensors
+
+    start = time.perf_counter()
+    dataset_hash(examples)
+    save(cache_tensors(factors))
     return time.perf_counter() - start
 
 
@@ -478,11 +509,7 @@ def _estimate_kfac(
     from llmeraser.kfac import KfacInverse
 
     inverse = KfacInverse(kfac, params, config.weight_decay + config.damping)
-    start = time.perf_counter()
-    inverse(vector)  # warm-up
-    first = time.perf_counter() - start
-    inverse_s, _ = timed(lambda: inverse(vector), settings)
-    first_call_s = max(0.0, first - inverse_s)
+    _, inverse_s, first_call_s = warm_timed(lambda: inverse(vector), settings)
     shift = config.weight_decay + config.damping
     calibrated = calibration is not None and calibration.mismatch(shift, config.curvature) is None
     if config.curvature_use == "direct" and calibrated and not config.probe_examples:
@@ -566,3 +593,142 @@ def _estimate_direct(
     how = (f"{dim} basis products in chunks of {chunk} over {len(batches)} batches ({config.curvature}) + "
            f"factorisation; {probes} probe products")
     return seconds, how, extra_mib
+
+
+# ---------------------------------------------------------------------------------------- fit-curvature
+
+
+def estimate_fit_curvature(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    method: str = "kfac",
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_length: int = 256,
+    curvature_examples: int | None = None,
+    damping: float | None = None,
+    calibration_examples: int = 16,
+    calibration_directions: int = 8,
+    calibration_damping: float = 1e-2,
+    weight_decay: float = 0.0,
+    settings: ProbeSettings | None = None,
+) -> RunEstimate:
+    """Estimate ``fit-curvature`` (``fit_and_time``, ``calibrate_step_length`` when ``calibration_examples``
+    > 0, ``save_kfac``) from a few timed probe passes on its own batches; θ is untouched.
+
+    The fit examples (``curvature_subset``) and the calibration's draws (``calibration_draws``) are those
+    of the real run; see the module docstring for what is timed per method."""
+    from llmeraser.curvature import CurvatureOperator
+    from llmeraser.gradients import per_example_gradients
+    from llmeraser.kfac import (
+        METHODS,
+        DataInfLayer,
+        KfacInverse,
+        calibration_draws,
+        curvature_subset,
+        ekfac_sums,
+        fit_datainf,
+        kfac_factors,
+        kfac_sums,
+    )
+
+    if method not in METHODS:
+        raise ValueError(f"unknown curvature method {method!r} (expected one of: {', '.join(METHODS)})")
+    settings = settings or ProbeSettings()
+    model.eval()
+    params = AdapterParameters.of(model)
+    pad = tokenizer.pad_token_id
+    stages = []
+
+    start = time.perf_counter()  # the same tokenisation as ``fit-curvature``
+    chosen = curvature_subset(examples, curvature_examples, seed)
+    tokenization = TokenizationConfig(max_length=max_length)
+    items = tokenize_examples(tokenizer, chosen, tokenization)
+    every = items
+    if calibration_examples > 0 and len(chosen) < len(examples):
+        every = tokenize_examples(tokenizer, examples, tokenization)
+    stages.append(measured_stage("tokenize", time.perf_counter() - start))
+
+    n = len(items)
+    batches = chunks(items, batch_size)
+    tokens = [batch_tokens(b) for b in batches]
+    extra_mib = 0.0
+    last: dict[str, Any] = {}
+    if method in ("kfac", "ekfac"):
+        def sampled_pass(batch: Sequence[TokenizedExample]) -> None:
+            last["sums"] = kfac_sums(model, params, batch, pad, len(batch), seed)
+
+        cost = fit_batch_cost(sampled_pass, batches, settings)
+        sums_a, sums_g, positions = last["sums"]
+        factors, eigh_s, eigh_first = warm_timed(
+            lambda: kfac_factors(model, params, sums_a, sums_g, n, positions), settings
+        )
+        seconds = cost.total(tokens) + cost.first_call_s + eigh_s + eigh_first
+        how = (f"1 sampled forward/backward pass over {len(batches)} batches + the factors' eigendecompositions; "
+               f"{cost.probes} probe passes")
+        if method == "ekfac":
+            second = fit_batch_cost(
+                lambda batch: ekfac_sums(model, params, factors, batch, pad, len(batch), seed), batches, settings
+            )
+            seconds += second.total(tokens) + second.first_call_s
+            how = (f"2 sampled forward/backward passes over {len(batches)} batches + the factors' "
+                   f"eigendecompositions; {cost.probes + second.probes} probe passes")
+    else:
+        def gradients(batch: Sequence[TokenizedExample]) -> None:
+            last["layers"] = fit_datainf(model, params, batch, pad, len(batch), damping)
+
+        cost = fit_batch_cost(gradients, batches, settings)
+        seconds = cost.total(tokens) + cost.first_call_s
+        how = f"per-example gradients over {len(batches)} batches; {cost.probes} probe passes"
+        # the n × p per-example gradients the real run stores (the probe's, repeated), and their
+        # concatenation in θ's dtype before the float32 copy
+        factors = {name: DataInfLayer(_repeat_rows(layer.gradients, n), layer.damping)
+                   for name, layer in last["layers"].items()}
+        extra_mib = n * params.dim * params.tensors[0].element_size() / MIB
+    stages.append(StageEstimate(f"fit ({method})", seconds, peak_memory_mb() + extra_mib, how))
+
+    calibration_note = []
+    if calibration_examples > 0:
+        curvature_items, direction_items = calibration_draws(every, calibration_examples, calibration_directions, seed)
+        directions = len(direction_items)
+        gradient_batches = chunks(direction_items, batch_size)
+        gradient_cost = fit_batch_cost(
+            lambda batch: per_example_gradients(model, params, batch, pad, len(batch)), gradient_batches, settings
+        )
+        dtype = params.tensors[0].dtype
+        vector = 1e-3 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0),
+                                    dtype=torch.float64).to(dtype)
+        inverse = KfacInverse(factors, params, calibration_damping + weight_decay)
+        _, inverse_s, inverse_first = warm_timed(lambda: inverse(vector), settings)
+        product_batches = chunks(curvature_items, batch_size)
+        product_cost = fit_batch_cost(
+            lambda batch: CurvatureOperator(model, params, list(batch), pad, "gauss-newton", calibration_damping,
+                                            weight_decay, max(len(batch), 1)).matvec(vector),
+            product_batches, settings,
+        )
+        seconds = (gradient_cost.total([batch_tokens(b) for b in gradient_batches]) + gradient_cost.first_call_s
+                   + directions * inverse_s + inverse_first
+                   + directions * product_cost.total([batch_tokens(b) for b in product_batches])
+                   + product_cost.first_call_s)
+        how = (f"per-example gradients of {directions} directions + {directions} inverses and {directions} exact "
+               f"Gauss-Newton products over {len(curvature_items)} examples ({len(product_batches)} batches); "
+               f"{gradient_cost.probes + product_cost.probes} probe passes")
+        stages.append(StageEstimate("calibrate", seconds, peak_memory_mb() + extra_mib, how))
+    else:
+        calibration_note = ["--calibration-examples 0: no step-length calibration"]
+
+    stages.append(StageEstimate("save", _save_cache_seconds(factors, examples), peak_memory_mb() + extra_mib,
+                                "data hash + in-memory serialisation of the cache"))
+    sizes = {**_sizes(model, params), "fit examples": n}
+    if calibration_examples > 0:
+        sizes["calibration"] = f"{directions} directions × {len(curvature_items)} examples"
+    notes = _notes() + calibration_note
+    return RunEstimate("fit-curvature", stages, sizes, notes)
+
+
+def _repeat_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` rows made of ``rows`` repeated (the shape, dtype and memory of ``count`` real ones)."""
+    repeats = math.ceil(count / max(len(rows), 1))
+    return rows.repeat(repeats, *([1] * (rows.dim() - 1)))[:count].contiguous()

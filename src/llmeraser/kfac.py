@@ -201,6 +201,23 @@ def fit_kfac(
     ``distributed``: ``items`` are all examples; this rank fits on its share of the batches and the factor
     sums and counts are all-reduced, with the same result as one process.
     """
+    sums_a, sums_g, loss_positions = kfac_sums(model, params, items, pad_token_id, batch_size, seed, distributed)
+    if distributed:
+        loss_positions = _all_reduce_sums([*sums_a.values(), *sums_g.values()], loss_positions)
+    return kfac_factors(model, params, sums_a, sums_g, len(items), loss_positions)
+
+
+def kfac_sums(
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    distributed: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], int]:
+    """The sampled pass of ``fit_kfac``: the unnormalised factor sums (Σ ā āᵀ, Σ δ̄ δ̄ᵀ) of every LoRA
+    layer over this process's batches of ``items``, and the number of loss positions."""
     layers = lora_layers(model, params)
     _check_factor_sizes(layers)
     sums_a = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
@@ -227,12 +244,23 @@ def fit_kfac(
     loss_positions = _sampled_passes(
         model, layers, params, items, pad_token_id, batch_size, seed, on_input, on_output_grad, distributed
     )
-    if distributed:
-        loss_positions = _all_reduce_sums([*sums_a.values(), *sums_g.values()], loss_positions)
+    return sums_a, sums_g, loss_positions
+
+
+def kfac_factors(
+    model: Any,
+    params: AdapterParameters,
+    sums_a: dict[str, Tensor],
+    sums_g: dict[str, Tensor],
+    n_items: int,
+    loss_positions: int,
+) -> dict[str, KroneckerFactors]:
+    """The K-FAC factors from ``kfac_sums`` over ``n_items`` examples: the eigendecompositions of A and G."""
+    expand = output_layer_names(model, params)
     factors = {}
-    for name in layers:
-        a = sums_a[name] / (loss_positions if name in expand else len(items))
-        g = sums_g[name] / len(items)
+    for name in sums_a:
+        a = sums_a[name] / (loss_positions if name in expand else n_items)
+        g = sums_g[name] / n_items
         a_values, a_vectors = torch.linalg.eigh(0.5 * (a + a.T))
         g_values, g_vectors = torch.linalg.eigh(0.5 * (g + g.T))
         factors[name] = KroneckerFactors(a_vectors, a_values.clamp_min(0), g_vectors, g_values.clamp_min(0))
@@ -261,6 +289,23 @@ def fit_ekfac(
     Λ is the best diagonal in the eigenbasis: it minimises ‖Q diag(Λ) Qᵀ − (1/N) Σ_i vec(g_i)vec(g_i)ᵀ‖_F.
     ``distributed``: as for ``fit_kfac``."""
     factors = fit_kfac(model, params, items, pad_token_id, batch_size, seed, distributed)
+    sums = ekfac_sums(model, params, factors, items, pad_token_id, batch_size, seed, distributed)
+    if distributed:
+        _all_reduce_sums(list(sums.values()), 0)
+    return {name: replace(factor, corrected=sums[name] / len(items)) for name, factor in factors.items()}
+
+
+def ekfac_sums(
+    model: Any,
+    params: AdapterParameters,
+    factors: dict[str, KroneckerFactors],
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    distributed: bool = False,
+) -> dict[str, Tensor]:
+    """The second pass of ``fit_ekfac``: Σ_i (Q_Gᵀ g_i Q_A)² of every LoRA layer over this process's batches."""
     layers = lora_layers(model, params)
     sums = {name: torch.zeros(m.out_features, m.in_features, dtype=torch.float64) for name, m in layers.items()}
     inputs: dict[str, Tensor] = {}
@@ -274,9 +319,7 @@ def fit_ekfac(
         sums[name] += eigenbasis_diagonal(factors[name], gradients)
 
     _sampled_passes(model, layers, params, items, pad_token_id, batch_size, seed, on_input, on_output_grad, distributed)
-    if distributed:
-        _all_reduce_sums(list(sums.values()), 0)
-    return {name: replace(factor, corrected=sums[name] / len(items)) for name, factor in factors.items()}
+    return sums
 
 
 # --- data parallelism: the batches a rank fits on, and the reduction of its sums -----------------------
@@ -409,6 +452,17 @@ def curvature_file(method: str) -> str:
     return DATAINF_FILE if method == "datainf" else CURVATURE_FILE
 
 
+def cache_tensors(factors: dict[str, CurvatureLayer]) -> dict[str, Tensor]:
+    """The tensors of the cache's tensor file: ``layer::field`` for every stored field of every layer."""
+    tensors = {}
+    for name, factor in factors.items():
+        for field in fields(factor):
+            value = getattr(factor, field.name)
+            if value is not None:
+                tensors[f"{name}::{field.name}"] = value.contiguous()
+    return tensors
+
+
 def save_kfac(
     factors: dict[str, CurvatureLayer], out_dir: str | Path, metadata: dict[str, Any]
 ) -> Path:
@@ -418,13 +472,7 @@ def save_kfac(
 
     method = cache_method(factors)
     with atomic_directory(out_dir) as tmp:
-        tensors = {}
-        for name, factor in factors.items():
-            for field in fields(factor):
-                value = getattr(factor, field.name)
-                if value is not None:
-                    tensors[f"{name}::{field.name}"] = value.contiguous()
-        save_file(tensors, str(tmp / curvature_file(method)))
+        save_file(cache_tensors(factors), str(tmp / curvature_file(method)))
         metadata = {**metadata, "kind": method}
         (tmp / CURVATURE_META).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(out_dir)
@@ -457,6 +505,15 @@ def load_kfac(curvature_dir: str | Path, expected: dict[str, str]) -> tuple[dict
         layers.setdefault(name, {})[field] = tensor
     kind = DataInfLayer if method == "datainf" else KroneckerFactors
     return {name: kind(**values) for name, values in layers.items()}, metadata
+
+
+def curvature_subset(examples: Sequence[Any], count: int | None, seed: int) -> list[Any]:
+    """The examples ``fit-curvature --curvature-examples count`` fits on: a seeded random subset of ``count``
+    (in the data's order), or all of them when ``count`` is None or not smaller."""
+    if count is None or count >= len(examples):
+        return list(examples)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
+    return [examples[i] for i in sorted(order[:count].tolist())]
 
 
 def fit_and_time(
@@ -540,6 +597,16 @@ def load_calibration(metadata: dict[str, Any]) -> StepCalibration | None:
     return StepCalibration.from_json(stored) if stored else None
 
 
+def calibration_draws(
+    items: Sequence[TokenizedExample], examples: int, directions: int, seed: int
+) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    """The seeded random draws of ``calibrate_step_length``: (the exact operator's ``examples`` items, the
+    ``directions`` items whose per-example gradients give the directions), each in the items' order."""
+    subset = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[: min(examples, len(items))]
+    drawn = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + 1))[: min(directions, len(items))]
+    return [items[i] for i in sorted(subset.tolist())], [items[i] for i in sorted(drawn.tolist())]
+
+
 def calibrate_step_length(
     model: Any,
     params: AdapterParameters,
@@ -564,14 +631,12 @@ def calibrate_step_length(
     from llmeraser.gradients import per_example_gradients
 
     start = time.perf_counter()
-    subset = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[: min(examples, len(items))]
-    drawn = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed + 1))[: min(directions, len(items))]
-    curvature_items = [items[i] for i in sorted(subset.tolist())]
+    curvature_items, direction_items = calibration_draws(items, examples, directions, seed)
     operator = CurvatureOperator(
         model, params, shard(curvature_items) if distributed else curvature_items, pad_token_id,
         curvature, damping, weight_decay, batch_size, distributed=distributed,  # type: ignore[arg-type]
     )
-    gradients = per_example_gradients(model, params, [items[i] for i in sorted(drawn.tolist())], pad_token_id, batch_size)
+    gradients = per_example_gradients(model, params, direction_items, pad_token_id, batch_size)
     inverse = KfacInverse(factors, params, operator.shift)
     solved = torch.stack([inverse(g) for g in gradients])
     products = operator.matmat(solved)
