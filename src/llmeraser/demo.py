@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmeraser.bench.protocol import SMOLLM2_LORA, SMOLLM2_RECIPE, smollm2_erase_config
+from llmeraser.bench.protocol import SMOLLM2_LORA, SMOLLM2_RECIPE, TINY_LORA, smollm2_erase_config
 from llmeraser.bench.report import format_table
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
 from llmeraser.evaluate import (
@@ -73,7 +73,7 @@ def tiny_demo_config() -> DemoConfig:
         remove_fraction=0.05,
         query_fraction=0.05,
         response_fraction=0.05,
-        lora=LoraSettings(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "lm_head")),
+        lora=TINY_LORA,
         recipe=TrainConfig(epochs=4, lr=1e-2, batch_size=8, weight_decay=1e-2, max_length=512),
         eraser=EraseConfig(solver="cg", curvature="gauss-newton", damping=0.1, weight_decay=1e-2, max_iters=10,
                            tol=1e-3, max_length=512, curvature_examples=16, batch_size=16),

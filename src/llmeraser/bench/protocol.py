@@ -45,6 +45,7 @@ from llmeraser.train import TrainConfig, train_adapter
 
 # The SmolLM2 recipe and erase settings shared by the demo and ``llmeraser bench``.
 SMOLLM2_LORA = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
+TINY_LORA = LoraSettings(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "lm_head"))
 SMOLLM2_RECIPE = TrainConfig(epochs=2, lr=1e-3, batch_size=8, weight_decay=1e-2, max_length=256, lr_schedule="linear")
 
 
@@ -123,7 +124,7 @@ def quick_config(task: str) -> BenchConfig:
         n_nonmembers=6,
         history_length=1,
         sisa_shards=2,
-        lora=LoraSettings(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "lm_head")),
+        lora=TINY_LORA,
         recipe=TrainConfig(epochs=3, lr=1e-2, batch_size=8, weight_decay=1e-2, max_length=384),
         eraser=EraseConfig(solver="cg", curvature="gauss-newton", damping=0.1, weight_decay=1e-2, max_iters=8,
                            tol=1e-3, max_length=384, curvature_examples=12, batch_size=12, auto_damping=True),
