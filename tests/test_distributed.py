@@ -15,6 +15,7 @@ from conftest import tiny_lora_model, toy_examples
 from safetensors.torch import load_file
 
 from llmeraser.data import write_examples
+from llmeraser.kfac import load_kfac
 from llmeraser.model import save_adapter
 from llmeraser.train import TrainConfig, train_adapter
 
@@ -89,7 +90,10 @@ def test_two_process_lbfgs_equals_single_process(tmp_path):
     assert relative_max_difference(one, two) <= 1e-5
 
 
-def test_two_process_fit_curvature_equals_single_process(tmp_path):
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_two_process_fit_curvature_equals_single_process(tmp_path, method):
+    """Compared as operators: K applied to fixed random matrices, per layer (eigenvectors are defined up
+    to sign, and inside null spaces up to any rotation: EK-FAC pools its Λ there so that K is unique)."""
     model, tokenizer = tiny_lora_model(r=2, dtype=torch.float32)
     examples = toy_examples(13, seed=7)
     train_adapter(model, tokenizer, examples, TrainConfig(epochs=2, lr=2e-2, batch_size=4))
@@ -98,20 +102,24 @@ def test_two_process_fit_curvature_equals_single_process(tmp_path):
     data = tmp_path / "train.jsonl"
     write_examples(data, examples)
     run_both(["-m", "llmeraser", "fit-curvature", "--model", "tiny", "--adapter", str(adapter), "--data", str(data),
-              "--batch-size", "3"], ["--out", str(tmp_path / "one")], ["--out", str(tmp_path / "two")])
+              "--batch-size", "3", "--method", method],
+             ["--out", str(tmp_path / "one")], ["--out", str(tmp_path / "two")])
 
-    def factors(directory: Path) -> torch.Tensor:  # A and G rebuilt (eigenvectors are defined up to sign)
-        tensors = load_file(str(directory / "kfac.safetensors"))
-        layers = sorted({key.split("::")[0] for key in tensors})
+    def products(directory: Path) -> torch.Tensor:
+        factors, metadata = load_kfac(directory, {})
+        assert metadata["kind"] == method and all(f.method == method for f in factors.values())
+        generator = torch.Generator().manual_seed(0)
         pieces = []
-        for name in layers:
-            for side in ("a", "g"):
-                vectors, values = tensors[f"{name}::{side}_vectors"], tensors[f"{name}::{side}_values"]
-                pieces.append(((vectors * values) @ vectors.T).reshape(-1))
-        return torch.cat(pieces).double()
+        for name in sorted(factors):
+            shape = (len(factors[name].g_values), len(factors[name].a_values))
+            for _ in range(3):
+                pieces.append(factors[name].product(torch.randn(shape, generator=generator, dtype=torch.float64)).reshape(-1))
+        return torch.cat(pieces)
 
-    one, two = factors(tmp_path / "one"), factors(tmp_path / "two")
+    one, two = products(tmp_path / "one"), products(tmp_path / "two")
     assert float(one.norm()) > 0
     assert relative_max_difference(one, two) <= 1e-5
+    alphas = [json.loads((tmp_path / d / "curvature.json").read_text())["calibration"]["step_length"] for d in ("one", "two")]
+    assert alphas[0] == pytest.approx(alphas[1], rel=1e-5)  # the step length, calibrated with sharded exact products
     meta = json.loads((tmp_path / "two" / "curvature.json").read_text())
     assert meta["n_examples"] == 13

@@ -112,7 +112,7 @@ def test_erase_dry_run_with_kfac_direct_within_factor_2(data, trained):
     counts. Fresh processes (the console script), as a user runs them: both start cold."""
     _, _, adapter = trained
     cache = data / "kfac"
-    done = cli("fit-curvature", "--adapter", adapter, "--data", data / "train.jsonl", "--out", cache)
+    done = cli("fit-curvature", "--adapter", adapter, "--data", data / "train.jsonl", "--out", cache, "--method", "kfac")
     assert done.code == 0, done.err
     common = ["erase", "--adapter", adapter, "--data", data / "train.jsonl", "--requests", data / "requests.jsonl",
               "--curvature-cache", cache, "--curvature-use", "direct", "--damping", "1e-3"]

@@ -7,6 +7,7 @@ import json
 import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from llmeraser.kfac import (
     fit_ekfac,
     fit_kfac,
     load_kfac,
+    pooled_over_null_spaces,
     save_kfac,
 )
 from llmeraser.model import AdapterParameters
@@ -129,7 +131,8 @@ def test_fit_curvature_then_erase_with_the_cache(tmp_path):
                "--out", str(tmp_path / "erased"), "--curvature-cache", str(tmp_path / "curv"), "--curvature-use", "direct")
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "erased" / "erasure_report.json").read_text())
-    assert report["solver"]["solver"] == "kfac" and report["solver"]["curvature_cache"] == "kfac direct"
+    # EK-FAC is fit-curvature's default method
+    assert report["solver"]["solver"] == "ekfac" and report["solver"]["curvature_cache"] == "ekfac direct"
     # a cache fitted for another adapter is refused
     done = run("train", "--model", "tiny", "--data", str(data), "--out", str(tmp_path / "other"), "--lora-r", "2",
                "--epochs", "5", "--lr", "1e-2", "--weight-decay", "0.1", "--seed", "1")
@@ -170,6 +173,50 @@ def test_ekfac_diagonal_is_the_best_diagonal_in_the_kronecker_eigenbasis():
         assert best < float((basis @ torch.diag(other.reshape(-1)) @ basis.T - fisher).norm())
     v = torch.randn(4, 3, generator=generator, dtype=torch.float64)
     assert torch.allclose(ekfac.inverse_product(ekfac.product(v) + 0.3 * v, 0.3), v, atol=1e-12)
+
+
+def rotated_null_space(vectors: torch.Tensor, values: torch.Tensor, seed: int) -> torch.Tensor:
+    """Another valid eigenbasis: the null-space eigenvectors (eigenvalue 0) rotated among themselves."""
+    null = values <= 1e-10 * values.max()
+    rotation, _ = torch.linalg.qr(torch.randn(int(null.sum()), int(null.sum()), generator=torch.Generator().manual_seed(seed),
+                                              dtype=torch.float64))
+    rotated = vectors.clone()
+    rotated[:, null] = vectors[:, null] @ rotation
+    return rotated
+
+
+def test_ekfac_diagonal_does_not_depend_on_the_eigenvectors_chosen_inside_null_spaces():
+    """A of rank 1 (3 × 3) and G of rank 2 (4 × 4), as K-FAC reduce gives with few examples: eigh may return
+    any basis of their null spaces (another one for sums added in another order, e.g. on 2 processes). The
+    raw refitted Λ changes with that choice; the pooled one (``fit_ekfac``'s) gives the same operator."""
+    generator = torch.Generator().manual_seed(3)
+    x_a = torch.randn(3, 1, generator=generator, dtype=torch.float64)
+    x_g = torch.randn(4, 2, generator=generator, dtype=torch.float64)
+    a_values, a_vectors = torch.linalg.eigh(x_a @ x_a.T)
+    g_values, g_vectors = torch.linalg.eigh(x_g @ x_g.T)
+    a_values, g_values = a_values.clamp_min(0), g_values.clamp_min(0)
+    gradients = torch.randn(20, 4, 3, generator=generator, dtype=torch.float64)  # with null-space components
+    shape = torch.Size([4, 3])
+
+    def operators(pool: bool) -> list[torch.Tensor]:
+        out = []
+        for seed in range(3):
+            factor = KroneckerFactors(rotated_null_space(a_vectors, a_values, seed), a_values,
+                                      rotated_null_space(g_vectors, g_values, seed + 10), g_values)
+            diagonal = eigenbasis_diagonal(factor, gradients) / len(gradients)
+            corrected = pooled_over_null_spaces(factor, diagonal) if pool else diagonal
+            out.append(dense(replace(factor, corrected=corrected), shape))
+        return out
+
+    raw, pooled = operators(pool=False), operators(pool=True)
+    assert max(float((m - raw[0]).norm() / raw[0].norm()) for m in raw[1:]) > 1e-3  # the raw Λ depends on the basis
+    for matrix in pooled[1:]:
+        assert torch.allclose(matrix, pooled[0], atol=1e-12)
+    # off the null spaces nothing changes: the (range of G) × (range of A) block keeps its refitted values
+    factor = KroneckerFactors(a_vectors, a_values, g_vectors, g_values)
+    diagonal = eigenbasis_diagonal(factor, gradients) / len(gradients)
+    kept = torch.outer(g_values > 1e-10 * g_values.max(), a_values > 1e-10 * a_values.max())
+    assert torch.equal(pooled_over_null_spaces(factor, diagonal)[kept], diagonal[kept])
 
 
 @pytest.fixture(scope="module")

@@ -298,7 +298,7 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     from llmeraser.distributed import is_distributed, is_main_process
     from llmeraser.eraser import library_versions
     from llmeraser.hashing import adapter_hash, dataset_hash
-    from llmeraser.kfac import calibrate_step_length, curvature_subset, fit_and_time, save_kfac
+    from llmeraser.kfac import curvature_subset, fit_cached_curvature, save_kfac
     from llmeraser.model import AdapterParameters
     from llmeraser.provenance import check_matches, model_fingerprint
 
@@ -329,17 +329,17 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     chosen = curvature_subset(examples, args.curvature_examples, args.seed)
     items = tokenize_examples(tokenizer, chosen, TokenizationConfig(max_length=max_length))
     params = AdapterParameters.of(model)
-    factors, seconds = fit_and_time(model, params, items, tokenizer.pad_token_id, args.batch_size, args.seed,
-                                    distributed=is_distributed(),  # each rank fits its batches; sums all-reduced
-                                    method=args.method, damping=args.damping)
-    calibration = None
-    if args.calibration_examples > 0:  # the step length of erase --curvature-use direct, against the exact operator
-        every = items if len(chosen) == len(examples) else tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
-        calibration = calibrate_step_length(
-            model, params, factors, every, tokenizer.pad_token_id, args.calibration_examples,
-            args.calibration_directions, args.calibration_damping, weight_decay, "gauss-newton", args.batch_size,
-            args.seed, distributed=is_distributed(),
-        )
+    every = items if len(chosen) == len(examples) else None  # the step length is calibrated on all examples
+    if every is None and args.calibration_examples > 0:
+        every = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+    cache = fit_cached_curvature(
+        model, params, items, tokenizer.pad_token_id, args.method, damping=args.calibration_damping,
+        weight_decay=weight_decay, batch_size=args.batch_size, seed=args.seed,
+        calibration_examples=args.calibration_examples, calibration_directions=args.calibration_directions,
+        calibration_items=every, datainf_damping=args.damping,
+        distributed=is_distributed(),  # each rank fits its batches; sums and exact products all-reduced
+    )
+    factors, seconds, calibration = cache.factors, cache.fit_s, cache.calibration
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
     metadata = {
@@ -754,9 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     fit.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the subset and of the sampled labels")
-    fit.add_argument("--method", default="kfac", choices=["kfac", "ekfac", "datainf"],
-                     help="kfac: Kronecker factors per LoRA layer; ekfac: K-FAC eigenbases with the diagonal refitted "
-                     "from per-example gradients; datainf: per-example gradients for DataInf's closed form "
+    fit.add_argument("--method", default="ekfac", choices=["kfac", "ekfac", "datainf"],
+                     help="ekfac (default): K-FAC eigenbases with the diagonal refitted from per-example gradients (a "
+                     "second pass); kfac: Kronecker factors per LoRA layer; datainf: per-example gradients for DataInf's closed form "
                      "(stores n x p float32 numbers: bound n with --curvature-examples)")
     fit.add_argument("--damping", type=float, default=None,
                      help="datainf only: λ_l of every layer (default: DataInf's 0.1 · mean ‖g_i‖² / d_l)")

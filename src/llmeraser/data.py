@@ -119,6 +119,32 @@ def tokenize_examples(
     return [tokenize_example(tokenizer, example, config) for example in examples]
 
 
+class TokenizedOnDemand(Sequence[TokenizedExample]):
+    """``tokenize_examples(tokenizer, examples, config)``, run on the first access to an item. The length
+    is known without tokenising, so a consumer that only counts the examples (erase's calibrated direct
+    solve, which never multiplies by the curvature) does not pay for tokenising the training set."""
+
+    def __init__(self, tokenizer: Any, examples: Sequence[Example], config: TokenizationConfig) -> None:
+        self.tokenizer, self.examples, self.config = tokenizer, list(examples), config
+        self._items: list[TokenizedExample] | None = None
+
+    @property
+    def tokenized(self) -> bool:
+        """Whether the items have been tokenised (read) yet."""
+        return self._items is not None
+
+    def items(self) -> list[TokenizedExample]:
+        if self._items is None:
+            self._items = tokenize_examples(self.tokenizer, self.examples, self.config)
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.items()[index]
+
+
 def collate(items: Sequence[TokenizedExample], pad_token_id: int) -> dict[str, Tensor]:
     """Right-pad a list of tokenised examples into a batch.
 

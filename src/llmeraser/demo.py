@@ -4,7 +4,10 @@
 2. Corrupt it: noisy histories in some prompts, flipped Yes/No labels in others (``mixed_task``).
 3. Fine-tune a LoRA adapter on the corrupted set (the "original" adapter).
 4. One mixed request file: remove some examples, restore the clean prompts, correct the labels.
-5. Erase with llmeraser; retrain from the same initial adapter, recipe and seed on the edited set.
+5. Fit the adapter's curvature once (EK-FAC over the training set, its step length calibrated against
+   the exact Gauss–Newton operator: ``fit-curvature``), then erase with it (``erase --curvature-cache
+   --curvature-use direct``: the gradients of the edited examples and one cached solve); retrain from the
+   same initial adapter, recipe and seed on the edited set.
 6. One table: for original, erased and retrained adapters, the loss of the edited examples' old and new
    versions, the loss on the rest of the training set, held-out AUC, KL to the retrained model on the
    edited examples, and wall time.
@@ -24,6 +27,7 @@ import torch
 
 from llmeraser.bench.protocol import SMOLLM2_LORA, SMOLLM2_RECIPE, TINY_LORA, smollm2_erase_config
 from llmeraser.bench.report import format_table
+from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
 from llmeraser.evaluate import (
     answer_scores,
@@ -32,6 +36,7 @@ from llmeraser.evaluate import (
     example_loss_values,
     function_space_distance,
 )
+from llmeraser.kfac import fit_cached_curvature
 from llmeraser.model import (
     AdapterParameters,
     LoraSettings,
@@ -59,7 +64,10 @@ class DemoConfig:
     seed: int = 0
     lora: LoraSettings = SMOLLM2_LORA
     recipe: TrainConfig = SMOLLM2_RECIPE
-    eraser: EraseConfig = field(default_factory=smollm2_erase_config)
+    eraser: EraseConfig = field(default_factory=lambda: smollm2_erase_config(curvature_use="direct"))
+    cache_method: str = "ekfac"
+    calibration_examples: int = 8
+    calibration_directions: int = 4
 
 
 def tiny_demo_config() -> DemoConfig:
@@ -76,7 +84,7 @@ def tiny_demo_config() -> DemoConfig:
         lora=TINY_LORA,
         recipe=TrainConfig(epochs=4, lr=1e-2, batch_size=8, weight_decay=1e-2, max_length=512),
         eraser=EraseConfig(solver="cg", curvature="gauss-newton", damping=0.1, weight_decay=1e-2, max_iters=10,
-                           tol=1e-3, max_length=512, curvature_examples=16, batch_size=16),
+                           tol=1e-3, max_length=512, curvature_examples=16, batch_size=16, curvature_use="direct"),
     )
 
 
@@ -96,14 +104,25 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     trained = train_adapter(model, tokenizer, task.train, config.recipe, progress=True)
     theta = params.flat()
 
+    log(f"fit-curvature: {config.cache_method} on {len(task.train)} examples + step-length calibration")
+    eraser = config.eraser
+    start = time.perf_counter()
+    cache = fit_cached_curvature(
+        model, params, tokenize_examples(tokenizer, task.train, TokenizationConfig(eraser.max_length)),
+        tokenizer.pad_token_id, config.cache_method, damping=eraser.damping, weight_decay=eraser.weight_decay,
+        curvature=eraser.curvature, batch_size=eraser.batch_size, seed=config.seed,
+        calibration_examples=config.calibration_examples, calibration_directions=config.calibration_directions,
+    )
+    fit_time = time.perf_counter() - start
+
     pairs = resolve(task.requests, task.train)
     counts = {op: sum(p.request.op == op for p in pairs) for op in ("remove", "modify_query", "correct_response")}
     log(f"erase: {counts}")
     start = time.perf_counter()
-    result = erase(model, tokenizer, task.train, task.requests, config.eraser, progress=True)
+    result = erase(model, tokenizer, task.train, task.requests, eraser, kfac=cache.factors, calibration=cache.calibration)
     erase_time = time.perf_counter() - start
-    log(f"  solver: {result.solver.status}, {result.solver.iterations} iterations, "
-        f"relative residual {result.solver.final_residual:.2e}")
+    solver = result.report["solver"]
+    log(f"  {solver.get('step_length_source', result.solver.status)}: step length {solver.get('step_length', float('nan')):.3g}")
 
     log(f"retrain: {len(task.target)} examples × {config.recipe.epochs} epochs (same recipe, seed, init)")
     params.assign(theta_init)
@@ -154,13 +173,17 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     log(format_table(rows, columns))
     log("")
     log("time (s): training for 'original' and 'retrained', the erase call for 'erased'. "
-        f"erase / retrain = {erase_time / retrained.wall_time_s:.2f}; peak memory {peak_memory_mb():.0f} MiB")
+        f"erase / retrain = {erase_time / retrained.wall_time_s:.3f}; fitting the curvature (once per adapter, "
+        f"reused by every later erase) took {fit_time:.1f} s; peak memory {peak_memory_mb():.0f} MiB")
     summary = {
         "config": json.loads(json.dumps(asdict(config), default=str)),
         "requests": counts,
         "rows": rows,
         "erase_report": result.report,
         "erase_time_s": erase_time,
+        "curvature_fit_time_s": fit_time,
+        "curvature": {"method": config.cache_method, "fit_s": cache.fit_s,
+                      "calibration": cache.calibration.to_json() if cache.calibration else None},
         "retrain_time_s": retrained.wall_time_s,
     }
     if out_dir is not None:

@@ -28,6 +28,7 @@ from llmeraser.data import (
     Example,
     TokenizationConfig,
     TokenizedExample,
+    TokenizedOnDemand,
     example_losses,
     iter_batches,
     tokenize_examples,
@@ -236,10 +237,11 @@ def _solve_with_damping(
 
 def prepare_erasure(
     tokenizer: Any, train: Sequence[Example], requests: Sequence[Request], config: EraseConfig
-) -> tuple[list[EditPair], list[TokenizedExample], list[TokenizedExample], list[TokenizedExample]]:
+) -> tuple[list[EditPair], list[TokenizedExample], list[TokenizedExample], TokenizedOnDemand]:
     """Resolve the requests and tokenise what the erasure differentiates: ``(pairs, old versions, new
     versions, curvature examples)``. The curvature set is the edited training set ("retrain" scaling) or
-    the original one ("paper"), subsampled to ``config.curvature_examples`` (seeded)."""
+    the original one ("paper"), subsampled to ``config.curvature_examples`` (seeded), and tokenised when
+    first read (a calibrated direct solve never reads it)."""
     pairs = resolve(requests, train)
     token_config = TokenizationConfig(max_length=config.max_length)
     old_items = tokenize_examples(tokenizer, [p.old for p in pairs], token_config)
@@ -249,7 +251,7 @@ def prepare_erasure(
         generator = torch.Generator().manual_seed(config.seed)
         chosen = torch.randperm(len(curvature_set), generator=generator)[: config.curvature_examples]
         curvature_set = [curvature_set[i] for i in sorted(chosen.tolist())]
-    return pairs, old_items, new_items, tokenize_examples(tokenizer, curvature_set, token_config)
+    return pairs, old_items, new_items, TokenizedOnDemand(tokenizer, curvature_set, token_config)
 
 
 def probe_operator(config: EraseConfig, operator: CurvatureOperator) -> CurvatureOperator:
@@ -359,7 +361,8 @@ def erase(
     parallel = is_distributed()
     removed = sum(p.new is None for p in pairs)
     if parallel:  # each rank differentiates and multiplies over its shard; sums are all-reduced
-        old_items, new_items, curvature_items = shard(old_items), shard(new_items), shard(curvature_items)
+        old_items, new_items = shard(old_items), shard(new_items)
+        curvature_items = TokenizedOnDemand(tokenizer, shard(curvature_items.examples), curvature_items.config)
 
     start = time.perf_counter()
     b = influence_rhs(
@@ -402,7 +405,8 @@ def erase(
         "damping_attempts": attempts,
         "truncated_prompts": {  # prompts cut from the left to fit max_length (the recipe's policy)
             "edited_examples": sum(item.truncated for item in [*old_items, *new_items]),
-            "curvature_examples": sum(item.truncated for item in curvature_items),
+            # None: not tokenised, because the solve never read the curvature examples
+            "curvature_examples": sum(item.truncated for item in curvature_items) if curvature_items.tokenized else None,
         },
         "config": config.to_json(),
         "timings_s": {**timings, "total_s": sum(timings.values())},

@@ -292,7 +292,28 @@ def fit_ekfac(
     sums = ekfac_sums(model, params, factors, items, pad_token_id, batch_size, seed, distributed)
     if distributed:
         _all_reduce_sums(list(sums.values()), 0)
-    return {name: replace(factor, corrected=sums[name] / len(items)) for name, factor in factors.items()}
+    return {name: replace(factor, corrected=pooled_over_null_spaces(factor, sums[name] / len(items)))
+            for name, factor in factors.items()}
+
+
+NULL_RTOL = 1e-10
+
+
+def pooled_over_null_spaces(factor: KroneckerFactors, diagonal: Tensor, rtol: float = NULL_RTOL) -> Tensor:
+    """The EK-FAC diagonal Λ (out × in) made independent of the arbitrary eigenvectors of A's and G's null
+    spaces (eigenvalues ≤ ``rtol`` × the largest; K-FAC reduce's A has rank ≤ N, below the layer width for
+    few examples). Inside a null space eigh returns any orthonormal basis — a different one for sums
+    added in another order, e.g. on 2 processes — and Λ's entries there depend on it; their mean over the
+    null-space indices (per row for A's, per column for G's, over the block for both) does not. The mean is
+    the best (Frobenius) choice among diagonals that are constant on those blocks."""
+    pooled = diagonal.clone()
+    null_a = factor.a_values <= rtol * factor.a_values.max()
+    null_g = factor.g_values <= rtol * factor.g_values.max()
+    if int(null_a.sum()) > 1:
+        pooled[:, null_a] = pooled[:, null_a].mean(dim=1, keepdim=True)
+    if int(null_g.sum()) > 1:
+        pooled[null_g, :] = pooled[null_g, :].mean(dim=0, keepdim=True)
+    return pooled
 
 
 def ekfac_sums(
@@ -646,3 +667,45 @@ def calibrate_step_length(
                  for g, hd in zip(gradients, products)]
     return StepCalibration(alpha, alphas, residuals, damping, weight_decay, curvature, operator.count, len(alphas),
                            seed, time.perf_counter() - start)
+
+
+@dataclass
+class CachedCurvature:
+    """A fitted curvature cache with its fit-time step length: what ``fit-curvature`` writes and
+    ``erase --curvature-use direct`` reads. ``fit_s``, ``calibration.time_s``: wall seconds."""
+
+    factors: dict[str, CurvatureLayer]
+    calibration: StepCalibration | None
+    fit_s: float
+
+
+def fit_cached_curvature(
+    model: Any,
+    params: AdapterParameters,
+    items: Sequence[TokenizedExample],
+    pad_token_id: int,
+    method: str = "ekfac",
+    *,
+    damping: float = 1e-2,
+    weight_decay: float = 0.0,
+    curvature: str = "gauss-newton",
+    batch_size: int = 8,
+    seed: int = 0,
+    calibration_examples: int = 8,
+    calibration_directions: int = 4,
+    calibration_items: Sequence[TokenizedExample] | None = None,
+    datainf_damping: float | None = None,
+    distributed: bool = False,
+) -> CachedCurvature:
+    """Fit the ``method`` curvature on ``items`` and calibrate its step length (``calibrate_step_length``)
+    for erasures at ``damping`` + ``weight_decay`` on ``calibration_items`` (default: ``items``);
+    ``calibration_examples=0``: no calibration (``erase`` then probes the exact operator itself)."""
+    factors, seconds = fit_and_time(model, params, items, pad_token_id, batch_size, seed, distributed, method,
+                                    datainf_damping)
+    calibration = None
+    if calibration_examples > 0:
+        calibration = calibrate_step_length(
+            model, params, factors, items if calibration_items is None else calibration_items, pad_token_id,
+            calibration_examples, calibration_directions, damping, weight_decay, curvature, batch_size, seed, distributed,
+        )
+    return CachedCurvature(factors, calibration, seconds)

@@ -36,7 +36,7 @@ from llmeraser.bench.pii import pii_task, score_pii
 from llmeraser.bench.resources import machine, measured
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase
-from llmeraser.kfac import calibrate_step_length, fit_and_time
+from llmeraser.kfac import fit_cached_curvature
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
 from llmeraser.recsys.corruption import TASKS, make_task
 from llmeraser.recsys.tallrec import sample_tallrec
@@ -215,17 +215,18 @@ def run_seed(
         eraser = dataclasses.replace(config.eraser, seed=seed, curvature_use="direct", auto_damping=False)
         items = tokenize_examples(tokenizer, task.train, TokenizationConfig(eraser.max_length))
         with measured(cost, "llmeraser_cached_fit"):
-            factors, _ = fit_and_time(model, params, items, tokenizer.pad_token_id, eraser.batch_size, seed,
-                                      method=config.cache_method)
-            calibration = calibrate_step_length(
-                model, params, factors, items, tokenizer.pad_token_id, config.calibration_examples,
-                config.calibration_directions, eraser.damping, eraser.weight_decay, eraser.curvature, eraser.batch_size, seed,
+            cache = fit_cached_curvature(
+                model, params, items, tokenizer.pad_token_id, config.cache_method, damping=eraser.damping,
+                weight_decay=eraser.weight_decay, curvature=eraser.curvature, batch_size=eraser.batch_size, seed=seed,
+                calibration_examples=config.calibration_examples, calibration_directions=config.calibration_directions,
             )
+        calibration = cache.calibration
         with measured(cost, "llmeraser_cached"):
-            cached = erase(model, tokenizer, task.train, task.requests, eraser, kfac=factors, calibration=calibration)
+            cached = erase(model, tokenizer, task.train, task.requests, eraser, kfac=cache.factors, calibration=calibration)
         thetas["llmeraser_cached"] = [cached.theta_new]
         extras["cache"] = {"method": config.cache_method, "fit": cost["llmeraser_cached_fit"],
-                           "step_length": calibration.step_length, "calibration_residuals": list(calibration.residuals)}
+                           "step_length": calibration.step_length if calibration else None,
+                           "calibration_residuals": list(calibration.residuals) if calibration else []}
     if "gradient_ascent" in methods:
         log(f"  seed {seed}: gradient ascent on {len(sets.old)} removed examples")
         params.assign(theta_original)
