@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ import torch
 from llmeraser.bench.resources import machine, measured
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import TokenizationConfig, tokenize_examples
-from llmeraser.eraser import EraseConfig, erase
+from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
 from llmeraser.errors import NumericalError
 from llmeraser.evaluate import answer_scores, auc, binary_labels
 from llmeraser.gradients import summed_gradient
@@ -189,7 +188,7 @@ def load_model(args: argparse.Namespace) -> tuple:
 def stage_peak_memory(stage: str, work: str) -> dict:
     """Run ``stage`` in a fresh process of this script (the same arguments) and return its
     ``{"seconds", "peak_rss_mib"}``: the process's peak resident memory over its whole life (model loading
-    included), so that stages are compared as the separate commands a user runs, not inside one long
+    included; ``eraser.peak_memory_mb``, the measure erasure_report.json records), so that stages are compared as the separate commands a user runs, not inside one long
     process whose resident memory keeps what earlier stages allocated."""
     command = [sys.executable, *sys.argv, "--memory-stage", stage, "--memory-dir", work]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -215,7 +214,7 @@ def run_memory_stage(args: argparse.Namespace) -> None:
                              curvature_use="direct", seed=args.seed)
         erase(model, tokenizer, train, requests, config, kfac=factors, calibration=load_calibration(metadata))
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_memory_mb()}))
 
 
 def render(results: dict) -> str:

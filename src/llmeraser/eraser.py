@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import platform
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -112,11 +113,26 @@ class ErasureResult:
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (plus the CUDA peak when on a GPU)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident memory of this process so far, in MiB (plus the CUDA peak when on a GPU).
+
+    Linux: ``VmHWM`` of ``/proc/self/status``, the high-water mark of this program's own memory.
+    ``getrusage``'s ``ru_maxrss`` survives ``exec``: a command started from a large process (a benchmark, a
+    notebook, a pipeline) would report its parent's peak. Elsewhere ``ru_maxrss`` (bytes on macOS)."""
+    peak = _resident_high_water_mib()
     if torch.cuda.is_available():
         peak += torch.cuda.max_memory_allocated() / 2**20
     return peak
+
+
+def _resident_high_water_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024.0
 
 
 def _solver_options(
