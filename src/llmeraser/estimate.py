@@ -34,7 +34,7 @@ How the time is estimated:
 - Iterative solvers may stop before max_iters (at ``tol``, or on a stall): the solve estimate is for
   running all of them, an upper bound.
 
-Memory: the process's peak resident set size (RSS, ``getrusage``) after the stage's probes, which ran
+Memory: the process's peak resident set size (RSS, ``eraser.peak_memory_mb``) after the stage's probes, which ran
 the stage's largest batch with the real code. It is a *process* peak: monotone over the run, and it
 includes the Python runtime, the libraries, the model and every earlier stage; it is the same measure
 the erasure report records. For the direct solver the dense p × p matrices are added analytically, for
