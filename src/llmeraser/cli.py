@@ -287,8 +287,9 @@ def _erase(args: argparse.Namespace) -> None:
         fallback = solver.details.get("step_length_fallback")
         print(f"step length α = {solver.details['step_length']:.4g} ({solver.details['step_length_source']}"
               + (f": {fallback})" if fallback else ")"))
+    residual = "not measured" if math.isnan(solver.final_residual) else f"{solver.final_residual:.2e}"
     print(f"requests {result.report['requests']}; {solver.solver}: {solver.status}, {solver.iterations} iterations, "
-          f"relative residual {solver.final_residual:.2e}; ‖v‖ = {result.report['update_norm']:.3e}; "
+          f"relative residual {residual}; ‖v‖ = {result.report['update_norm']:.3e}; "
           f"{result.report['timings_s']['total_s']:.1f} s")
     print(f"erased adapter written to {args.out} (report: {report_path})")
 

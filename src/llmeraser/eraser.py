@@ -184,7 +184,8 @@ def _solve_once(
     """One solve; raises ``NumericalError`` (stage 'solve') on divergence, non-positive curvature, NaN/Inf
     in v, or a result worse than v = 0 (relative residual > 1)."""
     bar = tqdm(total=config.max_iters, desc=f"solve ({config.solver}, λ={operator.damping:g})",
-               disable=not progress or config.solver == "direct", leave=False)
+               disable=not progress or config.solver == "direct" or (kfac is not None and config.curvature_use == "direct"),
+               leave=False)
 
     def advance(iteration: int, residual: float) -> None:
         bar.update(iteration - bar.n)
