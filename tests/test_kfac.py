@@ -95,6 +95,17 @@ def test_preconditioned_cg_reaches_the_exact_solution(trained):
     assert float((preconditioned.update - exact.update).norm() / exact.update.norm()) < 1e-6
 
 
+def test_preconditioned_sgd_approaches_the_exact_solution(trained):
+    """The cache as the preconditioner of the stochastic solver (mini-batches of the exact operator)."""
+    model, tokenizer, train, factors = trained
+    exact = erase(model, tokenizer, train, REQUESTS, **SETTINGS)
+    settings = {**SETTINGS, "solver": "sgd", "tol": 1e-3, "max_iters": 400, "batch_size": 4}
+    preconditioned = erase(model, tokenizer, train, REQUESTS, kfac=factors, **settings)
+    assert preconditioned.solver.details["curvature_cache"] == "kfac preconditioner"
+    assert preconditioned.solver.details["preconditioned"]
+    assert float((preconditioned.update - exact.update).norm() / exact.update.norm()) < 5e-2, preconditioned.solver.summary()
+
+
 def test_direct_kfac_update_is_close_to_the_exact_one(trained):
     """Measured: cosine 0.97, relative residual 0.29 against the exact operator on this problem."""
     model, tokenizer, train, factors = trained

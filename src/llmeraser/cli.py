@@ -731,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--curvature-cache", default=None,
                        help="a fit-curvature directory (K-FAC, EK-FAC or DataInf) for this adapter and data, used as --curvature-use says")
     erase.add_argument("--curvature-use", default="precondition", choices=["precondition", "direct"],
-                       help="precondition: cg against the exact operator, the cached curvature as preconditioner; direct: v = (K + λI)⁻¹ b, "
+                       help="precondition: cg or sgd against the exact operator, the cached curvature as preconditioner; direct: v = (K + λI)⁻¹ b, "
                        "no iterations (fast, approximate), with the step length α calibrated by fit-curvature when its "
                        "damping + weight decay equal this erasure's, else fitted on --probe-examples examples")
     erase.add_argument("--probe-examples", type=int, default=None,

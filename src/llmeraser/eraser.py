@@ -291,10 +291,9 @@ def _solve_with_kfac(
     reason in ``details["step_length_fallback"]``."""
     method = cache_method(inverse.factors)
     if config.curvature_use == "precondition":
-        if config.solver != "cg":
-            raise ValueError("a curvature cache preconditions the cg solver only (use --solver cg)")
-        result = solve("cg", operator, b, max_iters=config.max_iters, tol=config.tol, preconditioner=inverse,
-                       callback=callback)
+        if config.solver not in ("cg", "sgd"):
+            raise ValueError("a curvature cache preconditions the cg and sgd solvers only (use --solver cg or sgd)")
+        result = solve(config.solver, operator, b, **_solver_options(config, operator, callback), preconditioner=inverse)
         result.details["curvature_cache"] = f"{method} preconditioner"
         return result
     if config.curvature_use != "direct":

@@ -380,16 +380,19 @@ def solve_sgd(
     probe: LinearOperator | None = None,
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
+    preconditioner: Callable[[Tensor], Tensor] | None = None,
 ) -> SolverResult:
     """The finite-sum QP min_v ½ vᵀAv − bᵀv by mini-batch stochastic optimisation, from v₀ = 0.
 
     Each step sets the gradient to the exact stochastic gradient A_B v − b (A_B = ``operator.sample()``,
-    λI included) and takes an SGD-with-momentum or Adam step. Default step size: (1 − momentum) / λ_max
-    for SGD (λ_max estimated on the probe: the stable step of heavy-ball momentum), and
-    0.1 · max|b| / λ_max for Adam. Halved on plateaus of the probe residual (see ``_stochastic_descent``).
+    λI included), or P (A_B v − b) with a symmetric positive definite ``preconditioner`` P ≈ A⁻¹ (a
+    curvature cache), and takes an SGD-with-momentum or Adam step. Default step size: (1 − momentum) /
+    λ_max for SGD (λ_max of A, or of PA when preconditioned, estimated on the probe: the stable step of
+    heavy-ball momentum), and 0.1 · max|b| / λ_max for Adam. Halved on plateaus of the probe residual
+    (see ``_stochastic_descent``).
     """
     probe = probe or operator
-    top = estimate_largest_eigenvalue(probe, b.dtype)
+    top = estimate_largest_eigenvalue(_PreconditionedOperator(probe, preconditioner) if preconditioner else probe, b.dtype)
     if optimizer not in ("sgd", "adam"):
         raise ValueError(f"unknown optimizer {optimizer!r} (expected 'sgd' or 'adam')")
     if lr is None:
@@ -407,7 +410,8 @@ def solve_sgd(
         if step_size != state["lr"]:
             state["opt"], state["lr"] = make_optimizer(step_size), step_size
         with torch.no_grad():
-            v.grad = batch_operator.matvec(v.detach()) - b
+            gradient = batch_operator.matvec(v.detach()) - b
+            v.grad = preconditioner(gradient) if preconditioner else gradient
         state["opt"].step()
         return v.detach()
 
@@ -417,8 +421,25 @@ def solve_sgd(
 
     return _stochastic_descent(
         "sgd", operator, b, step, restart, lr, probe, max_iters, tol, check_every, patience, max_decays, seed,
-        {"optimizer": optimizer, "initial_step_size": lr, "momentum": momentum, "lambda_max": top}, callback,
+        {"optimizer": optimizer, "initial_step_size": lr, "momentum": momentum, "lambda_max": top,
+         "preconditioned": preconditioner is not None}, callback,
     )
+
+
+@dataclass
+class _PreconditionedOperator:
+    """x ↦ P A x: its eigenvalues are those of P^½ A P^½ (real, positive for SPD P and A), whose largest
+    sets the stable step of preconditioned gradient descent."""
+
+    operator: LinearOperator
+    preconditioner: Callable[[Tensor], Tensor]
+
+    @property
+    def dim(self) -> int:
+        return self.operator.dim
+
+    def matvec(self, vector: Tensor) -> Tensor:
+        return self.preconditioner(self.operator.matvec(vector))
 
 
 SOLVERS: dict[str, Callable[..., SolverResult]] = {
