@@ -107,13 +107,22 @@ def test_erase_dry_run_within_factor_2(data, trained):
     print(f"erase: estimate/real = {ratio:.2f} (solve {solve_ratio:.2f}, whole command {command_ratio:.2f})")
 
 
-def test_erase_dry_run_with_kfac_direct_within_factor_2(data, trained):
+@pytest.fixture(scope="module")
+def kfac_cache(data, trained):
+    """A K-FAC cache of the trained adapter (no step calibration)."""
+    _, _, adapter = trained
+    cache = data / "kfac"
+    done = cli("fit-curvature", "--adapter", adapter, "--data", data / "train.jsonl", "--out", cache, "--method", "kfac",
+               "--calibration-examples", "0")
+    assert done.code == 0, done.err
+    return cache
+
+
+def test_erase_dry_run_with_kfac_direct_within_factor_2(data, trained, kfac_cache):
     """One K-FAC inverse and one product: a stage of few calls, where the first call's initialisation
     counts. Fresh processes (the console script), as a user runs them: both start cold."""
     _, _, adapter = trained
-    cache = data / "kfac"
-    done = cli("fit-curvature", "--adapter", adapter, "--data", data / "train.jsonl", "--out", cache, "--method", "kfac")
-    assert done.code == 0, done.err
+    cache = kfac_cache
     common = ["erase", "--adapter", adapter, "--data", data / "train.jsonl", "--requests", data / "requests.jsonl",
               "--curvature-cache", cache, "--curvature-use", "direct", "--damping", "1e-3"]
     out = data / "erased-kfac"
@@ -126,6 +135,26 @@ def test_erase_dry_run_with_kfac_direct_within_factor_2(data, trained):
     timings = json.loads((out / "erasure_report.json").read_text())["timings_s"]
     ratio = within_factor_2(stages["prepare"] + stages["gradients"] + stages["solve (kfac)"], timings["total_s"])
     print(f"erase (kfac direct): estimate/real = {ratio:.2f}")
+
+
+def test_erase_dry_run_with_kfac_preconditioned_sgd_within_factor_2(data, trained, kfac_cache):
+    """sgd preconditioned by the cache: mini-batch products, probe checks, power iteration on PA, and one
+    cache inverse per step and per power-iteration product."""
+    _, _, adapter = trained
+    common = ["erase", "--adapter", adapter, "--data", data / "train.jsonl", "--requests", data / "requests.jsonl",
+              "--curvature-cache", kfac_cache, "--curvature-use", "precondition", "--solver", "sgd", "--damping", "1e-3",
+              "--max-iters", "100", "--tol", "1e-30", "--batch-size", "8"]
+    out = data / "erased-kfac-sgd"
+    dry = cli(*common, "--out", out, "--dry-run")
+    assert dry.code == 0, dry.err
+    assert "preconditioner" in dry.out, dry.out
+    stages = stage_seconds(dry.out)
+    real = cli(*common, "--out", out)
+    assert real.code == 0, real.err
+    report = json.loads((out / "erasure_report.json").read_text())
+    assert report["solver"]["iterations"] == 100 and report["solver"]["preconditioned"]
+    ratio = within_factor_2(stages["solve (sgd)"], report["timings_s"]["solve_s"])
+    print(f"erase (kfac-preconditioned sgd): estimate/real solve = {ratio:.2f}")
 
 
 @pytest.fixture(scope="module")

@@ -455,7 +455,8 @@ def _estimate_solve(
     generator = torch.Generator().manual_seed(config.seed)  # the probe subset of ``eraser._solver_options``
     probe_indices = sorted(torch.randperm(count, generator=generator)[: min(config.probe_examples or DEFAULT_PROBE_EXAMPLES, count)].tolist())
     probe_batches = chunks([curvature_items[i] for i in probe_indices], config.batch_size)
-    if kfac is not None:
+    preconditioned_sgd = kfac is not None and config.curvature_use == "precondition" and config.solver == "sgd"
+    if kfac is not None and not preconditioned_sgd:
         return _estimate_kfac(params, batches, probe_batches, config, settings, kfac, product, vector, calibration)
     if config.solver == "cg":
         cost = fit_batch_cost(product, batches, settings)
@@ -489,6 +490,13 @@ def _estimate_solve(
     seconds = config.max_iters * step_s + (2 * checks + power) * probe_s + cost.first_call_s
     how = (f"{config.max_iters} mini-batch products + {checks} checks × 2 and {power} power-iteration products "
            f"on the {len(probe_indices)}-example probe subset ({config.curvature}); {cost.probes} probe products")
+    if preconditioned_sgd:  # one cache inverse per step and per power-iteration product
+        from llmeraser.kfac import KfacInverse
+
+        inverse = KfacInverse(kfac, params, config.weight_decay + config.damping)  # type: ignore[arg-type]
+        _, inverse_s, inverse_first_s = warm_timed(lambda: inverse(vector), settings)
+        seconds += (config.max_iters + power) * inverse_s + inverse_first_s
+        how += f"; {config.max_iters + power} curvature-cache inverses (preconditioner)"
     return seconds, how, 0.0
 
 
@@ -520,7 +528,7 @@ def _estimate_kfac(
         return seconds, (f"1 K-FAC inverse + 1 product over the {len(probe_batches)} probe-subset batches; "
                          f"{cost.probes} probe products"), 0.0
     if config.solver != "cg":
-        raise ValueError("a K-FAC curvature cache preconditions the cg solver only (use --solver cg)")
+        raise ValueError("a curvature cache preconditions the cg and sgd solvers only (use --solver cg or sgd)")
     cost = fit_batch_cost(product, batches, settings)
     full = cost.total([batch_tokens(b) for b in batches])
     seconds = config.max_iters * (full + inverse_s + _vector_ops_seconds(params.dim, vector.dtype))
