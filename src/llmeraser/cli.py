@@ -330,9 +330,9 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     chosen = curvature_subset(examples, args.curvature_examples, args.seed)
     items = tokenize_examples(tokenizer, chosen, TokenizationConfig(max_length=max_length))
     params = AdapterParameters.of(model)
-    every = items if len(chosen) == len(examples) else None  # the step length is calibrated on all examples
-    if every is None and args.calibration_examples > 0:
-        every = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+    # the step length is calibrated on all examples (None: the fitted ones are all of them, or no calibration)
+    every = None if len(chosen) == len(examples) or args.calibration_examples == 0 else \
+        tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
     cache = fit_cached_curvature(
         model, params, items, tokenizer.pad_token_id, args.method, damping=args.calibration_damping,
         weight_decay=weight_decay, batch_size=args.batch_size, seed=args.seed,
