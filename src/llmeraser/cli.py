@@ -299,7 +299,7 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     from llmeraser.distributed import is_distributed, is_main_process
     from llmeraser.eraser import library_versions
     from llmeraser.hashing import adapter_hash, dataset_hash
-    from llmeraser.kfac import curvature_subset, fit_cached_curvature, save_kfac
+    from llmeraser.kfac import calibration_pool, curvature_subset, fit_cached_curvature, save_kfac
     from llmeraser.model import AdapterParameters
     from llmeraser.provenance import check_matches, model_fingerprint
 
@@ -327,12 +327,11 @@ def _fit_curvature(args: argparse.Namespace) -> None:
                 calibration_damping=args.calibration_damping, weight_decay=weight_decay,
             ))
         return
+    tokenization = TokenizationConfig(max_length=max_length)
     chosen = curvature_subset(examples, args.curvature_examples, args.seed)
-    items = tokenize_examples(tokenizer, chosen, TokenizationConfig(max_length=max_length))
+    items = tokenize_examples(tokenizer, chosen, tokenization)
     params = AdapterParameters.of(model)
-    # the step length is calibrated on all examples (None: the fitted ones are all of them, or no calibration)
-    every = None if len(chosen) == len(examples) or args.calibration_examples == 0 else \
-        tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+    every = calibration_pool(tokenizer, examples, items, args.calibration_examples, tokenization)
     cache = fit_cached_curvature(
         model, params, items, tokenizer.pad_token_id, args.method, damping=args.calibration_damping,
         weight_decay=weight_decay, batch_size=args.batch_size, seed=args.seed,

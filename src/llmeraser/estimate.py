@@ -635,6 +635,7 @@ def estimate_fit_curvature(
         DataInfLayer,
         KfacInverse,
         calibration_draws,
+        calibration_pool,
         curvature_subset,
         ekfac_sums,
         fit_datainf,
@@ -654,9 +655,7 @@ def estimate_fit_curvature(
     chosen = curvature_subset(examples, curvature_examples, seed)
     tokenization = TokenizationConfig(max_length=max_length)
     items = tokenize_examples(tokenizer, chosen, tokenization)
-    every = items
-    if calibration_examples > 0 and len(chosen) < len(examples):
-        every = tokenize_examples(tokenizer, examples, tokenization)
+    every = calibration_pool(tokenizer, examples, items, calibration_examples, tokenization)
     stages.append(measured_stage("tokenize", time.perf_counter() - start))
 
     n = len(items)

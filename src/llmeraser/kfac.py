@@ -41,7 +41,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmeraser.data import TokenizedExample, aligned_labels, collate, forward_logits, shifted_targets
+from llmeraser.data import (
+    TokenizationConfig,
+    TokenizedExample,
+    aligned_labels,
+    collate,
+    forward_logits,
+    shifted_targets,
+    tokenize_examples,
+)
 from llmeraser.distributed import all_reduce_sum, shard
 from llmeraser.errors import InputError
 from llmeraser.model import AdapterParameters, atomic_directory
@@ -535,6 +543,20 @@ def curvature_subset(examples: Sequence[Any], count: int | None, seed: int) -> l
         return list(examples)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))
     return [examples[i] for i in sorted(order[:count].tolist())]
+
+
+def calibration_pool(
+    tokenizer: Any,
+    examples: Sequence[Any],
+    fitted: Sequence[TokenizedExample],
+    calibration_examples: int,
+    config: TokenizationConfig,
+) -> Sequence[TokenizedExample]:
+    """The items ``fit-curvature`` calibrates the step length on: all ``examples``, tokenised — the
+    ``fitted`` items themselves when they are all of them, or when there is no calibration."""
+    if calibration_examples == 0 or len(fitted) == len(examples):
+        return fitted
+    return tokenize_examples(tokenizer, examples, config)
 
 
 def fit_and_time(
