@@ -93,10 +93,12 @@ def _train_and_save(
     command: str = "train",
     dry_run: bool = False,
     dtype: str = "float32",
+    schedule: Any = None,
 ) -> None:
-    """Fresh LoRA on the base model (loaded in ``dtype``; the adapter is float32), trained with ``recipe``,
-    saved with its training record and the first entry of its lineage. ``dry_run``: print the estimated time
-    and memory instead (writes nothing). Under torchrun the ranks train data-parallel and rank 0 writes."""
+    """Fresh LoRA on the base model (loaded in ``dtype``; the adapter is float32), trained with ``recipe``
+    (on ``schedule``'s mini-batches when given: a paired retrain), saved with its training record and the
+    first entry of its lineage. ``dry_run``: print the estimated time and memory instead (writes nothing).
+    Under torchrun the ranks train data-parallel and rank 0 writes."""
     started = time.perf_counter()
     from llmeraser.distributed import is_main_process
     from llmeraser.hashing import adapter_hash, dataset_hash
@@ -116,7 +118,7 @@ def _train_and_save(
         if is_main_process():
             _print_dry_run(command, time.perf_counter() - started, lambda: _estimate_train(model, tokenizer, examples, recipe))
         return
-    result = train_adapter(model, tokenizer, examples, recipe, progress=is_main_process())
+    result = train_adapter(model, tokenizer, examples, recipe, progress=is_main_process(), schedule=schedule)
     if result.losses and not math.isfinite(result.losses[-1]):
         raise NumericalError(f"the training objective is {result.losses[-1]} (lower --lr)", stage="train")
     if not is_main_process():  # data-parallel run: rank 0 writes
@@ -449,6 +451,7 @@ def _retrain(args: argparse.Namespace) -> None:
     from llmeraser.distributed import is_main_process
     from llmeraser.provenance import read_training_record
     from llmeraser.requests import edited_training_set, read_requests, resolve
+    from llmeraser.train import paired_schedule
 
     examples = read_examples(args.data)
     requests = read_requests(args.requests)
@@ -462,10 +465,13 @@ def _retrain(args: argparse.Namespace) -> None:
         if not args.model:
             raise InputError("retrain needs --model (or --like ADAPTER_DIR to copy model and recipe)")
         model_name, lora, recipe = args.model, _lora_settings(args), _recipe(args)
+    # paired with the original run: its data order with the edited examples removed or substituted in place
+    schedule = paired_schedule([e.id for e in examples], [e.id for e in edited], recipe) if recipe.optimizer == "adam" else None
     if is_main_process():
-        print(f"retraining on the edited set: {len(edited)} of {len(examples)} examples")
+        print(f"retraining on the edited set: {len(edited)} of {len(examples)} examples"
+              + (", in the original run's data order (paired)" if schedule is not None else ""))
     _train_and_save(model_name, edited, lora, recipe, args.out, trust_remote_code=args.trust_remote_code,
-                    data_path=args.data, requests=requests, command="retrain", dtype=args.dtype)
+                    data_path=args.data, requests=requests, command="retrain", dtype=args.dtype, schedule=schedule)
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -46,7 +46,7 @@ from llmeraser.model import (
 from llmeraser.recsys.corruption import mixed_task
 from llmeraser.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import resolve
-from llmeraser.train import TrainConfig, train_adapter
+from llmeraser.train import TrainConfig, paired_schedule, train_adapter
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,10 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     solver = result.report["solver"]
     log(f"  {solver.get('step_length_source', result.solver.status)}: step length {solver.get('step_length', float('nan')):.3g}")
 
-    log(f"retrain: {len(task.target)} examples × {config.recipe.epochs} epochs (same recipe, seed, init)")
+    log(f"retrain: {len(task.target)} examples × {config.recipe.epochs} epochs (same recipe, seed, init; paired data order)")
     params.assign(theta_init)
-    retrained = train_adapter(model, tokenizer, task.target, config.recipe, progress=True)
+    schedule = paired_schedule([e.id for e in task.train], [e.id for e in task.target], config.recipe)
+    retrained = train_adapter(model, tokenizer, task.target, config.recipe, progress=True, schedule=schedule)
     theta_retrain = params.flat()
     params.assign(theta)
 

@@ -67,15 +67,51 @@ def l2_penalty(params: AdapterParameters, weight_decay: float) -> torch.Tensor:
     return 0.5 * weight_decay * sum((t * t).sum() for t in params.tensors)
 
 
+Schedule = list[list[int]]
+"""The mini-batches of an Adam run in step order: each a list of indices into the training examples (an
+empty list is a step with no example left: the optimiser skips it, the learning-rate schedule advances)."""
+
+
+def batch_schedule(n_examples: int, config: TrainConfig) -> Schedule:
+    """The mini-batches ``train_adapter`` runs on ``n_examples`` examples: per epoch a permutation drawn from
+    ``config.seed`` (one generator over the whole run), cut into batches of ``config.batch_size``."""
+    generator = torch.Generator().manual_seed(config.seed)
+    schedule: Schedule = []
+    for _ in range(config.epochs):
+        order = torch.randperm(n_examples, generator=generator).tolist()
+        schedule += [order[begin : begin + config.batch_size] for begin in range(0, n_examples, config.batch_size)]
+    return schedule
+
+
+def paired_schedule(original_ids: Sequence[str], edited_ids: Sequence[str], config: TrainConfig) -> Schedule:
+    """The retrain's mini-batches paired with the original run's: the original's ``batch_schedule`` over
+    ``original_ids`` with every removed example dropped in place and every edited one (same id, new text)
+    substituted in place, as indices into ``edited_ids``. Each surviving example keeps its step and its
+    batch mates, and every step keeps its learning rate, so the two runs differ only by the edit (the
+    retrain of "the same seed" otherwise draws a different permutation over fewer examples)."""
+    where = {example_id: k for k, example_id in enumerate(edited_ids)}
+    unknown = sorted(set(where) - set(original_ids))
+    if unknown:
+        raise ValueError(f"paired retraining: edited example id(s) not in the original training set: {unknown[:5]}")
+    return [[where[original_ids[i]] for i in batch if original_ids[i] in where]
+            for batch in batch_schedule(len(original_ids), config)]
+
+
 def train_adapter(
-    model: Any, tokenizer: Any, examples: Sequence[Example], config: TrainConfig, progress: bool = False
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    progress: bool = False,
+    schedule: Schedule | None = None,
 ) -> TrainResult:
-    """Fit θ (the model's trainable tensors) on ``examples``; the example order per epoch comes from ``seed``."""
+    """Fit θ (the model's trainable tensors) on ``examples``. Adam runs ``schedule`` (default
+    ``batch_schedule(len(examples), config)``: the example order per epoch comes from ``seed``); a paired
+    retrain passes ``paired_schedule``. Each step's loss is the mean over the examples of its batch."""
     start = time.perf_counter()
     params = AdapterParameters.of(model)
     items = tokenize_examples(tokenizer, examples, TokenizationConfig(config.max_length))
     pad = tokenizer.pad_token_id
-    generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     was_training = model.training
     parallel = is_distributed()
@@ -84,22 +120,20 @@ def train_adapter(
         if config.optimizer == "lbfgs":
             _train_lbfgs(model, params, items, pad, config, losses, parallel)
         elif config.optimizer == "adam":
+            batches = batch_schedule(len(items), config) if schedule is None else schedule
             optimizer = torch.optim.Adam(params.tensors, lr=config.lr)
-            steps_per_epoch = -(-len(items) // config.batch_size)
-            schedule = lr_multiplier(config.lr_schedule, config.epochs * steps_per_epoch)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-            bar = tqdm(total=config.epochs * steps_per_epoch, desc="train", disable=not progress, leave=False)
-            for _ in range(config.epochs):
-                order = torch.randperm(len(items), generator=generator).tolist()
-                for begin in range(0, len(order), config.batch_size):
-                    chosen = [items[i] for i in order[begin : begin + config.batch_size]]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config.lr_schedule, len(batches)))
+            bar = tqdm(total=len(batches), desc="train", disable=not progress, leave=False)
+            for batch in batches:
+                if batch:  # a batch whose every example was removed: no step, the lr schedule still advances
+                    chosen = [items[i] for i in batch]
                     local = shard(chosen) if parallel else chosen
                     objective = objective_and_gradient(model, params, local, pad, config, len(chosen), parallel)
                     optimizer.step()
-                    scheduler.step()
                     losses.append(float(objective))
-                    bar.update(1)
                     bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                scheduler.step()
+                bar.update(1)
             bar.close()
         else:
             raise ValueError(f"unknown optimizer {config.optimizer!r} (expected 'adam' or 'lbfgs')")

@@ -41,7 +41,7 @@ from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_b
 from llmeraser.recsys.corruption import TASKS, make_task
 from llmeraser.recsys.tallrec import sample_tallrec
 from llmeraser.requests import resolve
-from llmeraser.train import TrainConfig, train_adapter
+from llmeraser.train import TrainConfig, paired_schedule, train_adapter
 
 # The SmolLM2 recipe and erase settings shared by the demo and ``llmeraser bench``.
 SMOLLM2_LORA = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
@@ -195,10 +195,11 @@ def run_seed(
     theta_original = params.flat()
     thetas["original"] = [theta_original]
 
-    log(f"  seed {seed}: retrain on {len(task.target)} examples")
+    log(f"  seed {seed}: retrain on {len(task.target)} examples, paired (the original's data order)")
     params.assign(theta_init)
+    schedule = paired_schedule([e.id for e in task.train], [e.id for e in task.target], recipe)
     with measured(cost, "retrain"):
-        train_adapter(model, tokenizer, task.target, recipe)
+        train_adapter(model, tokenizer, task.target, recipe, schedule=schedule)
     thetas["retrain"] = [params.flat()]
 
     if "llmeraser" in methods:
