@@ -48,6 +48,7 @@ from llmeraser.requests import (
 )
 from llmeraser.kfac import CurvatureLayer, KfacInverse, StepCalibration, cache_method, step_length
 from llmeraser.solvers import SolverResult, solve
+from llmeraser.trust_region import TrustRegionSettings, trust_region_update
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,11 @@ class EraseConfig:
     - ``auto_damping``: when the solve fails numerically (diverges, meets non-positive curvature, ends
       worse than v = 0), retry with λ × ``damping_factor``, at most ``max_damping_attempts`` solves in
       all; every attempt is recorded in the report.
+    - ``trust_region``: after the first solve, take up to ``trust_region_steps`` re-linearised steps on the
+      retraining objective, each accepted by its effect in function space (``llmeraser.trust_region``):
+      ``kept_examples`` untouched examples estimate the objective and the KL check (``kl_budget``, per
+      token; None: not checked), held-out examples passed to ``erase`` bound the held-out loss's rise
+      (``heldout_tolerance``, relative) and give the never-seen level the removed examples stop at.
     """
 
     solver: str = "cg"
@@ -87,6 +93,11 @@ class EraseConfig:
     auto_damping: bool = False
     damping_factor: float = 10.0
     max_damping_attempts: int = 4
+    trust_region: bool = False
+    trust_region_steps: int = 5
+    kept_examples: int = 64
+    heldout_tolerance: float = 0.02
+    kl_budget: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -337,6 +348,19 @@ def _solve_with_kfac(
                         time.perf_counter() - start, details)
 
 
+def _preconditioner(
+    config: EraseConfig, operator: CurvatureOperator, kfac: dict[str, CurvatureLayer] | None, first: SolverResult
+) -> Callable[[Tensor], Tensor]:
+    """g ↦ ≈ (H + λI)⁻¹ g as the first solve computed it: the cache's α (K + shift·I)⁻¹ g with the same α
+    (``curvature_use="direct"``), else the same solver on the exact operator at the model's current θ."""
+    if kfac is not None and config.curvature_use == "direct":
+        inverse = KfacInverse(kfac, operator.params, operator.shift)
+        step = float(first.details["step_length"])
+        return lambda g: step * inverse(g)
+    quiet = EraseConfig(**{**asdict(config), "auto_damping": False})
+    return lambda g: _solve_once(quiet, operator, g, False, kfac, None).solution
+
+
 def _relative_residual(product: Tensor, b: Tensor) -> float:
     """‖product − b‖ / ‖b‖ (0 when b = 0)."""
     norm_b = float(b.norm())
@@ -352,6 +376,7 @@ def erase(
     progress: bool = False,
     kfac: dict[str, CurvatureLayer] | None = None,
     calibration: StepCalibration | None = None,
+    heldout: Sequence[Example] | None = None,
     **overrides: Any,
 ) -> ErasureResult:
     """Compute the influence update of θ (the PEFT model's trainable tensors) for ``requests``.
@@ -361,7 +386,8 @@ def erase(
     fitted at fit time (``llmeraser.kfac.load_calibration``), used by ``curvature_use="direct"`` when its
     damping + weight decay equal the erasure's (the report's ``solver.step_length_source`` says); ``overrides`` replace fields of ``config``
     (e.g. ``solver="cg", curvature="hessian", damping=1e-2``); ``progress`` shows a progress bar of
-    the solver's iterations. The model's weights are left unchanged.
+    the solver's iterations. ``heldout``: examples the adapter never saw, for ``config.trust_region``'s
+    held-out check and never-seen level. The model's weights are left unchanged.
     """
     config = EraseConfig(**{**asdict(config or EraseConfig()), **overrides})
     timings: dict[str, float] = {}
@@ -402,6 +428,21 @@ def erase(
     result, operator, damping, attempts = _solve_with_damping(config, operator_with, b, progress, kfac, calibration)
     timings["solve_s"] = time.perf_counter() - start
     update = result.solution
+    trust_region = None
+    if config.trust_region:
+        if parallel:
+            raise ValueError("trust_region runs in one process (not under torchrun)")
+        start = time.perf_counter()
+        trust_region = trust_region_update(
+            model, tokenizer, train, pairs, b, _preconditioner(config, operator, kfac, result),
+            weight_decay=config.weight_decay, scaling=config.scaling, max_length=config.max_length,
+            batch_size=config.batch_size, heldout=heldout, first_direction=update,
+            settings=TrustRegionSettings(config.trust_region_steps, config.kept_examples, config.heldout_tolerance,
+                                         config.kl_budget, seed=config.seed),
+            progress=(lambda line: tqdm.write(line)) if progress else None,
+        )
+        update = trust_region.update
+        timings["trust_region_s"] = time.perf_counter() - start
     report = {
         "requests": count_by_kind([p.request for p in pairs]),
         "affected_examples": [
@@ -417,6 +458,7 @@ def erase(
         "theta_norm": float(theta.norm()),
         "solver": result.summary(),
         "curvature_cache_method": cache_method(kfac) if kfac else None,
+        "trust_region": trust_region.to_json() if trust_region else None,
         "damping_used": damping,
         "damping_attempts": attempts,
         "truncated_prompts": {  # prompts cut from the left to fit max_length (the recipe's policy)

@@ -1,0 +1,293 @@
+"""Several re-linearised Newton steps towards retraining, each accepted by what it does in function space.
+
+One influence step θ̂ + (H + λI)⁻¹ b is a Newton step that assumes θ̂ minimises the training objective.
+Fine-tuned adapters rarely do, and from such a θ̂ one step at small λ overshoots while a heavily damped or
+cached one stops short (DESIGN.md §6). This module takes several steps on the objective that retraining
+minimises, tilted so that θ̂ is its stationary point before the edit:
+
+    Φ(θ) = R'(θ) − R'(θ̂) − ∇R'(θ̂)ᵀ(θ − θ̂) − bᵀ(θ − θ̂)
+
+with R'(θ) = w [Σ_{j∈K} ℓ_j(θ) + Σ_{i∈S} ℓ(z'_i; θ)] + (λ_wd/2)‖θ‖² the retraining objective (K: the
+untouched examples, z'_i the replacements of the edited ones, removals have none; w = 1/(n − k) for
+``scaling="retrain"``, 1/n for ``"paper"``) and b the influence right-hand side at θ̂
+(``llmeraser.gradients.influence_rhs``). So ∇Φ(θ̂) = −b (the first step is the classical update), and when
+θ̂ does minimise the training objective, Φ's minimiser is exactly the retrained model (tested on the convex
+problem). Only differences of gradients and losses from θ̂ enter, so the sum over K is estimated on a fixed
+random sample of ``kept_examples`` untouched examples (a control variate: the differences are small near θ̂)
+and the replacements; the removed examples enter only through b.
+
+Each step d_t = −P ∇Φ(θ_t), P ≈ (H + λI)⁻¹ the erasure's curvature (a cached K-FAC / EK-FAC / DataInf
+inverse with its step length, or an exact solve), then a line search on the step size s ∈ {…, ½, 1, 2, …}:
+a step is accepted only if
+
+- Φ decreases (Armijo: Φ(θ + s d) ≤ Φ(θ) + 10⁻⁴ s ∇Φᵀd),
+- the held-out loss (never-seen examples, when given) rises by at most ``heldout_tolerance`` (relative) over
+  θ̂'s, and
+- the mean per-token KL(θ̂ ‖ θ) on the kept sample stays within ``kl_budget`` (when set).
+
+It stops after ``steps`` steps, when no step size is accepted, when ‖∇Φ‖ ≤ ``tol`` ‖b‖, or (removals with
+held-out examples) once the removed examples' mean loss reaches the held-out mean loss: the level a model
+that never saw them shows, which is what a retrained model shows and what makes membership inference fail.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llmeraser.data import Example, TokenizationConfig, tokenize_examples
+from llmeraser.evaluate import ResponsePredictions, response_predictions
+from llmeraser.gradients import summed_gradient
+from llmeraser.model import AdapterParameters
+from llmeraser.requests import EditPair
+
+ARMIJO = 1e-4
+MAX_BACKTRACKS = 5
+MAX_EXPANSIONS = 3
+
+
+@dataclass(frozen=True)
+class TrustRegionSettings:
+    """``steps``: re-linearised steps at most; ``kept_examples``: the sample of untouched examples Φ and the
+    KL check are estimated on; ``heldout_tolerance``: relative rise of the held-out loss allowed;
+    ``kl_budget``: per-token KL(θ̂ ‖ θ) allowed on the kept sample (None: not checked); ``tol``: stop when
+    ‖∇Φ‖ ≤ tol ‖b‖; ``stop_at_heldout_level``: stop once the removed examples' loss reaches the held-out one."""
+
+    steps: int = 5
+    kept_examples: int = 64
+    heldout_tolerance: float = 0.02
+    kl_budget: float | None = None
+    tol: float = 1e-3
+    stop_at_heldout_level: bool = True
+    seed: int = 0
+
+
+@dataclass
+class StepRecord:
+    """One accepted (or the last rejected) step: its size s, Φ after it, the checks, the evaluations used."""
+
+    step: int
+    scale: float
+    phi: float
+    gradient_norm: float
+    kept_kl: float
+    heldout_loss: float | None
+    removed_loss: float | None
+    evaluations: int
+    accepted: bool
+    reason: str = ""
+
+
+@dataclass
+class TrustRegionResult:
+    """θ_new − θ̂ (``update``, shape (p,)), the per-step records, why it stopped, and the acceptance checks
+    of the final adapter against θ̂ (the report's ``acceptance``)."""
+
+    update: Tensor
+    steps: list[StepRecord]
+    stopped: str
+    acceptance: dict[str, Any]
+    seconds: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"steps": [asdict(s) for s in self.steps], "stopped": self.stopped, "acceptance": self.acceptance,
+                "seconds": self.seconds, **self.details}
+
+
+@dataclass
+class _State:
+    """What the model does at one θ on the sets the checks use."""
+
+    theta: Tensor
+    kept: ResponsePredictions
+    new_losses: np.ndarray
+    removed_losses: np.ndarray
+    heldout_losses: np.ndarray | None
+
+
+def kept_sample(train: Sequence[Example], pairs: Sequence[EditPair], count: int, seed: int) -> list[Example]:
+    """A seeded random sample of ``count`` training examples that no request touches (all when fewer)."""
+    edited = {p.old.id for p in pairs}
+    untouched = [e for e in train if e.id not in edited]
+    if count >= len(untouched):
+        return untouched
+    chosen = sorted(random.Random(f"{seed}:kept-sample").sample(range(len(untouched)), count))
+    return [untouched[i] for i in chosen]
+
+
+def trust_region_update(
+    model: Any,
+    tokenizer: Any,
+    train: Sequence[Example],
+    pairs: Sequence[EditPair],
+    b: Tensor,
+    precondition: Callable[[Tensor], Tensor],
+    *,
+    weight_decay: float,
+    scaling: str,
+    max_length: int,
+    batch_size: int,
+    settings: TrustRegionSettings = TrustRegionSettings(),
+    heldout: Sequence[Example] | None = None,
+    first_direction: Tensor | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> TrustRegionResult:
+    """Minimise Φ of the module docstring from θ̂ (the model's current adapter) by preconditioned,
+    line-searched steps; returns θ_new − θ̂. ``precondition(g)`` ≈ (H + λI)⁻¹ g, shape (p,) → (p,);
+    ``first_direction``: P b when the caller has it already (the classical update). The model's θ is
+    restored."""
+    start = time.perf_counter()
+    params = AdapterParameters.of(model)
+    theta_hat = params.flat()
+    n_edited_set = len(train) - sum(p.new is None for p in pairs)
+    weight = 1.0 / (n_edited_set if scaling == "retrain" else len(train))
+    kept = kept_sample(train, pairs, settings.kept_examples, settings.seed)
+    untouched = len(train) - len(pairs)
+    kept_scale = untouched / max(len(kept), 1)
+    new_versions = [p.new for p in pairs if p.new is not None]
+    removed = [p.old for p in pairs if p.new is None]
+    token_config = TokenizationConfig(max_length=max_length)
+    kept_items = tokenize_examples(tokenizer, kept, token_config)
+    new_items = tokenize_examples(tokenizer, new_versions, token_config)
+    pad = tokenizer.pad_token_id
+    signs = [kept_scale] * len(kept_items) + [1.0] * len(new_items)
+    items = [*kept_items, *new_items]
+
+    def gradient_sum() -> Tensor:  # w-free: Σ_sample (|K|/m) ∇ℓ_j + Σ_S' ∇ℓ'_i at the model's current θ
+        return summed_gradient(model, params, items, pad, batch_size, signs) if items else torch.zeros_like(b)
+
+    def observe(theta: Tensor) -> _State:
+        params.assign(theta)
+        predictions = response_predictions(model, tokenizer, kept, theta, max_length, batch_size)
+        new_losses = _losses(model, tokenizer, new_versions, theta, max_length, batch_size)
+        removed_losses = _losses(model, tokenizer, removed, theta, max_length, batch_size)
+        heldout_losses = _losses(model, tokenizer, heldout, theta, max_length, batch_size) if heldout else None
+        return _State(theta, predictions, new_losses, removed_losses, heldout_losses)
+
+    try:
+        base = observe(theta_hat)
+        base_gradient = gradient_sum()
+        base_kept = base.kept.losses()
+
+        def phi(state: _State) -> float:
+            delta = state.theta - theta_hat
+            data = (kept_scale * float((state.kept.losses() - base_kept).sum())
+                    + float((state.new_losses - base.new_losses).sum()) - float(base_gradient @ delta))
+            return weight * data + 0.5 * weight_decay * float(delta @ delta) - float(b @ delta)
+
+        def gradient_at(theta: Tensor) -> Tensor:
+            params.assign(theta)
+            return weight * (gradient_sum() - base_gradient) + weight_decay * (theta - theta_hat) - b
+
+        def checks(state: _State) -> tuple[float, float | None, float | None, str]:
+            kl = float(base.kept.kl_to(state.kept).mean()) if len(kept) else 0.0
+            heldout_loss = float(state.heldout_losses.mean()) if state.heldout_losses is not None else None
+            removed_loss = float(state.removed_losses.mean()) if len(removed) else None
+            problem = ""
+            if heldout_loss is not None and base.heldout_losses is not None:
+                limit = float(base.heldout_losses.mean()) * (1 + settings.heldout_tolerance)
+                if heldout_loss > limit:
+                    problem = f"held-out loss {heldout_loss:.4f} > {limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
+            if not problem and settings.kl_budget is not None and kl > settings.kl_budget:
+                problem = f"kept-example KL {kl:.3g} > budget {settings.kl_budget:g}"
+            return kl, heldout_loss, removed_loss, problem
+
+        def reached_level(state: _State) -> bool:
+            return (settings.stop_at_heldout_level and bool(removed) and state.heldout_losses is not None
+                    and float(state.removed_losses.mean()) >= float(state.heldout_losses.mean()))
+
+        records: list[StepRecord] = []
+        current, current_phi = base, 0.0
+        gradient = -b
+        b_norm = float(b.norm()) or 1.0
+        stopped = f"{settings.steps} step(s) taken"
+        for step in range(settings.steps):
+            gradient_norm = float(gradient.norm())
+            if gradient_norm <= settings.tol * b_norm:
+                stopped = f"‖∇Φ‖ = {gradient_norm:.3g} ≤ tol · ‖b‖"
+                break
+            direction = first_direction if (step == 0 and first_direction is not None) else -precondition(gradient)
+            slope = float(gradient @ direction)
+            if not slope < 0:
+                stopped = f"step {step}: the preconditioned direction is not a descent direction (slope {slope:.3g})"
+                break
+            accepted, evaluations, scale = None, 0, 1.0
+            last_reason = ""
+            # backtrack from s = 1 until a step is accepted, then expand while it still is and Φ keeps falling
+            for _ in range(MAX_BACKTRACKS + 1):
+                candidate = observe(current.theta + scale * direction)
+                evaluations += 1
+                value = phi(candidate)
+                kl, heldout_loss, removed_loss, problem = checks(candidate)
+                if not math.isfinite(value):
+                    problem = f"Φ is {value}"
+                elif value > current_phi + ARMIJO * scale * slope:
+                    problem = problem or f"Φ does not decrease enough ({value:.4g} vs {current_phi:.4g})"
+                if not problem:
+                    accepted = (scale, candidate, value, kl, heldout_loss, removed_loss)
+                    break
+                last_reason = problem
+                scale /= 2
+            if accepted is not None and accepted[0] == 1.0 and not reached_level(accepted[1]):
+                for _ in range(MAX_EXPANSIONS):
+                    bigger = 2 * accepted[0]
+                    candidate = observe(current.theta + bigger * direction)
+                    evaluations += 1
+                    value = phi(candidate)
+                    kl, heldout_loss, removed_loss, problem = checks(candidate)
+                    if problem or not math.isfinite(value) or value > min(accepted[2], current_phi + ARMIJO * bigger * slope):
+                        break
+                    accepted = (bigger, candidate, value, kl, heldout_loss, removed_loss)
+                    if reached_level(candidate):
+                        break
+            if accepted is None:
+                records.append(StepRecord(step, 0.0, current_phi, gradient_norm, float("nan"), None, None, evaluations,
+                                          False, last_reason))
+                stopped = f"step {step}: no step size accepted ({last_reason})"
+                break
+            scale, current, current_phi, kl, heldout_loss, removed_loss = accepted
+            records.append(StepRecord(step, scale, current_phi, gradient_norm, kl, heldout_loss, removed_loss,
+                                      evaluations, True))
+            if progress:
+                progress(f"trust region step {step}: s = {scale:g}, Φ = {current_phi:.4g}, kept KL = {kl:.3g}")
+            if reached_level(current):
+                stopped = f"step {step}: the removed examples' loss reached the held-out level"
+                break
+            if step + 1 < settings.steps:
+                gradient = gradient_at(current.theta)
+        kl, heldout_loss, removed_loss, _ = checks(current)
+        acceptance = {
+            "kept_kl": kl,
+            "kept_examples": len(kept),
+            "kept_loss": {"before": float(base_kept.mean()) if len(kept) else None,
+                          "after": float(current.kept.losses().mean()) if len(kept) else None},
+            "heldout_loss": {"before": float(base.heldout_losses.mean()) if base.heldout_losses is not None else None,
+                             "after": heldout_loss, "tolerance": settings.heldout_tolerance,
+                             "examples": len(heldout) if heldout else 0},
+            "removed_loss": {"before": float(base.removed_losses.mean()) if len(removed) else None, "after": removed_loss,
+                             "never_seen_level": heldout_loss},
+            "replacement_loss": {"before": float(base.new_losses.mean()) if len(new_versions) else None,
+                                 "after": float(current.new_losses.mean()) if len(new_versions) else None},
+            "phi": current_phi,
+        }
+        return TrustRegionResult(current.theta - theta_hat, records, stopped, acceptance, time.perf_counter() - start,
+                                 {"kept_scale": kept_scale, "settings": asdict(settings)})
+    finally:
+        params.assign(theta_hat)
+
+
+def _losses(model: Any, tokenizer: Any, examples: Sequence[Example] | None, theta: Tensor, max_length: int,
+            batch_size: int) -> np.ndarray:
+    """Per-example mean response NLL under θ, shape (n,) (empty for no examples)."""
+    if not examples:
+        return np.zeros(0)
+    return response_predictions(model, tokenizer, examples, theta, max_length, batch_size).losses()

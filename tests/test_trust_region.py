@@ -1,0 +1,94 @@
+"""The re-linearised, function-space-accepted erase (``llmeraser.trust_region``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import toy_examples
+from test_eraser_convex import RECIPE, WEIGHT_DECAY, convex_head_model, retrained_change
+
+from llmeraser.eraser import erase
+from llmeraser.model import AdapterParameters
+from llmeraser.requests import CorrectResponse, Remove, resolve
+from llmeraser.train import train_adapter
+from llmeraser.trust_region import TrustRegionSettings, kept_sample, trust_region_update
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model, tokenizer = convex_head_model()
+    train = toy_examples(40, seed=1)
+    train_adapter(model, tokenizer, train, RECIPE)
+    return model, tokenizer, train
+
+
+def relative_error(update: torch.Tensor, change: torch.Tensor) -> float:
+    return float((update - change).norm() / change.norm())
+
+
+def test_multi_step_converges_to_exact_retraining_on_the_convex_case(trained):
+    """θ̂ minimises the training objective, so Φ's minimiser is the retrained model: re-linearised steps
+    reach it within 1 % where one (exact) Newton step does not."""
+    model, tokenizer, train = trained
+    requests = [Remove("ex3"), Remove("ex7"), Remove("ex20"), Remove("ex21"), Remove("ex30"), CorrectResponse("ex5", " Yes No")]
+    change = retrained_change(model, tokenizer, train, requests)
+    common = dict(solver="cg", curvature="hessian", damping=0.0, weight_decay=WEIGHT_DECAY, tol=1e-10, max_iters=300,
+                  batch_size=40)
+    one_step = erase(model, tokenizer, train, requests, **common)
+    multi = erase(model, tokenizer, train, requests, **common, trust_region=True, trust_region_steps=6,
+                  kept_examples=len(train))
+    single_error, multi_error = relative_error(one_step.update, change), relative_error(multi.update, change)
+    assert multi_error <= 0.01, (single_error, multi_error)
+    assert multi_error < single_error / 2, (single_error, multi_error)
+    report = multi.report["trust_region"]
+    assert all(step["accepted"] for step in report["steps"]) and len(report["steps"]) >= 2
+    assert report["steps"][0]["scale"] == 1.0  # the first step is the classical update, accepted as it is
+    assert multi.report["update_norm"] == pytest.approx(float(multi.update.norm()))
+
+
+def test_first_step_equals_the_influence_update(trained):
+    model, tokenizer, train = trained
+    requests = [Remove("ex3"), Remove("ex7")]
+    common = dict(solver="cg", curvature="gauss-newton", damping=1e-3, weight_decay=WEIGHT_DECAY, tol=1e-10,
+                  max_iters=300, batch_size=40)
+    one_step = erase(model, tokenizer, train, requests, **common)
+    first = erase(model, tokenizer, train, requests, **common, trust_region=True, trust_region_steps=1)
+    assert torch.allclose(first.update, one_step.update, rtol=0, atol=1e-12 * float(one_step.update.norm()))
+
+
+def test_the_trust_region_rejects_a_step_that_raises_the_held_out_loss(trained):
+    """A step that wrecks held-out examples is refused at full length although it lowers Φ: it is cut back
+    until the held-out loss stays within tolerance (or not taken at all)."""
+    from llmeraser.evaluate import response_predictions
+
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    pairs = resolve([Remove("ex3"), Remove("ex7"), Remove("ex20")], train)
+    heldout = toy_examples(12, seed=7)
+    harmful = 50.0 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
+    b = 1e-3 * harmful  # −bᵀd dominates Φ along d = harmful: Φ falls at every step size, only the check can refuse
+    settings = TrustRegionSettings(steps=1, kept_examples=20, heldout_tolerance=0.01)
+    result = trust_region_update(model, tokenizer, train, pairs, b, lambda g: g, weight_decay=WEIGHT_DECAY,
+                                 scaling="retrain", max_length=128, batch_size=40, settings=settings, heldout=heldout,
+                                 first_direction=harmful)
+    before = result.acceptance["heldout_loss"]["before"]
+    full = float(response_predictions(model, tokenizer, heldout, theta + harmful, 128, 40).losses().mean())
+    assert full > before * 1.01  # the full step does raise the held-out loss beyond the tolerance
+    record = result.steps[0]
+    assert record.evaluations >= 2
+    if record.accepted:
+        assert record.scale < 1.0
+        assert result.acceptance["heldout_loss"]["after"] <= before * 1.01
+    else:
+        assert "held-out loss" in record.reason and float(result.update.abs().max()) == 0.0
+    assert torch.equal(params.flat(), theta)  # the model's θ is restored
+
+
+def test_kept_sample_excludes_edited_examples_and_is_seeded(trained):
+    _, _, train = trained
+    pairs = resolve([Remove("ex3"), CorrectResponse("ex5", " No")], train)
+    sample = kept_sample(train, pairs, 10, seed=1)
+    assert len(sample) == 10 and not {e.id for e in sample} & {"ex3", "ex5"}
+    assert sample == kept_sample(train, pairs, 10, seed=1) != kept_sample(train, pairs, 10, seed=2)
+    assert len(kept_sample(train, pairs, 100, seed=1)) == len(train) - 2
