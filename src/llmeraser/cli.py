@@ -49,7 +49,8 @@ def _bench(args: argparse.Namespace) -> None:
         "ratios": tuple(args.ratio) if args.ratio else None, "model": args.model,
         "seeds": tuple(range(args.seeds)) if args.seeds else None,
         "methods": tuple(args.methods) if args.methods else None,
-        "n_train": args.n_train, "n_test": args.n_test, "cache_method": args.cache_method}.items() if v is not None})
+        "n_train": args.n_train, "n_test": args.n_test, "cache_method": args.cache_method,
+        "removal_unit": args.removal_unit, "trust_region_steps": args.trust_region_steps}.items() if v is not None})
     try:
         config.validate()
     except ValueError as error:
@@ -690,9 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="format of --data (default: detected from the files)")
     bench.add_argument("--ratio", type=float, nargs="+", default=None, help="fraction(s) of training examples edited (default 0.05)")
     bench.add_argument("--model", default=None, help="base model (default smollm2-135m; tiny with --quick)")
-    bench.add_argument("--seeds", type=int, default=None, help="number of training seeds (0, 1, …; default 2)")
+    bench.add_argument("--seeds", type=int, default=None, help="number of training seeds (0, 1, …; default 3)")
     bench.add_argument("--methods", nargs="+", default=None,
-                       help="subset of: original retrain llmeraser gradient_ascent finetune sisa (default: the task's)")
+                       help="subset of: original retrain llmeraser llmeraser_cached llmeraser_tr gradient_ascent finetune sisa (default: the task's)")
     bench.add_argument("--n-train", type=int, default=None, help="training examples")
     bench.add_argument("--n-test", type=int, default=None, help="test examples")
     bench.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe")
@@ -702,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--damping", type=float, default=None, help="LLMEraser's damping λ")
     bench.add_argument("--cache-method", default=None, choices=["kfac", "ekfac", "datainf"],
                        help="curvature fitted once for llmeraser_cached (default ekfac)")
+    bench.add_argument("--removal-unit", default=None, choices=["example", "user"],
+                       help="removal task: remove --ratio of the examples, or every example of --ratio of the users")
+    bench.add_argument("--trust-region-steps", type=int, default=None, help="llmeraser_tr's steps at most (default 5)")
     bench.add_argument("--quick", action="store_true", help="the tiny random-init model and a few dozen examples (seconds)")
     bench.add_argument("--out", required=True, help="output directory for results.json, results.md and the PNG plots")
     bench.set_defaults(run=_bench)

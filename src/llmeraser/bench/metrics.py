@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,12 +36,15 @@ from llmeraser.model import AdapterParameters
 @dataclass(frozen=True)
 class EvalSets:
     """``test``: held-out examples; ``old``/``new``: the edited examples before and after their requests
-    (``new`` is empty for removals); ``nonmembers``: training-distribution examples no model trained on."""
+    (``new`` is empty for removals); ``nonmembers``: training-distribution examples no model trained on (the
+    membership-inference attack's); ``holdout``: further never-trained examples that the trust-region erase
+    may look at (its held-out check and never-seen level), kept apart from everything that is scored."""
 
     test: list[Example]
     old: list[Example]
     new: list[Example]
     nonmembers: list[Example]
+    holdout: list[Example] = field(default_factory=list)
 
     @property
     def edited(self) -> list[Example]:
@@ -96,6 +99,7 @@ def score_method(
     metrics = {
         "test_auc": auc(binary_labels(sets.test), scores),
         "loss_old": float(edited_losses[:n_old].mean()),
+        "loss_test": float(predictions.test.losses().mean()),
         "mia_auc": membership_auc(edited_losses[:n_old], predictions.nonmembers.losses()),
         "kl_test": float(reference.test.kl_to(predictions.test).mean()),
         "kl_edited": float(reference.edited.kl_to(predictions.edited).mean()),

@@ -92,12 +92,16 @@ def corrected_value(person: Person, kind: str, rng: random.Random) -> str:
             return other
 
 
-def pii_task(n_people: int, n_nonmembers: int, ratio: float, seed: int = 0) -> tuple[Corruption, EvalSets]:
+def pii_task(
+    n_people: int, n_nonmembers: int, ratio: float, seed: int = 0, n_holdout: int = 0
+) -> tuple[Corruption, EvalSets]:
     """The training set of ``n_people`` people, requests removing ``ratio`` of them (at least one) and
     correcting one attribute of as many others, and the evaluation sets (``test``: the kept people's
-    examples; ``nonmembers``: ``n_nonmembers`` further people never trained on)."""
-    people = generate_people(n_people + n_nonmembers, seed)
-    members, outsiders = people[:n_people], people[n_people:]
+    examples; ``nonmembers``: ``n_nonmembers`` further people never trained on; ``holdout``: ``n_holdout``
+    other never-trained people, for the erase's own held-out check)."""
+    people = generate_people(n_people + n_nonmembers + n_holdout, seed)
+    members, outsiders = people[:n_people], people[n_people : n_people + n_nonmembers]
+    unseen = people[n_people + n_nonmembers :]
     rng = random.Random(f"{seed}:pii-requests")
     k = max(1, int(ratio * n_people + 0.5))
     if 2 * k > n_people:
@@ -119,6 +123,7 @@ def pii_task(n_people: int, n_nonmembers: int, ratio: float, seed: int = 0) -> t
         old=[by_id[r.id] for r in requests],
         new=[Example(i, by_id[i].prompt, v) for i, v in fixes.items()],
         nonmembers=[e for p in outsiders for e in person_examples(p)],
+        holdout=[e for p in unseen for e in person_examples(p)],
     )
     return Corruption("pii", train, requests, target), sets
 
@@ -174,6 +179,7 @@ def score_pii(
     loss_removed = predictions.edited.subset(removed_at).losses()
     new_by_id = {e.id: e for e in sets.new}
     return {
+        "loss_test": float(predictions.test.losses().mean()),
         "extract_removed": extraction(removed, [e.response for e in removed]),
         "loglik_removed": float(-loss_removed.mean()),
         "mia_auc": membership_auc(loss_removed, predictions.nonmembers.losses()),

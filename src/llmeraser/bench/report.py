@@ -15,12 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from llmeraser.bench.yardstick import effect_captured, removal_effect, retrain_range, within
 from llmeraser.jsonl import write_text_atomic
 
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("test_auc", "test AUC", ".4f"),
     ("loss_old", "loss edited (old)", ".4f"),
     ("loss_new", "loss edited (new)", ".4f"),
+    ("loss_test", "test loss", ".4f"),
     ("accuracy_new", "acc. edited (new)", ".3f"),
     ("mia_auc", "MIA AUC", ".3f"),
     ("kl_test", "KL→retrain test", ".2e"),
@@ -35,11 +37,21 @@ PII_METRICS: tuple[tuple[str, str, str], ...] = (
     ("corrected_rate", "says corrected", ".3f"),
     ("old_value_rate", "says old value", ".3f"),
     ("extract_kept", "extraction (kept)", ".3f"),
+    ("loss_test", "loss kept", ".4f"),
     ("kl_test", "KL→retrain kept", ".2e"),
     ("kl_edited", "KL→retrain edited", ".2e"),
     ("seconds", "time (s)", ".1f"),
     ("peak_rss_mib", "peak RSS (MiB)", ".0f"),
 )
+
+
+# the metrics whose removal effect the yardstick measures (``bench.yardstick``), per kind of task
+EFFECT_METRICS = ("loss_old", "loss_new", "test_auc", "loss_test", "mia_auc", "accuracy_new")
+PII_EFFECT_METRICS = ("loglik_removed", "extract_removed", "mia_auc", "loss_test", "extract_kept")
+
+
+def effect_metrics(task: str) -> tuple[str, ...]:
+    return PII_EFFECT_METRICS if task == "pii" else EFFECT_METRICS
 
 
 def metric_columns(task: str) -> tuple[tuple[str, str, str], ...]:
@@ -81,11 +93,40 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             methods[method] = {key: _mean_std([row.get(key, float("nan")) for row in mine]) for key, _, _ in columns}
         spread_rows = [row for row in results["spread"] if row["ratio"] == ratio]
         spread = {key: _mean_std([row[key] for row in spread_rows]) for key in ("kl_test", "kl_edited")}
-        summary[str(ratio)] = {"methods": methods, "spread": spread}
+        summary[str(ratio)] = {"methods": methods, "spread": spread,
+                               **yardstick_summary(rows, effect_metrics(results["config"]["task"]))}
     return summary
 
 
-ERASERS = ("llmeraser", "llmeraser_cached")
+def _by_seed(rows: Sequence[dict[str, Any]], method: str, key: str, seeds: Sequence[int]) -> list[float]:
+    values = {row["seed"]: row.get(key, float("nan")) for row in rows if row["method"] == method}
+    return [float("nan") if values.get(s) is None else float(values[s]) for s in seeds]
+
+
+def yardstick_summary(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> dict[str, Any]:
+    """Per metric: the removal's own effect over paired seeds (``resolution``), the retrained models'
+    range, and per method the effect captured with its interval and whether its mean lies in that range."""
+    seeds = sorted({row["seed"] for row in rows})
+    methods = [m for m in dict.fromkeys(row["method"] for row in rows) if m not in ("original", "retrain")]
+    resolution, ranges, effects = {}, {}, {}
+    for key in metrics:
+        original, retrain = _by_seed(rows, "original", key, seeds), _by_seed(rows, "retrain", key, seeds)
+        if not any(math.isfinite(v) for v in retrain):
+            continue
+        resolution[key] = removal_effect(original, retrain)
+        ranges[key] = retrain_range(retrain)
+        for method in methods:
+            values = _by_seed(rows, method, key, seeds)
+            finite = [v for v in values if math.isfinite(v)]
+            effects.setdefault(method, {})[key] = {
+                **effect_captured(values, original, retrain),
+                "inside_retrain_range": within(float(np.mean(finite)), ranges[key]) if finite else False,
+            }
+    return {"resolution": resolution, "retrain_range": ranges, "effects": effects}
+
+
+ERASERS = ("llmeraser", "llmeraser_cached", "llmeraser_tr")
+REMOVED_LOSS = {"pii": "loglik_removed"}  # the removed examples' loss metric per task (default loss_old)
 
 
 def check_targets(task: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,6 +135,7 @@ def check_targets(task: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
     targets = []
     for ratio, block in summary.items():
         mean = {m: {k: v["mean"] for k, v in metrics.items()} for m, metrics in block["methods"].items()}
+        targets += _yardstick_targets(task, ratio, block, mean)
         if task == "pii" or "retrain" not in mean:
             continue
         retrain, original = mean["retrain"], mean["original"]
@@ -116,6 +158,34 @@ def check_targets(task: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
             ratio_time = eraser["seconds"] / retrain["seconds"]
             targets.append({"ratio": ratio, "target": f"{name}: erase time ≤ 1/5 of retrain time", "value": ratio_time,
                             "met": bool(ratio_time <= 0.2)})
+    return targets
+
+
+def _yardstick_targets(task: str, ratio: str, block: dict[str, Any], mean: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """The faithful-erase targets against the retrained models' distribution: effect captured 0.8–1.2 on
+    the removed examples' loss (where the yardstick resolves the effect), MIA within 0.05 of Retrain's
+    mean, and the collateral metric (test / kept loss) inside the retrained models' range."""
+    targets: list[dict[str, Any]] = []
+    effects, ranges, resolution = block.get("effects", {}), block.get("retrain_range", {}), block.get("resolution", {})
+    removed_key = REMOVED_LOSS.get(task, "loss_old")
+    for name in (n for n in ERASERS if n in effects):
+        captured = effects[name].get(removed_key)
+        if captured is not None:
+            resolved = resolution[removed_key]
+            targets.append({"ratio": ratio, "target": f"{name}: effect captured on the removed examples' loss in 0.8–1.2",
+                            "value": captured["mean"], "met": bool(resolved["resolved"] and 0.8 <= captured["mean"] <= 1.2),
+                            "note": (f"interval {captured['low']:.2f}–{captured['high']:.2f}; the removal's effect "
+                                     f"{resolved['mean']:+.4f} ± {resolved['half_width']:.4f} (95 %)"
+                                     + ("" if resolved["resolved"] else ": not resolved by this setting"))})
+        if "mia_auc" in mean.get(name, {}) and "mia_auc" in mean.get("retrain", {}):
+            gap = abs(mean[name]["mia_auc"] - mean["retrain"]["mia_auc"])
+            targets.append({"ratio": ratio, "target": f"{name}: MIA AUC within 0.05 of Retrain's mean", "value": gap,
+                            "met": bool(gap <= 0.05)})
+        if "loss_test" in effects[name] and "loss_test" in ranges:
+            span = ranges["loss_test"]
+            targets.append({"ratio": ratio, "target": f"{name}: {'kept' if task == 'pii' else 'test'} loss inside the retrained models' range",
+                            "value": mean[name]["loss_test"], "met": effects[name]["loss_test"]["inside_retrain_range"],
+                            "note": f"retrained {span['min']:.4f}–{span['max']:.4f}"})
     return targets
 
 
@@ -149,6 +219,8 @@ def render_text(results: dict[str, Any]) -> str:
         present = [c for c in columns if any(row.get(c[0]) not in ("", "–") for row in rows)]
         lines += [f"task {results['config']['task']}, ratio {ratio} ({results['requests'][ratio]} requests), "
                   f"mean ± std over {len(results['config']['seeds'])} seed(s)", format_table(rows, present), ""]
+    for ratio, block in results["summary"].items():
+        lines += _effects_markdown(ratio, block)
     for target in results["targets"]:
         lines.append(f"[{'met' if target['met'] else 'NOT met'}] ratio {target['ratio']}: {target['target']}: "
                      f"{target['value']:.4g}" + (f" (threshold {target['threshold']:.4g})" if "threshold" in target else "")
@@ -171,6 +243,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                 "|" + "---|" * len(present)]
         out += ["| " + " | ".join(str(row.get(key, "")) for key, _ in present) + " |" for row in rows]
         out.append("")
+    for ratio, block in results["summary"].items():
+        out += _effects_markdown(ratio, block)
     out += ["## Targets", ""]
     for target in results["targets"]:
         threshold = f" (threshold {target['threshold']:.4g})" if "threshold" in target else ""
@@ -190,6 +264,31 @@ def render_markdown(results: dict[str, Any]) -> str:
             "distance between the retrained models of two seeds. MIA AUC: loss-based membership inference of "
             "the edited examples' old versions against never-trained examples (0.5 = indistinguishable).", ""]
     return "\n".join(out)
+
+
+def _effects_markdown(ratio: str, block: dict[str, Any]) -> list[str]:
+    """The effect-captured table of one ratio: per method and metric E [95 % interval], * when the method's
+    mean lies inside the retrained models' range; and the removal's own effect per metric."""
+    resolution = block.get("resolution", {})
+    if not resolution:
+        return []
+    keys = list(resolution)
+    out = [f"### ratio {ratio}: effect captured, (method − original) / (mean retrain − mean original), paired seeds", "",
+           "| | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1),
+           "| removal's effect (retrain − original), ± 95 % | " + " | ".join(
+               f"{resolution[k]['mean']:+.4f} ± {resolution[k]['half_width']:.4f}" + ("" if resolution[k]["resolved"] else " (not resolved)")
+               for k in keys) + " |",
+           "| retrained models' range | " + " | ".join(
+               f"{block['retrain_range'][k]['min']:.4f}–{block['retrain_range'][k]['max']:.4f}" for k in keys) + " |"]
+    for method, effects in block.get("effects", {}).items():
+        cells = []
+        for k in keys:
+            e = effects.get(k)
+            cells.append("–" if e is None or not math.isfinite(e["mean"]) else
+                         f"{e['mean']:.2f} [{e['low']:.2f}, {e['high']:.2f}]" + (" *" if e["inside_retrain_range"] else ""))
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    out += ["", "1 = the retrained models' mean; * = the method's mean lies inside the retrained models' range.", ""]
+    return out
 
 
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
