@@ -188,13 +188,27 @@ def _load_for_adapter(
     return load_adapter(base, adapter), tokenizer, base, record
 
 
+# the flags that configure the influence update by hand: given any of them, erase --mode auto does as they say
+SOLVER_FLAGS = ("--solver", "--curvature", "--damping", "--scaling", "--max-iters", "--tol", "--curvature-examples",
+                "--curvature-use", "--probe-examples", "--auto-damping")
+
+
+def _given(args: argparse.Namespace, flags: Sequence[str]) -> list[str]:
+    """The ``flags`` given on the command line or in the ``--config`` file."""
+    tokens = getattr(args, "argv", [])
+    from_file = {key.replace("_", "-") for key in getattr(args, "config_keys", ())}
+    return [f for f in flags if any(t == f or t.startswith(f + "=") for t in tokens) or f[2:] in from_file]
+
+
 def _erase(args: argparse.Namespace) -> None:
     from llmeraser.data import read_examples
     from llmeraser.distributed import is_main_process
     from llmeraser.eraser import EraseConfig, erase, save_erased_adapter
     from llmeraser.hashing import adapter_hash, dataset_hash, sha256_file
     from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text
-    from llmeraser.provenance import TRAINING_RECORD, check_matches
+    from llmeraser.model import load_adapter, load_base_model
+    from llmeraser.plan import AUTO_TRUST_REGION_STEPS, plan_erase
+    from llmeraser.provenance import TRAINING_RECORD, check_matches, read_training_record
     from llmeraser.requests import edited_training_set, read_requests, resolve
     from llmeraser.validate import check_examples_fit, check_max_length
 
@@ -202,7 +216,8 @@ def _erase(args: argparse.Namespace) -> None:
     _check_erase_flags(args)
     requests = read_requests(args.requests)
     examples = read_examples(args.data)
-    resolve(requests, examples)  # unknown or repeated ids, removing everything: refused before any model work
+    pairs = resolve(requests, examples)  # unknown or repeated ids, removing everything: refused before any model work
+    heldout = read_examples(args.heldout) if args.heldout else None
     _refuse_existing(args.out)
     if Path(args.out).resolve() == Path(args.adapter).resolve():
         raise InputError("--out must differ from --adapter (the input adapter is never modified)", args.out)
@@ -211,7 +226,12 @@ def _erase(args: argparse.Namespace) -> None:
     _require_adapter(args.adapter)
     input_hash = adapter_hash(args.adapter)
     lineage, lineage_problems = _input_lineage(args.adapter, input_hash, args.allow_mismatch)
-    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
+    record = read_training_record(args.adapter)
+    name = args.model or (record.model if record else None)
+    if name is None:
+        raise InputError("--model is required: the adapter has no llmeraser training record", args.adapter)
+    base, tokenizer = load_base_model(name, seed=record.recipe.seed if record else 0, dtype=DTYPES[args.dtype],
+                                      trust_remote_code=args.trust_remote_code)
     given_data_hash = dataset_hash(examples)
     try:
         mismatches = check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
@@ -222,24 +242,65 @@ def _erase(args: argparse.Namespace) -> None:
     max_length = args.max_length if args.max_length is not None else (recipe.max_length if recipe else 256)
     check_max_length(max_length, base, "--max-length" if args.max_length is not None else "the training recipe's")
     check_examples_fit(tokenizer, examples, max_length, args.data, requests, base)
-    config = EraseConfig(
-        solver=args.solver,
-        curvature=args.curvature,
-        damping=args.damping,
-        scaling=args.scaling,
-        weight_decay=args.weight_decay if args.weight_decay is not None else (recipe.weight_decay if recipe else 0.0),
-        max_iters=args.max_iters,
-        tol=args.tol,
-        batch_size=args.batch_size,
-        curvature_examples=args.curvature_examples,
-        max_length=max_length,
-        seed=args.seed,
-        auto_damping=args.auto_damping,
-        curvature_use=args.curvature_use,
-        probe_examples=args.probe_examples,
-    )
+    weight_decay = args.weight_decay if args.weight_decay is not None else (recipe.weight_decay if recipe else 0.0)
+
+    # --mode auto: the cheaper of a paired retrain and the cached trust-region update, unless solver flags say
+    configured = _given(args, SOLVER_FLAGS)
+    mode, plan, cache_path = args.mode, None, None
+    if mode == "auto" and configured:
+        mode = "update"
+    elif mode in ("auto", "retrain"):
+        from llmeraser.curvature_cache import default_cache_path
+        from llmeraser.provenance import model_fingerprint
+
+        cache_path = Path(args.curvature_cache) if args.curvature_cache else default_cache_path(
+            input_hash, given_data_hash, model_fingerprint(base), "ekfac")
+        removed = sum(p.new is None for p in pairs)
+        plan = plan_erase(n_train=len(examples), n_removed=removed, n_old=len(pairs), n_new=len(pairs) - removed,
+                          recipe=recipe, cache_fitted=(cache_path / "curvature.json").is_file(),
+                          kept_examples=args.kept_examples, heldout=len(heldout or ()),
+                          steps=args.steps or AUTO_TRUST_REGION_STEPS)
+        if mode == "retrain" and recipe is None:
+            raise InputError("--mode retrain needs the adapter's training record (its recipe)", args.adapter)
+        mode = "retrain" if mode == "retrain" else plan.choice
+        if is_main_process():
+            print(f"erase --mode {args.mode}: {mode}" + (f" ({plan.reason})" if args.mode == "auto" else ""))
+    if mode == "retrain":
+        _erase_by_retraining(args, base, tokenizer, record, examples, pairs, lineage, input_hash, mismatches, plan,
+                             given_data_hash, started)
+        return
+
+    model = load_adapter(base, args.adapter)
     kfac, calibration = None, None
-    if args.curvature_cache:
+    if plan is not None:  # auto: the cached curvature (fitted now on first use) and the trust region
+        from llmeraser.kfac import load_calibration, load_kfac
+        from llmeraser.plan import (
+            AUTO_CACHE_METHOD,
+            AUTO_CALIBRATION_DIRECTIONS,
+            AUTO_CALIBRATION_EXAMPLES,
+            AUTO_CURVATURE_EXAMPLES,
+        )
+        from llmeraser.provenance import model_fingerprint
+
+        assert cache_path is not None
+        if not (cache_path / "curvature.json").is_file() and not args.dry_run:
+            from llmeraser.curvature_cache import fit_curvature_cache
+
+            if is_main_process():
+                print(f"fitting the {AUTO_CACHE_METHOD} curvature once for this adapter and data (kept in {cache_path})")
+            fit_curvature_cache(
+                model, tokenizer, base, examples, input_hash, cache_path, method=AUTO_CACHE_METHOD,
+                curvature_examples=AUTO_CURVATURE_EXAMPLES, max_length=max_length, weight_decay=weight_decay,
+                calibration_examples=AUTO_CALIBRATION_EXAMPLES, calibration_directions=AUTO_CALIBRATION_DIRECTIONS,
+                batch_size=args.batch_size, seed=args.seed,
+            )
+            _wait_for_rank_zero()
+        if (cache_path / "curvature.json").is_file():
+            expected = {"model_fingerprint": model_fingerprint(base), "adapter_sha256": input_hash,
+                        "data_sha256": given_data_hash}
+            kfac, stored = load_kfac(cache_path, expected)
+            calibration = load_calibration(stored)
+    elif args.curvature_cache:
         from llmeraser.kfac import load_calibration, load_kfac
         from llmeraser.provenance import model_fingerprint
 
@@ -247,6 +308,28 @@ def _erase(args: argparse.Namespace) -> None:
                     "data_sha256": given_data_hash}
         kfac, stored = load_kfac(args.curvature_cache, expected)
         calibration = load_calibration(stored)
+    trust_region = args.trust_region if args.trust_region is not None else plan is not None
+    config = EraseConfig(
+        solver=args.solver,
+        curvature=args.curvature,
+        damping=(calibration.damping if plan is not None and calibration else args.damping),
+        scaling=args.scaling,
+        weight_decay=weight_decay,
+        max_iters=args.max_iters,
+        tol=args.tol,
+        batch_size=args.batch_size,
+        curvature_examples=args.curvature_examples,
+        max_length=max_length,
+        seed=args.seed,
+        auto_damping=args.auto_damping,
+        curvature_use="direct" if plan is not None else args.curvature_use,
+        probe_examples=args.probe_examples,
+        trust_region=trust_region,
+        trust_region_steps=args.steps or AUTO_TRUST_REGION_STEPS,
+        kept_examples=args.kept_examples,
+        heldout_tolerance=args.heldout_tolerance,
+        kl_budget=args.kl_budget,
+    )
     if args.dry_run:
         from llmeraser.estimate import estimate_erase
 
@@ -256,15 +339,18 @@ def _erase(args: argparse.Namespace) -> None:
                                                   calibration=calibration))
         return
     result = erase(model, tokenizer, examples, requests, config, progress=is_main_process(), kfac=kfac,
-                   calibration=calibration)
+                   calibration=calibration, heldout=heldout)
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
     result.report.update(
         {
-            "curvature_cache": str(args.curvature_cache) if args.curvature_cache else None,
+            "method": "update",
+            "plan": plan.to_json() if plan else None,
+            "curvature_cache": str(cache_path if plan is not None else args.curvature_cache) if kfac else None,
             "input_adapter_sha256": input_hash,
             "requests_file_sha256": sha256_file(args.requests),
             "training_data_sha256": record.data_sha256 if record else None,
+            "heldout_data_sha256": dataset_hash(heldout) if heldout else None,
             "mismatches_allowed": mismatches,
         }
     )
@@ -294,17 +380,98 @@ def _erase(args: argparse.Namespace) -> None:
     print(f"requests {result.report['requests']}; {solver.solver}: {solver.status}, {solver.iterations} iterations, "
           f"relative residual {residual}; ‖v‖ = {result.report['update_norm']:.3e}; "
           f"{result.report['timings_s']['total_s']:.1f} s")
+    region = result.report.get("trust_region")
+    if region:
+        checks = region["acceptance"]
+        heldout_text = ("" if checks["heldout_loss"]["after"] is None else
+                        f"; held-out loss {checks['heldout_loss']['before']:.4f} → {checks['heldout_loss']['after']:.4f}")
+        removed_text = ("" if checks["removed_loss"]["after"] is None else
+                        f"; removed examples' loss {checks['removed_loss']['before']:.4f} → {checks['removed_loss']['after']:.4f}")
+        print(f"trust region: {len([s for s in region['steps'] if s['accepted']])} step(s) accepted, stopped: "
+              f"{region['stopped']}; KL on {checks['kept_examples']} kept examples {checks['kept_kl']:.3g}"
+              + heldout_text + removed_text)
     print(f"erased adapter written to {args.out} (report: {report_path})")
 
 
+def _wait_for_rank_zero() -> None:
+    """Under torchrun: the other ranks wait until rank 0 has written what they read next."""
+    from llmeraser.distributed import is_distributed
+
+    if is_distributed():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _erase_by_retraining(
+    args: argparse.Namespace, base: Any, tokenizer: Any, record: Any, examples: list, pairs: list, lineage: list,
+    input_hash: str, mismatches: list, plan: Any, given_data_hash: str, started: float,
+) -> None:
+    """``erase`` by a paired retrain (exact by construction): a fresh LoRA with the recorded settings and
+    seed, trained with the recorded recipe on the original run's batches with the edits applied in place;
+    written like any erased adapter (report, training record of the edited set, lineage)."""
+    from llmeraser.distributed import is_main_process
+    from llmeraser.eraser import library_versions, peak_memory_mb
+    from llmeraser.hashing import adapter_hash, dataset_hash, example_hash, sha256_file
+    from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text
+    from llmeraser.model import attach_lora, save_adapter
+    from llmeraser.provenance import TRAINING_RECORD
+    from llmeraser.requests import count_by_kind, edited_training_set
+    from llmeraser.train import paired_schedule, train_adapter
+
+    edited = edited_training_set(examples, pairs)
+    recipe = record.recipe
+    model = attach_lora(base, record.lora)
+    schedule = paired_schedule([e.id for e in examples], [e.id for e in edited], recipe) if recipe.optimizer == "adam" else None
+    if args.dry_run:
+        if is_main_process():
+            _print_dry_run("erase (paired retrain)", time.perf_counter() - started,
+                           lambda: _estimate_train(model, tokenizer, edited, recipe))
+        return
+    result = train_adapter(model, tokenizer, edited, recipe, progress=is_main_process(), schedule=schedule)
+    if result.losses and not math.isfinite(result.losses[-1]):
+        raise NumericalError(f"the retraining objective is {result.losses[-1]}", stage="train")
+    if not is_main_process():
+        return
+    edited_hash = dataset_hash(edited)
+    report = {
+        "method": "retrain",
+        "plan": plan.to_json() if plan else None,
+        "requests": count_by_kind([p.request for p in pairs]),
+        "affected_examples": [{"op": p.request.op, "old_sha256": example_hash(p.old),
+                               "new_sha256": example_hash(p.new) if p.new else None} for p in pairs],
+        "n_train": len(examples),
+        "solver": {"solver": "retrain", "status": "paired retrain with the recorded recipe (exact by construction)",
+                   "converged": True, "iterations": result.steps, "final_relative_residual": 0.0},
+        "config": {"recipe": recipe.to_json(), "lora": record.to_json()["lora"], "paired": schedule is not None},
+        "timings_s": {"retrain_s": result.wall_time_s, "total_s": time.perf_counter() - started},
+        "peak_memory_mb": peak_memory_mb(),
+        "versions": library_versions(),
+        "input_adapter_sha256": input_hash,
+        "requests_file_sha256": sha256_file(args.requests),
+        "training_data_sha256": record.data_sha256,
+        "mismatches_allowed": mismatches,
+    }
+
+    def files(written: Path) -> dict[str, Any]:
+        output_hash = adapter_hash(written)
+        entry = erase_entry(report, output_hash, given_data_hash, edited_hash, len(edited))
+        return {"erasure_report.json": {**report, "output_adapter_sha256": output_hash},
+                TRAINING_RECORD: {**record.to_json(), "data_sha256": edited_hash, "n_examples": len(edited)},
+                LINEAGE_FILE: lineage_text(append_entry(lineage, entry))}
+
+    save_adapter(model, args.out, extra_files=files)
+    print(f"retrained on {len(edited)} of {len(examples)} examples in the original run's data order in "
+          f"{result.wall_time_s:.1f} s; final objective {result.losses[-1]:.4f}")
+    print(f"erased adapter written to {args.out} (report: {Path(args.out) / 'erasure_report.json'})")
+
+
 def _fit_curvature(args: argparse.Namespace) -> None:
-    from llmeraser.data import TokenizationConfig, read_examples, tokenize_examples
-    from llmeraser.distributed import is_distributed, is_main_process
-    from llmeraser.eraser import library_versions
-    from llmeraser.hashing import adapter_hash, dataset_hash
-    from llmeraser.kfac import calibration_pool, curvature_subset, fit_cached_curvature, save_kfac
-    from llmeraser.model import AdapterParameters
-    from llmeraser.provenance import check_matches, model_fingerprint
+    from llmeraser.curvature_cache import fit_curvature_cache
+    from llmeraser.data import read_examples
+    from llmeraser.distributed import is_main_process
+    from llmeraser.hashing import adapter_hash
+    from llmeraser.provenance import check_matches
 
     started = time.perf_counter()
     valid_damping = args.damping is None or (args.damping >= 0 and math.isfinite(args.damping))
@@ -330,39 +497,18 @@ def _fit_curvature(args: argparse.Namespace) -> None:
                 calibration_damping=args.calibration_damping, weight_decay=weight_decay,
             ))
         return
-    tokenization = TokenizationConfig(max_length=max_length)
-    chosen = curvature_subset(examples, args.curvature_examples, args.seed)
-    items = tokenize_examples(tokenizer, chosen, tokenization)
-    params = AdapterParameters.of(model)
-    every = calibration_pool(tokenizer, examples, items, args.calibration_examples, tokenization)
-    cache = fit_cached_curvature(
-        model, params, items, tokenizer.pad_token_id, args.method, damping=args.calibration_damping,
-        weight_decay=weight_decay, batch_size=args.batch_size, seed=args.seed,
-        calibration_examples=args.calibration_examples, calibration_directions=args.calibration_directions,
-        calibration_items=every, datainf_damping=args.damping,
-        distributed=is_distributed(),  # each rank fits its batches; sums and exact products all-reduced
+    cache, metadata = fit_curvature_cache(
+        model, tokenizer, base, examples, input_hash, args.out, method=args.method,
+        curvature_examples=args.curvature_examples, max_length=max_length, weight_decay=weight_decay,
+        calibration_damping=args.calibration_damping, calibration_examples=args.calibration_examples,
+        calibration_directions=args.calibration_directions, batch_size=args.batch_size, seed=args.seed,
+        datainf_damping=args.damping,
     )
     factors, seconds, calibration = cache.factors, cache.fit_s, cache.calibration
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
-    metadata = {
-        "kind": args.method,
-        "damping": args.damping,
-        "model_fingerprint": model_fingerprint(base),
-        "adapter_sha256": input_hash,
-        "data_sha256": dataset_hash(examples),
-        "n_examples": len(chosen),
-        "n_layers": len(factors),
-        "n_parameters": params.dim,
-        "max_length": max_length,
-        "seed": args.seed,
-        "fit_time_s": seconds,
-        "calibration": calibration.to_json() if calibration else None,
-        "versions": library_versions(),
-    }
-    save_kfac(factors, args.out, metadata)
     what = {"kfac": "K-FAC factors", "ekfac": "EK-FAC factors", "datainf": "DataInf per-example gradients"}[args.method]
-    print(f"{what} of {len(factors)} LoRA layers fitted on {len(chosen)} examples in {seconds:.1f} s")
+    print(f"{what} of {len(factors)} LoRA layers fitted on {metadata['n_examples']} examples in {seconds:.1f} s")
     if calibration:
         print(f"step length α = {calibration.step_length:.4g} (median of {calibration.n_directions}, range "
               f"{min(calibration.step_lengths):.3g}–{max(calibration.step_lengths):.3g}) calibrated on "
@@ -396,6 +542,10 @@ def _check_erase_flags(args: argparse.Namespace) -> None:
         ("--max-length", args.max_length, args.max_length is None or args.max_length >= 2, ">= 2"),
         ("--weight-decay", args.weight_decay, args.weight_decay is None or args.weight_decay >= 0, ">= 0"),
         ("--probe-examples", args.probe_examples, args.probe_examples is None or args.probe_examples >= 0, ">= 0"),
+        ("--steps", args.steps, args.steps is None or args.steps >= 1, ">= 1"),
+        ("--kept-examples", args.kept_examples, args.kept_examples >= 1, ">= 1"),
+        ("--heldout-tolerance", args.heldout_tolerance, args.heldout_tolerance >= 0, ">= 0"),
+        ("--kl-budget", args.kl_budget, args.kl_budget is None or args.kl_budget > 0, "> 0"),
     ]
     for flag, value, ok, expected in checks:
         if not ok:
@@ -747,6 +897,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the probe subset on which --curvature-use direct fits α (default 64) and lissa/sgd measure "
                        "residuals; with a calibrated cache, N > 0 measures the calibrated step's residual on N examples "
                        "(default: no exact product)")
+    erase.add_argument("--mode", default="auto", choices=["auto", "update", "retrain"],
+                       help="auto: without solver flags, the cheaper of a paired retrain (exact) and the cached "
+                       "trust-region update (EK-FAC fitted on first use and kept in the user cache), by predicted "
+                       "cost; with solver flags, the update they configure. update: the influence update as the "
+                       "flags say; retrain: a paired retrain with the recorded recipe")
+    erase.add_argument("--heldout", default=None,
+                       help="examples the adapter never saw (JSONL): the trust region refuses steps that raise their "
+                       "loss and stops removals at their loss level (what a retrained model shows)")
+    erase.add_argument("--trust-region", action=argparse.BooleanOptionalAction, default=None,
+                       help="re-linearised steps accepted by their effect in function space (default: on in --mode auto, "
+                       "off for a configured update)")
+    erase.add_argument("--steps", type=int, default=None, help="trust-region steps at most (default 5)")
+    erase.add_argument("--kept-examples", type=int, default=64,
+                       help="untouched training examples the trust region estimates the objective and the KL on")
+    erase.add_argument("--heldout-tolerance", type=float, default=0.02,
+                       help="relative rise of the held-out loss a trust-region step may cause")
+    erase.add_argument("--kl-budget", type=float, default=None,
+                       help="per-token KL(original ‖ erased) allowed on the kept examples (default: not checked)")
     erase.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
     erase.add_argument("--auto-damping", action="store_true",
                        help="when the solve diverges or meets non-positive curvature, retry with 10x the damping "
@@ -836,14 +1004,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
-    """Apply ``--config FILE`` (if given) as defaults of the chosen subcommand's parser."""
+def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Apply ``--config FILE`` (if given) as defaults of the chosen subcommand's parser; returns the keys set."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("command", nargs="?")
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if not known.config or not known.command:
-        return
+        return set()
     path = Path(known.config)
     try:
         table = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -855,7 +1023,7 @@ def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> No
     values = {k: v for k, v in table.items() if not isinstance(v, dict)} | (section if isinstance(section, dict) else {})
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.get(known.command)
     if sub is None:
-        return
+        return set()
     dests = {a.dest for a in sub._actions}
     defaults = {}
     for key, value in values.items():
@@ -867,14 +1035,16 @@ def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> No
     for action in sub._actions:  # options given in the file are no longer required on the command line
         if action.dest in defaults:
             action.required = False
+    return set(defaults)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        _config_defaults(parser, argv)
+        config_keys = _config_defaults(parser, argv)
         args = parser.parse_args(argv)
+        args.argv, args.config_keys = argv, config_keys
         args.command_line = "llmeraser " + " ".join(shlex.quote(a) for a in argv)
         init_from_environment()  # a no-op outside torchrun
         try:

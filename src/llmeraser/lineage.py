@@ -196,6 +196,8 @@ def erase_entry(
         "n_examples_before": report.get("n_train"),
         "data_after_sha256": data_after_sha256,
         "n_examples_after": n_examples_after,
+        "method": report.get("method", "update"),
+        "plan": report.get("plan"),
         "solver_settings": report.get("config"),
         "result": {
             "solver": solver.get("solver"),
@@ -207,9 +209,18 @@ def erase_entry(
             "damping_attempts": report.get("damping_attempts"),
             "b_norm": report.get("b_norm"),
             "update_norm": report.get("update_norm"),
+            "trust_region": _trust_region_summary(report.get("trust_region")),
         },
         "mismatches_allowed": report.get("mismatches_allowed") or [],
     }
+
+
+def _trust_region_summary(region: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The lineage's record of a trust-region erase: steps, step sizes, why it stopped, the checks."""
+    if not region:
+        return None
+    return {"steps": [s["scale"] for s in region["steps"] if s["accepted"]], "stopped": region["stopped"],
+            "acceptance": region["acceptance"]}
 
 
 def _short(value: Any) -> str:

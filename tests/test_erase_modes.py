@@ -1,0 +1,118 @@
+"""``erase --mode auto|update|retrain``: the plan (pure), the paired retrain it may choose, and the cached
+trust-region update it fits on first use."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_helpers import cli, digest
+from conftest import toy_examples
+
+from llmeraser.data import write_examples
+from llmeraser.plan import RETRAIN_MARGIN, fit_cost, plan_erase, retrain_cost, update_cost
+from llmeraser.train import TrainConfig
+
+REQUESTS = ('{"op": "remove", "id": "ex1"}\n{"op": "remove", "id": "ex6"}\n'
+            '{"op": "correct_response", "id": "ex4", "response": " Maybe"}\n')
+TRAIN = ["--lora-r", "2", "--target-modules", "q_proj", "v_proj", "--lr", "1e-2", "--weight-decay", "0.1",
+         "--max-length", "64"]
+
+
+def test_plan_costs_and_choice() -> None:
+    assert retrain_cost(90, 3, "adam") == 270 and retrain_cost(90, 3, "lbfgs") == 27000
+    assert fit_cost(100, 8, 4) == 250 + 4 * 25
+    assert update_cost(3, 1, 10, 0, 2, evaluations_per_step=3) == pytest.approx(4 + 2 * (11 + (10 + 3 + 1)))
+    short = TrainConfig(epochs=2)
+    cheap = plan_erase(n_train=40, n_removed=2, n_old=3, n_new=1, recipe=short, cache_fitted=False)
+    assert cheap.choice == "retrain" and "exact" in cheap.reason
+    long = TrainConfig(epochs=200)
+    costly = plan_erase(n_train=40, n_removed=2, n_old=3, n_new=1, recipe=long, cache_fitted=False)
+    assert costly.choice == "update" and RETRAIN_MARGIN * (costly.fit_cost + costly.update_cost) <= costly.retrain_cost
+    fitted = plan_erase(n_train=40, n_removed=2, n_old=3, n_new=1, recipe=long, cache_fitted=True)
+    assert fitted.fit_cost == 0
+    outside = plan_erase(n_train=40, n_removed=2, n_old=3, n_new=1, recipe=None, cache_fitted=False)
+    assert outside.choice == "update" and outside.retrain_cost is None
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("modes")
+    data, requests = root / "train.jsonl", root / "requests.jsonl"
+    write_examples(data, toy_examples(16, seed=3))
+    write_examples(root / "heldout.jsonl", toy_examples(8, seed=11))
+    requests.write_text(REQUESTS)
+    assert cli("train", "--model", "tiny", "--data", data, "--out", root / "short", "--epochs", "2", *TRAIN).code == 0
+    assert cli("train", "--model", "tiny", "--data", data, "--out", root / "long", "--epochs", "120", *TRAIN).code == 0
+    return root, data, requests
+
+
+def test_default_erase_of_a_cheap_recipe_is_the_paired_retrain(setup, tmp_path, monkeypatch):
+    """Retraining costs less than fitting and updating: the default erase retrains, in the original run's
+    data order, and writes exactly what `llmeraser retrain --like` writes, with report and lineage."""
+    monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
+    root, data, requests = setup
+    before = digest(root / "short")
+    done = cli("erase", "--adapter", root / "short", "--data", data, "--requests", requests, "--out", tmp_path / "erased")
+    assert done.code == 0, done.err
+    assert "erase --mode auto: retrain" in done.out
+    retrained = cli("retrain", "--like", root / "short", "--data", data, "--requests", requests, "--out", tmp_path / "ref")
+    assert retrained.code == 0, retrained.err
+    assert "(paired)" in retrained.out
+    erased_weights = (tmp_path / "erased" / "adapter_model.safetensors").read_bytes()
+    assert erased_weights == (tmp_path / "ref" / "adapter_model.safetensors").read_bytes()
+    report = json.loads((tmp_path / "erased" / "erasure_report.json").read_text())
+    assert report["method"] == "retrain" and report["plan"]["choice"] == "retrain"
+    assert report["config"]["paired"] is True
+    history = cli("history", tmp_path / "erased")
+    assert history.code == 0 and "chain verified" in history.out
+    assert digest(root / "short") == before  # the input adapter is untouched
+    assert not (tmp_path / "cache").exists()  # nothing fitted
+
+
+def test_default_erase_of_a_long_recipe_fits_once_and_takes_trust_region_steps(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
+    root, data, requests = setup
+    before = digest(root / "long")
+    args = ["--adapter", root / "long", "--data", data, "--requests", requests, "--heldout", root / "heldout.jsonl"]
+    done = cli("erase", *args, "--out", tmp_path / "erased")
+    assert done.code == 0, done.err
+    assert "erase --mode auto: update" in done.out and "fitting the ekfac curvature once" in done.out
+    caches = list((tmp_path / "cache" / "curvature").iterdir())
+    assert len(caches) == 1 and (caches[0] / "curvature.json").is_file()
+    report = json.loads((tmp_path / "erased" / "erasure_report.json").read_text())
+    assert report["method"] == "update" and report["curvature_cache_method"] == "ekfac"
+    region = report["trust_region"]
+    assert region["steps"] and region["steps"][0]["accepted"]
+    checks = region["acceptance"]
+    assert checks["heldout_loss"]["examples"] == 8
+    assert checks["heldout_loss"]["after"] <= checks["heldout_loss"]["before"] * 1.02 + 1e-12
+    assert checks["removed_loss"]["after"] > checks["removed_loss"]["before"]  # the removal raised their loss
+    assert checks["replacement_loss"]["after"] < checks["replacement_loss"]["before"]
+    lineage = [json.loads(line) for line in (tmp_path / "erased" / "lineage.jsonl").read_text().splitlines()]
+    assert lineage[-1]["method"] == "update" and lineage[-1]["result"]["trust_region"]["steps"]
+    # the second erase of the same adapter finds the fitted curvature
+    again = cli("erase", *args, "--out", tmp_path / "erased2")
+    assert again.code == 0 and "fitting" not in again.out
+    assert digest(root / "long") == before
+
+
+def test_solver_flags_mean_a_configured_update(setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
+    root, data, requests = setup
+    done = cli("erase", "--adapter", root / "short", "--data", data, "--requests", requests, "--out", tmp_path / "e",
+               "--damping", "0.1", "--max-iters", "5")
+    assert done.code == 0, done.err
+    assert "--mode auto" not in done.out
+    report = json.loads((tmp_path / "e" / "erasure_report.json").read_text())
+    assert report["method"] == "update" and report["solver"]["solver"] == "cg" and report["trust_region"] is None
+
+
+@pytest.mark.parametrize("flag,value,message", [("--steps", "0", "--steps must be >= 1"),
+                                                ("--kl-budget", "0", "--kl-budget must be > 0"),
+                                                ("--kept-examples", "0", "--kept-examples must be >= 1")])
+def test_bad_trust_region_flags_are_usage_errors(setup, tmp_path, flag, value, message):
+    root, data, requests = setup
+    done = cli("erase", "--adapter", root / "short", "--data", data, "--requests", requests, "--out", tmp_path / "x",
+               flag, value)
+    assert done.code == 2 and message in done.err and not (tmp_path / "x").exists()
