@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 from collections.abc import Callable
@@ -46,6 +48,7 @@ from llmeraser.model import (
 from llmeraser.recsys.corruption import mixed_task
 from llmeraser.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import resolve
+from llmeraser.plan import plan_erase
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
 
 
@@ -61,6 +64,8 @@ class DemoConfig:
     query_fraction: float = 0.03
     response_fraction: float = 0.03
     rest_sample: int = 32
+    n_heldout: int = 24
+    trust_region_steps: int = 5
     seed: int = 0
     lora: LoraSettings = SMOLLM2_LORA
     recipe: TrainConfig = SMOLLM2_RECIPE
@@ -92,7 +97,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     """Run the demo; returns (and, with ``out_dir``, writes as ``demo_results.json``) the table's numbers."""
     torch.manual_seed(config.seed)
     log(f"data: MovieLens-100k → {config.n_train} train / {config.n_test} test TALLRec examples")
-    splits = movielens_demo_examples(config.n_train, config.n_test, config.history_length, config.seed)
+    splits = movielens_demo_examples(config.n_train, config.n_test + config.n_heldout, config.history_length, config.seed)
+    heldout = list(splits.test[config.n_test :])  # never trained on, never scored: the trust region's own
+    splits = dataclasses.replace(splits, test=list(splits.test[: config.n_test]))
     task = mixed_task(splits, config.remove_fraction, config.query_fraction, config.response_fraction, config.seed)
     log(f"model: {config.model}, LoRA r={config.lora.r} on {', '.join(config.lora.target_modules)}")
     base, tokenizer = load_base_model(config.model, seed=config.seed)
@@ -121,6 +128,16 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     start = time.perf_counter()
     result = erase(model, tokenizer, task.train, task.requests, eraser, kfac=cache.factors, calibration=cache.calibration)
     erase_time = time.perf_counter() - start
+    log(f"erase with the trust region: up to {config.trust_region_steps} steps, {len(heldout)} held-out examples")
+    start = time.perf_counter()
+    refined = erase(model, tokenizer, task.train, task.requests,
+                    dataclasses.replace(eraser, trust_region=True, trust_region_steps=config.trust_region_steps),
+                    kfac=cache.factors, calibration=cache.calibration, heldout=heldout)
+    refine_time = time.perf_counter() - start
+    removed = sum(p.new is None for p in pairs)
+    plan = plan_erase(n_train=len(task.train), n_removed=removed, n_old=len(pairs), n_new=len(pairs) - removed,
+                      recipe=config.recipe, cache_fitted=False, heldout=len(heldout))
+    log(f"  `llmeraser erase --mode auto` would run: {plan.choice} ({plan.reason})")
     solver = result.report["solver"]
     log(f"  {solver.get('step_length_source', result.solver.status)}: step length {solver.get('step_length', float('nan')):.3g}")
 
@@ -143,6 +160,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     for name, vector, seconds in (
         ("original", theta, trained.wall_time_s),
         ("erased", result.theta_new, erase_time),
+        ("erased_tr", refined.theta_new, refine_time),
         ("retrained", theta_retrain, retrained.wall_time_s),
     ):
         params.assign(vector)
@@ -174,7 +192,8 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     log(format_table(rows, columns))
     log("")
     log("time (s): training for 'original' and 'retrained', the erase call for 'erased'. "
-        f"erase / retrain = {erase_time / retrained.wall_time_s:.3f}; fitting the curvature (once per adapter, "
+        f"erase / retrain = {erase_time / retrained.wall_time_s:.3f} (one step), {refine_time / retrained.wall_time_s:.3f} "
+        f"(trust region); fitting the curvature (once per adapter, "
         f"reused by every later erase) took {fit_time:.1f} s; peak memory {peak_memory_mb():.0f} MiB")
     summary = {
         "config": json.loads(json.dumps(asdict(config), default=str)),
@@ -182,6 +201,9 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
         "rows": rows,
         "erase_report": result.report,
         "erase_time_s": erase_time,
+        "trust_region_report": refined.report,
+        "trust_region_time_s": refine_time,
+        "auto_plan": plan.to_json(),
         "curvature_fit_time_s": fit_time,
         "curvature": {"method": config.cache_method, "fit_s": cache.fit_s,
                       "calibration": cache.calibration.to_json() if cache.calibration else None},

@@ -276,10 +276,19 @@ def prepare_erasure(
     new_items = tokenize_examples(tokenizer, [p.new for p in pairs if p.new is not None], token_config)
     curvature_set = edited_training_set(train, pairs) if config.scaling == "retrain" else list(train)
     if config.curvature_examples is not None and config.curvature_examples < len(curvature_set):
-        generator = torch.Generator().manual_seed(config.seed)
-        chosen = torch.randperm(len(curvature_set), generator=generator)[: config.curvature_examples]
-        curvature_set = [curvature_set[i] for i in sorted(chosen.tolist())]
+        curvature_set = curvature_sample(curvature_set, {p.old.id for p in pairs}, config.curvature_examples, config.seed)
     return pairs, old_items, new_items, TokenizedOnDemand(tokenizer, curvature_set, token_config)
+
+
+def curvature_sample(examples: Sequence[Example], edited_ids: set[str], count: int, seed: int) -> list[Example]:
+    """``count`` of ``examples`` for the curvature, in their order: every edited example among them (the
+    replacements, for "retrain" scaling; the curvature must see what the edit changes), then a seeded random
+    draw of the others."""
+    must = [k for k, e in enumerate(examples) if e.id in edited_ids][:count]
+    others = [k for k, e in enumerate(examples) if e.id not in edited_ids]
+    generator = torch.Generator().manual_seed(seed)
+    drawn = [others[i] for i in torch.randperm(len(others), generator=generator)[: count - len(must)].tolist()]
+    return [examples[k] for k in sorted(must + drawn)]
 
 
 def probe_operator(config: EraseConfig, operator: CurvatureOperator) -> CurvatureOperator:
