@@ -157,8 +157,8 @@ def test_bench_quick_end_to_end(tmp_path, task: str) -> None:
     result = cli("bench", "--task", task, "--quick", "--out", out)
     assert result.code == 0, result.err
     results = json.loads((out / "results.json").read_text())
-    methods = {"response": {"original", "retrain", "llmeraser", "llmeraser_cached", "finetune", "sisa"},
-               "pii": {"original", "retrain", "llmeraser", "llmeraser_cached", "gradient_ascent"}}[task]
+    methods = {"response": {"original", "retrain", "llmeraser", "llmeraser_cached", "llmeraser_tr", "finetune", "sisa"},
+               "pii": {"original", "retrain", "llmeraser", "llmeraser_cached", "llmeraser_tr", "gradient_ascent"}}[task]
     assert {row["method"] for row in results["rows"]} == methods
     assert {row["seed"] for row in results["rows"]} == {0, 1}
     assert results["command"].startswith("llmeraser bench --task") and results["machine"]["cpu_count"]
@@ -168,8 +168,13 @@ def test_bench_quick_end_to_end(tmp_path, task: str) -> None:
     assert len(results["spread"]) == 2 and all(s["kl_test"] > 0 for s in results["spread"])
     assert all(np.isfinite(r["seconds"]) and r["peak_rss_mib"] > 0 for r in results["rows"])
     assert results["residuals"] and all(len(r["history"]) >= 1 for r in results["residuals"])
-    for name in ("results.md", "metrics_vs_ratio.png", "solver_residual.png", "time_per_method.png"):
+    for name in ("results.md", "effect_captured.png", "solver_residual.png", "time_per_method.png"):
         assert (out / name).stat().st_size > 0
+    assert not (out / "metrics_vs_ratio.png").exists()  # one ratio: nothing to draw against the ratio
+    block = results["summary"]["0.1" if task == "response" else "0.125"]
+    assert set(block["effects"]) >= {"llmeraser_cached", "llmeraser_tr"} and block["resolution"]
+    assert "effect captured" in (out / "results.md").read_text()
+    assert any(t["target"].startswith("llmeraser_tr:") for t in results["targets"])
     assert "retrain vs retrain" in result.out and "llmeraser" in (out / "results.md").read_text()
     if task == "response":
         assert any("recovers" in t["target"] for t in results["targets"])
@@ -192,6 +197,7 @@ def test_bench_on_a_rating_directory_with_chosen_methods(tmp_path) -> None:
     assert {c["method"] for c in results["caches"]} == {"datainf"}
     assert sorted({row["ratio"] for row in results["rows"]}) == [0.1, 0.2]
     assert results["requests"] == {"0.1": 2, "0.2": 4} and results["spread"] == []
+    assert (out / "metrics_vs_ratio.png").stat().st_size > 0  # two ratios
     assert results["config"]["data"] == str(directory) and results["config"]["format"] == "movielens"
     bad = cli("bench", "--task", "removal", "--quick", "--methods", "finetune", "--out", tmp_path / "x")
     assert bad.code == 3 and "finetune" in bad.err and not (tmp_path / "x").exists()

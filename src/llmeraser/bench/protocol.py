@@ -125,6 +125,7 @@ def quick_config(task: str) -> BenchConfig:
         model="tiny",
         ratios=(0.1,),
         seeds=(0, 1),
+        methods=("llmeraser", *DEFAULT_METHODS[task]),  # the smoke run exercises the cold update too
         n_train=20,
         n_test=12,
         n_nonmembers=6,

@@ -292,7 +292,8 @@ def _effects_markdown(ratio: str, block: dict[str, Any]) -> list[str]:
 
 
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
-    """metrics_vs_ratio.png, solver_residual.png, time_per_method.png; returns the paths written."""
+    """effect_captured.png (per ratio), time_per_method.png, solver_residual.png (when the cold update ran)
+    and metrics_vs_ratio.png (only with several ratios); returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,47 +304,92 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     methods = list(dict.fromkeys(m for block in summary.values() for m in block["methods"]))
     written = []
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    first = ("extract_removed", "extraction rate (removed people)") if results["config"]["task"] == "pii" else ("test_auc", "test AUC")
-    for ax, (key, title) in zip(axes, (first, ("kl_test", "KL to retrain (test)"), ("mia_auc", "MIA AUC"))):
-        for method in methods:
-            stats = [summary[r]["methods"].get(method, {}).get(key, {"mean": float("nan"), "std": 0.0}) for r in summary]
-            ax.errorbar(ratios, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3, label=method)
-        if key == "kl_test":
-            spread = [summary[r]["spread"]["kl_test"]["mean"] for r in summary]
-            ax.plot(ratios, spread, "k--", label="retrain vs retrain")
-        ax.set_xlabel("ratio of training examples edited")
-        ax.set_title(title)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "metrics_vs_ratio.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for entry in results["residuals"]:
-        ax.semilogy(range(len(entry["history"])), entry["history"], marker=".", label=f"ratio {entry['ratio']}, seed {entry['seed']}")
-    ax.set_xlabel("solver iteration")
-    ax.set_ylabel("relative residual ‖(H+λI)v − b‖/‖b‖")
-    if results["residuals"]:
+    for ratio, block in summary.items():  # effect captured: methods × metrics, 95 % intervals, 1 = Retrain
+        effects = block.get("effects", {})
+        keys = list(block.get("resolution", {}))
+        shown = [m for m in effects if m not in ("gradient_ascent",)] or list(effects)
+        if not keys or not shown:
+            continue
+        fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(keys) + 2), 4.2))
+        width = 0.8 / len(shown)
+        for k, method in enumerate(shown):
+            values = [effects[method].get(key, {}).get("mean", float("nan")) for key in keys]
+            low = [effects[method].get(key, {}).get("low", float("nan")) for key in keys]
+            high = [effects[method].get(key, {}).get("high", float("nan")) for key in keys]
+            x = np.arange(len(keys)) + (k - (len(shown) - 1) / 2) * width
+            errors = np.array([[v - lo for v, lo in zip(values, low)], [hi - v for v, hi in zip(values, high)]])
+            ax.bar(x, values, width, label=method)
+            ax.errorbar(x, values, yerr=np.nan_to_num(errors), fmt="none", ecolor="black", capsize=3, lw=1)
+        ax.axhline(1.0, color="black", ls="--", lw=1, label="Retrain (mean)")
+        ax.axhline(0.0, color="grey", lw=0.8)
+        resolution = block["resolution"]
+        ax.set_xticks(np.arange(len(keys)), [f"{key}\n{'' if resolution[key]['resolved'] else '(effect not resolved)'}"
+                                             for key in keys], fontsize=8)
+        ax.set_ylabel("effect captured (method − original) / (retrain − original)")
+        finite = [v for m in shown for key in keys for v in (effects[m].get(key, {}).get("mean", float("nan")),)
+                  if math.isfinite(v)]
+        if finite:
+            ax.set_ylim(min(-0.5, min(finite) - 0.3), max(2.0, max(finite) + 0.3))
+        ax.set_title(f"{results['config']['task']}, ratio {ratio}: mean over {len(results['config']['seeds'])} paired seeds, "
+                     "95 % intervals", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "solver_residual.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+        fig.tight_layout()
+        written.append(out / ("effect_captured.png" if len(summary) == 1 else f"effect_captured_{ratio}.png"))
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fit = {}  # the one-off curvature fit, per ratio: drawn as its own part of the cached methods' bars
+    for entry in results.get("caches", []):
+        fit.setdefault(str(entry["ratio"]), []).append(entry["fit"]["seconds"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) + 2), 4.0))
     width = 0.8 / max(len(ratios), 1)
     for k, ratio in enumerate(summary):
-        seconds = [summary[ratio]["methods"].get(m, {}).get("seconds", {"mean": 0.0})["mean"] for m in methods]
-        ax.bar(np.arange(len(methods)) + k * width, seconds, width, label=f"ratio {ratio}")
-    ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2, methods, rotation=20)
-    ax.set_ylabel("wall time (s)")
+        seconds = np.array([summary[ratio]["methods"].get(m, {}).get("seconds", {"mean": 0.0})["mean"] for m in methods])
+        fit_s = float(np.mean(fit[ratio])) if ratio in fit else 0.0
+        extra = np.array([fit_s if m in ("llmeraser_cached", "llmeraser_tr") else 0.0 for m in methods])
+        x = np.arange(len(methods)) + k * width
+        ax.bar(x, seconds, width, label=f"ratio {ratio}" if len(summary) > 1 else "the method's own time")
+        ax.bar(x, extra, width, bottom=seconds, color="lightgrey", hatch="//", edgecolor="grey",
+               label="one-off curvature fit" if k == 0 and fit_s else None)
+        for xi, own, once in zip(x, seconds, extra):
+            ax.text(xi, own + once, f"{own:.1f}" + (f"\n+{once:.0f}" if once else ""), ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(np.arange(len(methods)) + (len(ratios) - 1) * width / 2, methods, rotation=20, fontsize=8)
+    ax.set_ylabel("wall time (s), mean over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
     written.append(out / "time_per_method.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
+
+    if results["residuals"]:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for entry in results["residuals"]:
+            ax.semilogy(range(len(entry["history"])), entry["history"], marker=".", label=f"ratio {entry['ratio']}, seed {entry['seed']}")
+        ax.set_xlabel("solver iteration")
+        ax.set_ylabel("relative residual ‖(H+λI)v − b‖/‖b‖")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "solver_residual.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    if len(ratios) > 1:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        first = ("extract_removed", "extraction rate (removed people)") if results["config"]["task"] == "pii" else ("test_auc", "test AUC")
+        for ax, (key, title) in zip(axes, (first, ("kl_test", "KL to retrain (test)"), ("mia_auc", "MIA AUC"))):
+            for method in methods:
+                stats = [summary[r]["methods"].get(method, {}).get(key, {"mean": float("nan"), "std": 0.0}) for r in summary]
+                ax.errorbar(ratios, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3, label=method)
+            if key == "kl_test":
+                spread = [summary[r]["spread"]["kl_test"]["mean"] for r in summary]
+                ax.plot(ratios, spread, "k--", label="retrain vs retrain")
+            ax.set_xlabel("ratio of training examples edited")
+            ax.set_title(title)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "metrics_vs_ratio.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
     return written
 
 
