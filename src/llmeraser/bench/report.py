@@ -291,6 +291,9 @@ def _effects_markdown(ratio: str, block: dict[str, Any]) -> list[str]:
     return out
 
 
+EFFECT_AXIS = (-1.0, 3.0)  # the effect-captured chart's y range; values beyond are printed at its edge
+
+
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     """effect_captured.png (per ratio), time_per_method.png, solver_residual.png (when the cold update ran)
     and metrics_vs_ratio.png (only with several ratios); returns the paths written."""
@@ -318,18 +321,20 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             high = [effects[method].get(key, {}).get("high", float("nan")) for key in keys]
             x = np.arange(len(keys)) + (k - (len(shown) - 1) / 2) * width
             errors = np.array([[v - lo for v, lo in zip(values, low)], [hi - v for v, hi in zip(values, high)]])
-            ax.bar(x, values, width, label=method)
-            ax.errorbar(x, values, yerr=np.nan_to_num(errors), fmt="none", ecolor="black", capsize=3, lw=1)
+            clipped = np.clip(np.nan_to_num(values), *EFFECT_AXIS)
+            ax.bar(x, clipped, width, label=method)
+            ax.errorbar(x, clipped, yerr=np.nan_to_num(errors), fmt="none", ecolor="black", capsize=3, lw=1)
+            for xi, value in zip(x, values):  # a value off the axis is printed at its edge
+                if math.isfinite(value) and not EFFECT_AXIS[0] <= value <= EFFECT_AXIS[1]:
+                    ax.text(xi, float(np.clip(value, *EFFECT_AXIS)), f"{value:.1f}", ha="center",
+                            va="bottom" if value > 0 else "top", fontsize=7)
         ax.axhline(1.0, color="black", ls="--", lw=1, label="Retrain (mean)")
         ax.axhline(0.0, color="grey", lw=0.8)
         resolution = block["resolution"]
         ax.set_xticks(np.arange(len(keys)), [f"{key}\n{'' if resolution[key]['resolved'] else '(effect not resolved)'}"
                                              for key in keys], fontsize=8)
         ax.set_ylabel("effect captured (method − original) / (retrain − original)")
-        finite = [v for m in shown for key in keys for v in (effects[m].get(key, {}).get("mean", float("nan")),)
-                  if math.isfinite(v)]
-        if finite:
-            ax.set_ylim(min(-0.5, min(finite) - 0.3), max(2.0, max(finite) + 0.3))
+        ax.set_ylim(EFFECT_AXIS[0] - 0.15, EFFECT_AXIS[1] + 0.25)
         ax.set_title(f"{results['config']['task']}, ratio {ratio}: mean over {len(results['config']['seeds'])} paired seeds, "
                      "95 % intervals", fontsize=9)
         ax.legend(fontsize=7)
@@ -352,7 +357,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.bar(x, extra, width, bottom=seconds, color="lightgrey", hatch="//", edgecolor="grey",
                label="one-off curvature fit" if k == 0 and fit_s else None)
         for xi, own, once in zip(x, seconds, extra):
-            ax.text(xi, own + once, f"{own:.1f}" + (f"\n+{once:.0f}" if once else ""), ha="center", va="bottom", fontsize=7)
+            ax.text(xi, own + once, f"{own:.1f}" + (f"\n+{once:.1f} fit" if once else ""), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(np.arange(len(methods)) + (len(ratios) - 1) * width / 2, methods, rotation=20, fontsize=8)
     ax.set_ylabel("wall time (s), mean over seeds")
     ax.legend(fontsize=7)
