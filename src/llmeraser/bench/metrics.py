@@ -30,6 +30,7 @@ from llmeraser.evaluate import (
     response_predictions,
     single_token_id,
 )
+from llmeraser.bench.attacks import membership_attacks
 from llmeraser.model import AdapterParameters
 
 
@@ -101,6 +102,8 @@ def score_method(
         "loss_old": float(edited_losses[:n_old].mean()),
         "loss_test": float(predictions.test.losses().mean()),
         "mia_auc": membership_auc(edited_losses[:n_old], predictions.nonmembers.losses()),
+        **membership_attacks(predictions.edited.subset(range(n_old)), sets.old, predictions.nonmembers, sets.nonmembers,
+                             reference.edited.subset(range(n_old)), reference.nonmembers),
         "kl_test": float(reference.test.kl_to(predictions.test).mean()),
         "kl_edited": float(reference.edited.kl_to(predictions.edited).mean()),
     }

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmeraser.bench.attacks import membership_attacks
 from llmeraser.bench.metrics import EvalSets, SetPredictions
 from llmeraser.data import Example
 from llmeraser.evaluate import membership_auc
@@ -183,6 +184,8 @@ def score_pii(
         "extract_removed": extraction(removed, [e.response for e in removed]),
         "loglik_removed": float(-loss_removed.mean()),
         "mia_auc": membership_auc(loss_removed, predictions.nonmembers.losses()),
+        **membership_attacks(predictions.edited.subset(removed_at), removed, predictions.nonmembers, sets.nonmembers,
+                             reference.edited.subset(removed_at), reference.nonmembers),
         "corrected_rate": extraction(corrected_old, [new_by_id[e.id].response for e in corrected_old]),
         "old_value_rate": extraction(corrected_old, [e.response for e in corrected_old]),
         "extract_kept": extraction(kept, [e.response for e in kept]),

@@ -25,6 +25,9 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("loss_test", "test loss", ".4f"),
     ("accuracy_new", "acc. edited (new)", ".3f"),
     ("mia_auc", "MIA AUC", ".3f"),
+    ("mia_minkpp", "MIA Min-K%++", ".3f"),
+    ("mia_zlib", "MIA zlib", ".3f"),
+    ("mia_reference", "MIA ref.", ".3f"),
     ("kl_test", "KL→retrain test", ".2e"),
     ("kl_edited", "KL→retrain edited", ".2e"),
     ("seconds", "time (s)", ".1f"),
@@ -34,6 +37,9 @@ PII_METRICS: tuple[tuple[str, str, str], ...] = (
     ("extract_removed", "extraction (removed)", ".3f"),
     ("loglik_removed", "log-lik. removed", ".3f"),
     ("mia_auc", "MIA AUC", ".3f"),
+    ("mia_minkpp", "MIA Min-K%++", ".3f"),
+    ("mia_zlib", "MIA zlib", ".3f"),
+    ("mia_reference", "MIA ref.", ".3f"),
     ("corrected_rate", "says corrected", ".3f"),
     ("old_value_rate", "says old value", ".3f"),
     ("extract_kept", "extraction (kept)", ".3f"),
@@ -181,6 +187,13 @@ def _yardstick_targets(task: str, ratio: str, block: dict[str, Any], mean: dict[
             gap = abs(mean[name]["mia_auc"] - mean["retrain"]["mia_auc"])
             targets.append({"ratio": ratio, "target": f"{name}: MIA AUC within 0.05 of Retrain's mean", "value": gap,
                             "met": bool(gap <= 0.05)})
+        attacks = [k for k in ("mia_auc", "mia_minkpp", "mia_zlib", "mia_reference")
+                   if math.isfinite(mean.get(name, {}).get(k, float("nan"))) and k in mean.get("retrain", {})]
+        if attacks:  # forgotten only if no attack finds more than it finds on Retrain (+ 0.05)
+            excess = max(mean[name][k] - mean["retrain"][k] for k in attacks)
+            targets.append({"ratio": ratio, "target": f"{name}: no membership attack finds more than on Retrain (+0.05)",
+                            "value": excess, "met": bool(excess <= 0.05), "note": ", ".join(
+                                f"{k} {mean[name][k]:.3f} vs {mean['retrain'][k]:.3f}" for k in attacks)})
         if "loss_test" in effects[name] and "loss_test" in ranges:
             span = ranges["loss_test"]
             targets.append({"ratio": ratio, "target": f"{name}: {'kept' if task == 'pii' else 'test'} loss inside the retrained models' range",
@@ -262,7 +275,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             "baseline's update, SISA's retraining of the affected shards); peak RSS is the process's resident "
             "memory during it. KL→retrain is KL(retrain ‖ method) per response token; the last row is the same "
             "distance between the retrained models of two seeds. MIA AUC: loss-based membership inference of "
-            "the edited examples' old versions against never-trained examples (0.5 = indistinguishable).", ""]
+            "the edited examples' old versions against never-trained examples (0.5 = indistinguishable); Min-K%++, zlib "
+            "and ref. (the retrained model as the reference) are the stronger attacks of `bench.attacks`.", ""]
     return "\n".join(out)
 
 
