@@ -21,7 +21,8 @@ def test_lr_multipliers() -> None:
         lr_multiplier("cosine", 4)
 
 
-def test_adam_steps_use_the_scheduled_lr(monkeypatch) -> None:
+def recorded_adam_lrs(monkeypatch) -> list[float]:
+    """The learning rate of every Adam step taken from now on (appended as the steps run)."""
     seen: list[float] = []
     original_step = torch.optim.Adam.step
 
@@ -30,6 +31,11 @@ def test_adam_steps_use_the_scheduled_lr(monkeypatch) -> None:
         return original_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    return seen
+
+
+def test_adam_steps_use_the_scheduled_lr(monkeypatch) -> None:
+    seen = recorded_adam_lrs(monkeypatch)
     model, tokenizer = tiny_lora_model(dtype=torch.float32)
     recipe = TrainConfig(epochs=2, lr=4e-2, batch_size=4, max_length=64, lr_schedule="linear")
     result = train_adapter(model, tokenizer, toy_examples(8), recipe)
@@ -95,14 +101,7 @@ def test_paired_retrain_keeps_every_surviving_example_in_its_batch(monkeypatch) 
 
 
 def test_an_emptied_batch_skips_its_step_but_keeps_the_lr_schedule(monkeypatch) -> None:
-    seen: list[float] = []
-    original_step = torch.optim.Adam.step
-
-    def recording_step(self, *args, **kwargs):
-        seen.append(self.param_groups[0]["lr"])
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    seen = recorded_adam_lrs(monkeypatch)
     model, tokenizer = tiny_lora_model(dtype=torch.float32)
     recipe = TrainConfig(epochs=1, lr=4e-2, batch_size=2, max_length=64, lr_schedule="linear")
     result = train_adapter(model, tokenizer, toy_examples(4), recipe, schedule=[[0, 1], [], [2], [3]])

@@ -5,21 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import toy_examples
-from test_eraser_convex import RECIPE, WEIGHT_DECAY, convex_head_model, retrained_change
+from test_eraser_convex import WEIGHT_DECAY, retrained_change, trained  # noqa: F401 (a fixture)
 
 from llmeraser.eraser import erase
 from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove, resolve
-from llmeraser.train import train_adapter
 from llmeraser.trust_region import TrustRegionSettings, kept_sample, trust_region_update
-
-
-@pytest.fixture(scope="module")
-def trained():
-    model, tokenizer = convex_head_model()
-    train = toy_examples(40, seed=1)
-    train_adapter(model, tokenizer, train, RECIPE)
-    return model, tokenizer, train
 
 
 def relative_error(update: torch.Tensor, change: torch.Tensor) -> float:

@@ -175,7 +175,17 @@ def _load_for_adapter(
 ) -> tuple[Any, Any, Any, Any]:
     """(model with the adapter loaded, tokenizer, base, training record) for an existing adapter; the base
     model in ``dtype``, the adapter float32."""
-    from llmeraser.model import load_adapter, load_base_model
+    from llmeraser.model import load_adapter
+
+    base, tokenizer, record = _load_base_for_adapter(model_arg, adapter, trust_remote_code, dtype)
+    return load_adapter(base, adapter), tokenizer, base, record
+
+
+def _load_base_for_adapter(
+    model_arg: str | None, adapter: str, trust_remote_code: bool = False, dtype: str = "float32"
+) -> tuple[Any, Any, Any]:
+    """(base model in ``dtype``, tokenizer, training record) for an existing adapter, before loading it."""
+    from llmeraser.model import load_base_model
     from llmeraser.provenance import read_training_record
 
     _require_adapter(adapter)
@@ -185,7 +195,7 @@ def _load_for_adapter(
         raise InputError("--model is required: the adapter has no llmeraser training record", adapter)
     base, tokenizer = load_base_model(name, seed=record.recipe.seed if record else 0, dtype=DTYPES[dtype],
                                       trust_remote_code=trust_remote_code)
-    return load_adapter(base, adapter), tokenizer, base, record
+    return base, tokenizer, record
 
 
 # the flags that configure the influence update by hand: given any of them, erase --mode auto does as they say
@@ -206,9 +216,9 @@ def _erase(args: argparse.Namespace) -> None:
     from llmeraser.eraser import EraseConfig, erase, save_erased_adapter
     from llmeraser.hashing import adapter_hash, dataset_hash, sha256_file
     from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text
-    from llmeraser.model import load_adapter, load_base_model
+    from llmeraser.model import load_adapter
     from llmeraser.plan import AUTO_TRUST_REGION_STEPS, plan_erase
-    from llmeraser.provenance import TRAINING_RECORD, check_matches, read_training_record
+    from llmeraser.provenance import TRAINING_RECORD, check_matches
     from llmeraser.requests import edited_training_set, read_requests, resolve
     from llmeraser.validate import check_examples_fit, check_max_length
 
@@ -226,12 +236,7 @@ def _erase(args: argparse.Namespace) -> None:
     _require_adapter(args.adapter)
     input_hash = adapter_hash(args.adapter)
     lineage, lineage_problems = _input_lineage(args.adapter, input_hash, args.allow_mismatch)
-    record = read_training_record(args.adapter)
-    name = args.model or (record.model if record else None)
-    if name is None:
-        raise InputError("--model is required: the adapter has no llmeraser training record", args.adapter)
-    base, tokenizer = load_base_model(name, seed=record.recipe.seed if record else 0, dtype=DTYPES[args.dtype],
-                                      trust_remote_code=args.trust_remote_code)
+    base, tokenizer, record = _load_base_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
     given_data_hash = dataset_hash(examples)
     try:
         mismatches = check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
@@ -273,14 +278,12 @@ def _erase(args: argparse.Namespace) -> None:
     model = load_adapter(base, args.adapter)
     kfac, calibration = None, None
     if plan is not None:  # auto: the cached curvature (fitted now on first use) and the trust region
-        from llmeraser.kfac import load_calibration, load_kfac
         from llmeraser.plan import (
             AUTO_CACHE_METHOD,
             AUTO_CALIBRATION_DIRECTIONS,
             AUTO_CALIBRATION_EXAMPLES,
             AUTO_CURVATURE_EXAMPLES,
         )
-        from llmeraser.provenance import model_fingerprint
 
         assert cache_path is not None
         if not (cache_path / "curvature.json").is_file() and not args.dry_run:
@@ -296,18 +299,9 @@ def _erase(args: argparse.Namespace) -> None:
             )
             _wait_for_rank_zero()
         if (cache_path / "curvature.json").is_file():
-            expected = {"model_fingerprint": model_fingerprint(base), "adapter_sha256": input_hash,
-                        "data_sha256": given_data_hash}
-            kfac, stored = load_kfac(cache_path, expected)
-            calibration = load_calibration(stored)
+            kfac, calibration = _load_curvature_cache(cache_path, base, input_hash, given_data_hash)
     elif args.curvature_cache:
-        from llmeraser.kfac import load_calibration, load_kfac
-        from llmeraser.provenance import model_fingerprint
-
-        expected = {"model_fingerprint": model_fingerprint(base), "adapter_sha256": input_hash,
-                    "data_sha256": given_data_hash}
-        kfac, stored = load_kfac(args.curvature_cache, expected)
-        calibration = load_calibration(stored)
+        kfac, calibration = _load_curvature_cache(args.curvature_cache, base, input_hash, given_data_hash)
     trust_region = args.trust_region if args.trust_region is not None else plan is not None
     config = EraseConfig(
         solver=args.solver,
@@ -391,6 +385,17 @@ def _erase(args: argparse.Namespace) -> None:
               f"{region['stopped']}; KL on {checks['kept_examples']} kept examples {checks['kept_kl']:.3g}"
               + heldout_text + removed_text)
     print(f"erased adapter written to {args.out} (report: {report_path})")
+
+
+def _load_curvature_cache(path: str | Path, base: Any, adapter_sha256: str, data_sha256: str) -> tuple[Any, Any]:
+    """(factors, step-length calibration) of a curvature cache, refused unless fitted for this base model,
+    adapter and training data."""
+    from llmeraser.kfac import load_calibration, load_kfac
+    from llmeraser.provenance import model_fingerprint
+
+    expected = {"model_fingerprint": model_fingerprint(base), "adapter_sha256": adapter_sha256, "data_sha256": data_sha256}
+    kfac, stored = load_kfac(path, expected)
+    return kfac, load_calibration(stored)
 
 
 def _wait_for_rank_zero() -> None:
