@@ -330,5 +330,6 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, command: 
                 results["sisa"].append({"ratio": ratio, "seed": seed, "affected_shards": extras["sisa_affected_shards"],
                                         "shards": config.sisa_shards, "initial_training": extras["sisa_initial"]})
         results["spread"].extend({"ratio": ratio, **row} for row in retrain_spread(references))
+    results["machine_at_end"] = {"load_average_1_5_15_min": machine()["load_average_1_5_15_min"]}
     return results
 

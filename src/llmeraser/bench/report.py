@@ -247,7 +247,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     columns = [("method", "method"), *((key, title) for key, title, _ in metrics)]
     out = [f"# llmeraser bench — task `{results['config']['task']}`", "",
            f"Command: `{results['command']}`", "",
-           "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), ""]
+           "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), "",
+           f"Load average (1, 5, 15 min) at the start {results['machine'].get('load_average_1_5_15_min')}, at the end "
+           f"{results.get('machine_at_end', {}).get('load_average_1_5_15_min')} (2 cores: above ~1 per core, something "
+           "else was running and the times are inflated)", ""]
     for ratio, rows in summary_rows(results["summary"], metrics):
         present = [c for c in columns if any(row.get(c[0]) not in ("", "–") for row in rows)]
         out += [f"## ratio {ratio} ({results['requests'][ratio]} requests; mean ± std over seeds "
