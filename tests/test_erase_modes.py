@@ -10,7 +10,7 @@ from cli_helpers import cli, digest
 from conftest import toy_examples
 
 from llmeraser.data import write_examples
-from llmeraser.plan import RETRAIN_MARGIN, fit_cost, plan_erase, retrain_cost, update_cost
+from llmeraser.plan import RETRAIN_MARGIN, configured_update_cost, fit_cost, plan_erase, retrain_cost, update_cost
 from llmeraser.train import TrainConfig
 
 REQUESTS = ('{"op": "remove", "id": "ex1"}\n{"op": "remove", "id": "ex6"}\n'
@@ -31,6 +31,8 @@ def test_plan_costs_and_choice() -> None:
     assert costly.choice == "update" and RETRAIN_MARGIN * (costly.fit_cost + costly.update_cost) <= costly.retrain_cost
     fitted = plan_erase(n_train=40, n_removed=2, n_old=3, n_new=1, recipe=long, cache_fitted=True)
     assert fitted.fit_cost == 0
+    assert configured_update_cost("cg", 50, 100, 3, 1, cached_direct=False) == 4 + 50 * 3 * 100
+    assert configured_update_cost("cg", 50, 100, 3, 1, cached_direct=True) == 4
     outside = plan_erase(n_train=40, n_removed=2, n_old=3, n_new=1, recipe=None, cache_fitted=False)
     assert outside.choice == "update" and outside.retrain_cost is None
 
@@ -106,6 +108,11 @@ def test_solver_flags_mean_a_configured_update(setup, tmp_path, monkeypatch):
     assert "--mode auto" not in done.out
     report = json.loads((tmp_path / "e" / "erasure_report.json").read_text())
     assert report["method"] == "update" and report["solver"]["solver"] == "cg" and report["trust_region"] is None
+    # 5 cg iterations over 14 examples cost more than 2 epochs of 14: the user is told
+    assert "predicted to cost up to" in done.err and "paired retrain (28)" in done.err
+    cheap = cli("erase", "--adapter", root / "long", "--data", data, "--requests", requests, "--out", tmp_path / "f",
+                "--damping", "0.1", "--max-iters", "2")
+    assert cheap.code == 0 and "predicted to cost" not in cheap.err  # 120 epochs: the update is cheaper
 
 
 @pytest.mark.parametrize("flag,value,message", [("--steps", "0", "--steps must be >= 1"),

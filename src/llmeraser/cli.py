@@ -254,6 +254,7 @@ def _erase(args: argparse.Namespace) -> None:
     mode, plan, cache_path = args.mode, None, None
     if mode == "auto" and configured:
         mode = "update"
+        _warn_if_dearer_than_retraining(args, recipe, examples, pairs)
     elif mode in ("auto", "retrain"):
         from llmeraser.curvature_cache import default_cache_path
         from llmeraser.provenance import model_fingerprint
@@ -385,6 +386,25 @@ def _erase(args: argparse.Namespace) -> None:
               f"{region['stopped']}; KL on {checks['kept_examples']} kept examples {checks['kept_kl']:.3g}"
               + heldout_text + removed_text)
     print(f"erased adapter written to {args.out} (report: {report_path})")
+
+
+def _warn_if_dearer_than_retraining(args: argparse.Namespace, recipe: Any, examples: list, pairs: list) -> None:
+    """A configured update predicted to cost more than a paired retrain gets a warning naming both costs."""
+    from llmeraser.distributed import is_main_process
+    from llmeraser.plan import configured_update_cost, retrain_cost
+
+    if recipe is None or not is_main_process():
+        return
+    removed = sum(p.new is None for p in pairs)
+    n_curvature = min(args.curvature_examples or len(examples), len(examples) - removed)
+    cost = configured_update_cost(args.solver, args.max_iters, n_curvature, len(pairs), len(pairs) - removed,
+                                  cached_direct=bool(args.curvature_cache) and args.curvature_use == "direct",
+                                  batch_size=args.batch_size, probe_examples=args.probe_examples or 64)
+    retrain = retrain_cost(len(examples) - removed, recipe.epochs, recipe.optimizer)
+    if cost > retrain:
+        print(f"llmeraser: warning: this update is predicted to cost up to {cost:,.0f} example passes, more than a "
+              f"paired retrain ({retrain:,.0f}); `--mode retrain` is exact, and without solver flags `--mode auto` "
+              "chooses the cheaper", file=sys.stderr)
 
 
 def _load_curvature_cache(path: str | Path, base: Any, adapter_sha256: str, data_sha256: str) -> tuple[Any, Any]:

@@ -62,6 +62,23 @@ def update_cost(n_old: int, n_new: int, kept: int, heldout: int, steps: int, eva
     return float(n_old + n_new + steps * per_step)
 
 
+def configured_update_cost(
+    solver: str, max_iters: int, n_curvature: int, n_old: int, n_new: int, cached_direct: bool, batch_size: int = 8,
+    probe_examples: int = 64,
+) -> float:
+    """An upper bound of a configured one-step update: b, then ``max_iters`` exact products over the
+    curvature examples (cg), over mini-batches (lissa, sgd: ``batch_size`` examples each, plus the probe),
+    one dense build (direct: one product per parameter is not counted here), or none (a calibrated cache)."""
+    b = float(n_old + n_new)
+    if cached_direct:
+        return b
+    if solver == "cg":
+        return b + max_iters * GAUSS_NEWTON_PRODUCT * n_curvature
+    if solver in ("lissa", "sgd"):
+        return b + max_iters * GAUSS_NEWTON_PRODUCT * (batch_size + probe_examples / 10)
+    return b + GAUSS_NEWTON_PRODUCT * n_curvature
+
+
 def plan_erase(
     *,
     n_train: int,
