@@ -8,6 +8,8 @@ import logging
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from conftest import exact_float64_llama, one_thread, tiny_lora_model
 
 from llmeraser.chat import Message
@@ -18,6 +20,7 @@ from llmeraser.data import (
     TokenizationConfig,
     collate,
     example_losses,
+    examples_from_rows,
     read_examples,
     tokenize_example,
     tokenize_examples,
@@ -340,3 +343,45 @@ def test_hash_covers_the_conversation_deterministically():
     hashes = {example_hash(base)} | {example_hash(v) for v in variants}
     assert len(hashes) == len(variants) + 1
     assert dataset_hash([base, variants[0]]) != dataset_hash([variants[0], base])
+
+
+# --- properties ----------------------------------------------------------------------------------------
+
+contents = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+
+
+@st.composite
+def conversations(draw):
+    """Alternating user/assistant turns (optionally after a system turn), ending on an assistant turn."""
+    turns = draw(st.integers(1, 3))
+    messages = [Message("system", draw(contents))] if draw(st.booleans()) else []
+    for _ in range(turns):
+        messages += [Message("user", draw(contents)), Message("assistant", draw(contents))]
+    return tuple(messages)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conversations(), st.booleans())
+def test_assistant_scope_is_every_assistant_turn_and_the_hash_round_trips(chat_tokenizer, messages, layout):
+    example = Example.conversation("c", messages, len(messages) - 1 if layout else None)
+    item = tokenize_example(chat_tokenizer, example, TokenizationConfig(2048, loss_scope="assistant"))
+    expected = "".join(f"{m.content}<|im_end|>\n" for m in messages if m.role == "assistant")
+    assert loss_text(chat_tokenizer, item) == expected
+    response = tokenize_example(chat_tokenizer, example, TokenizationConfig(2048))
+    assert loss_text(chat_tokenizer, response) == f"{messages[-1].content}<|im_end|>\n"
+    (again,) = examples_from_rows(json.loads(json.dumps([example.to_json()])))
+    assert again == example and example_hash(again) == example_hash(example)
+
+
+def test_null_keys_of_a_table_s_message_structs_are_ignored(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"id": "a", "messages": [{"role": "user", "content": "Hi", "name": "ann"},
+                                     {"role": "assistant", "content": "Yo", "name": None}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    with pytest.raises(InputError, match=r"d\.parquet: row 0: field 'messages' message 0: unsupported key\(s\) 'name'"):
+        read_examples(tmp_path / "d.parquet")
+    rows[0]["messages"][0]["name"] = None
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert read_examples(tmp_path / "d.parquet")[0].messages == (Message("user", "Hi"), Message("assistant", "Yo"))

@@ -3,7 +3,8 @@
 Two conversational layouts are read (``llmeraser.data.example_from_json`` dispatches here):
 
 - ``{"messages": [{"role": ..., "content": ...}, ...]}`` (also under ``conversations``, and ShareGPT's
-  ``from``/``value`` keys, whose ``human``/``gpt`` roles become ``user``/``assistant``);
+  ``from``/``value`` keys, whose ``human``/``gpt`` roles become ``user``/``assistant``: TRL renames the
+  keys but keeps the role names, so a template would render ``human`` where we render ``user``);
 - TRL's conversational prompt/completion: ``{"prompt": [messages], "completion": [messages]}``.
 
 Tokens come from ``tokenizer.apply_chat_template`` exactly as TRL's ``SFTTrainer`` calls it (trl 1.16,
@@ -44,8 +45,10 @@ def is_message_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and isinstance(value[0], dict)
 
 
-def parse_messages(value: Any, key: str, path: str | Path, line: int) -> tuple[Message, ...]:
-    """Parse the list of messages in field ``key``; errors name the file, line, field and message index."""
+def parse_messages(value: Any, key: str, path: str | Path, line: int | None) -> tuple[Message, ...]:
+    """Parse the list of messages in field ``key``; errors name the file, line, field and message index.
+    A message may hold only its role and content keys (others would change what the template renders),
+    save keys whose value is null."""
     if not isinstance(value, (list, tuple)):
         raise InputError(f"field '{key}' must be a list of messages, got {type(value).__name__}", path, line)
     if not value:
@@ -57,7 +60,8 @@ def parse_messages(value: Any, key: str, path: str | Path, line: int) -> tuple[M
             raise InputError(f"{where} must be an object with 'role' and 'content', got {type(item).__name__}", path, line)
         sharegpt = "from" in item or "value" in item
         role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
-        unknown = sorted(set(item) - {role_key, content_key})
+        # A null key is a table's artefact (Parquet, datasets: a struct column has every row's keys): ignored.
+        unknown = sorted(k for k in set(item) - {role_key, content_key} if item[k] is not None)
         if unknown:
             raise InputError(
                 f"{where}: unsupported key(s) {', '.join(repr(k) for k in unknown)} (only '{role_key}' and "
