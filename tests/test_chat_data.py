@@ -231,13 +231,15 @@ def test_conversations_without_a_chat_template_are_an_error_naming_the_file(tmp_
 # --- TRL's own preprocessing ---------------------------------------------------------------------------
 
 
-def trl_tokenized(rows, template, tmp_path, **config):
-    """Rows as TRL 1.16's SFTTrainer prepares them (its dataset map: chat template, masks, labels)."""
+def trl_tokenized(rows, template, tmp_path, tokenizer=None, **config):
+    """Rows as TRL 1.16's SFTTrainer prepares them (its dataset map: chat template, masks, labels); the
+    model (tiny) only has to exist, the tokenizer (default: the byte tokenizer) does the work."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
     from llmeraser.model import build_tiny_model
 
-    model, tokenizer = build_tiny_model(hidden_size=8, num_layers=1)
+    model, byte_tokenizer = build_tiny_model(hidden_size=8, num_layers=1)
+    tokenizer = tokenizer or byte_tokenizer
     tokenizer.chat_template = template
     args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), report_to=[], max_length=None, use_cpu=True,
                          disable_tqdm=True, **config)
@@ -385,3 +387,22 @@ def test_null_keys_of_a_table_s_message_structs_are_ignored(tmp_path):
     rows[0]["messages"][0]["name"] = None
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     assert read_examples(tmp_path / "d.parquet")[0].messages == (Message("user", "Hi"), Message("assistant", "Yo"))
+
+
+@pytest.mark.real_model
+def test_smollm2_template_is_prefix_consistent_and_matches_trl(tmp_path):
+    """SmolLM2-135M-Instruct's own tokenizer and template (the cached conversion; ~30 s on first use)."""
+    from transformers import AutoTokenizer
+
+    from llmeraser.model import smollm2_path
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    examples = [Example.conversation(str(i), msgs(c)) for i, c in enumerate(CONVERSATIONS)]
+    for example, item in zip(examples, tokenize_examples(tokenizer, examples, TokenizationConfig(1024, loss_scope="assistant"))):
+        turns = [f"{m.content}<|im_end|>\n" for m in example.messages if m.role == "assistant"]
+        assert tokenizer.decode([item.input_ids[i] for i in item.loss_positions()]) == "".join(turns)
+    rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in CONVERSATIONS]
+    theirs, _ = trl_tokenized(rows, tokenizer.chat_template, tmp_path, tokenizer=tokenizer)
+    pairs = [Example.conversation(str(i), msgs(c), len(c) - 1) for i, c in enumerate(CONVERSATIONS)]
+    for (ids, labels), row in zip(ours(tokenizer, pairs, "response"), theirs):
+        assert ids == row["input_ids"] and labels == row["labels"]
