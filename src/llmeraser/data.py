@@ -206,7 +206,7 @@ def example_from_json(
     return Example(example_id, prompt, response)
 
 
-class Examples(list):  # list[Example]
+class Examples(list[Example]):
     """The examples read from one source, in order; ``ids_from_row_numbers`` tells whether their ids
     were made from row numbers (``row-<n>``, 0-based) because the rows carry no id field."""
 
@@ -234,22 +234,23 @@ def _required_columns(columns: Sequence[str]) -> str | None:
 
 
 def _examples_from(
-    rows: Iterable[tuple[int, int | None, Any]], source: str | Path, tabular: bool = False
+    rows: Iterable[tuple[int, int | None, Any]], source: str | Path, tabular: bool = False, from_file: bool = True
 ) -> Examples:
-    """Parse ``(row, line, obj)`` rows; ``line`` None: errors name the row (``source: row n: …``)."""
+    """Parse ``(row, line, obj)`` rows; ``line`` None: errors name the row (``source: row n: …``).
+    ``tabular``: every row has the same keys (CSV, Parquet), so a missing field is a missing column."""
     examples = Examples(source=str(source))
     first_seen: dict[str, str] = {}
     id_key: str | None = None
     for row, line, obj in rows:
+        if row == 0 and tabular and isinstance(obj, Mapping):
+            missing = _required_columns(list(obj))
+            if missing:
+                raise InputError(f"{missing}; the columns are: {', '.join(obj)}", source, 1 if line else None)
         try:
             if not isinstance(obj, Mapping):
                 raise InputError(f"expected a mapping (a row object), got {type(obj).__name__}", source, line)
             obj = dict(obj)
             if row == 0:
-                if tabular:
-                    missing = _required_columns(list(obj))
-                    if missing:
-                        raise InputError(f"{missing}; the columns are: {', '.join(obj)}", source, 1 if line else None)
                 id_key = next((key for key in ID_COLUMNS if key in obj), None)
                 examples.ids_from_row_numbers = id_key is None
             elif id_key is None and any(key in obj for key in ID_COLUMNS):
@@ -261,18 +262,16 @@ def _examples_from(
                     line,
                 )
             example = example_from_json(obj, source, line, id_key, row_id(row))
+            if example.id in first_seen:
+                raise InputError(f"duplicate id '{example.id}' (first seen on {first_seen[example.id]})", source, line)
         except InputError as err:
-            if line is None and err.line is None and not (tabular and row == 0 and err.message.startswith("missing column")):
+            if line is None:  # no line to name: name the row
                 raise InputError(f"row {row}: {err.message}", source) from None
             raise
-        where = f"line {line}" if line is not None else f"row {row}"
-        if example.id in first_seen:
-            message = f"duplicate id '{example.id}' (first seen on {first_seen[example.id]})"
-            raise InputError(message, source, line) if line is not None else InputError(f"row {row}: {message}", source)
-        first_seen[example.id] = where
+        first_seen[example.id] = f"line {line}" if line is not None else f"row {row}"
         examples.append(example)
     if not examples:
-        raise InputError("no examples in file" if Path(str(source)).exists() else "no examples", source)
+        raise InputError("no examples in file" if from_file else "no examples", source)
     return examples
 
 
@@ -291,7 +290,7 @@ def read_examples(path: str | Path) -> Examples:
 def examples_from_rows(rows: Iterable[Mapping[str, Any]], source: str = "<rows>") -> Examples:
     """Examples from an iterable of row mappings (a list of dicts, a ``datasets.Dataset``), read as
     ``read_examples`` reads a file's rows; errors read ``<source>: row n: …`` (0-based)."""
-    return _examples_from(((row, None, obj) for row, obj in enumerate(rows)), source)
+    return _examples_from(((row, None, obj) for row, obj in enumerate(rows)), source, from_file=False)
 
 
 def write_examples(path: str | Path, examples: Sequence[Example]) -> None:
