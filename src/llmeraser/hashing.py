@@ -1,6 +1,7 @@
 """SHA-256 content hashes (hex digests) of files, examples, data sets and adapter directories.
 
-An example's hash covers its id, prompt and response (canonical JSON), so reports can name affected
+An example's hash covers its id and content (canonical JSON of ``Example.to_json``: prompt and response,
+or a conversation's messages, roles and contents in order, and its layout), so reports can name affected
 examples without containing their text.
 """
 
@@ -28,7 +29,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def example_hash(example: Example) -> str:
-    """Hash of one example's id, prompt and response (canonical JSON)."""
+    """Hash of one example's id and content: prompt and response, or a conversation's messages (canonical JSON)."""
     return sha256_bytes(json.dumps(example.to_json(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
 

@@ -81,7 +81,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
         raise
 
 
-def require_str(obj: dict[str, Any], key: str, path: str | Path, line: int, allow_int: bool = False) -> str:
+def require_str(obj: dict[str, Any], key: str, path: str | Path, line: int | None, allow_int: bool = False) -> str:
     """Return ``obj[key]`` as a string, or raise ``InputError`` naming file, line and field."""
     if key not in obj:
         raise InputError(f"missing field '{key}'", path, line)

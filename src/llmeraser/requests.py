@@ -5,6 +5,11 @@ Request file (JSONL, one request a line, ops may be mixed, one op per id)::
     {"op": "remove", "id": "u17-3"}
     {"op": "modify_query", "id": "u21-0", "prompt": "<the corrected prompt>"}
     {"op": "correct_response", "id": "u30-2", "response": "<the corrected response>"}
+
+For a conversation (``llmeraser.data.Example.messages``), ``correct_response`` replaces the content of
+the last assistant turn and ``modify_query`` that of the last user turn before it; an optional integer
+``turn`` (0-based index into the messages; for TRL's prompt/completion layout, into prompt + completion)
+addresses another turn: an assistant turn for ``correct_response``, a non-assistant one for ``modify_query``.
 """
 
 from __future__ import annotations
@@ -45,34 +50,46 @@ class Remove:
 
 @dataclass(frozen=True)
 class ModifyQuery:
-    """Replace the prompt of training example ``id`` (query modification)."""
+    """Replace the prompt of training example ``id`` (query modification); for a conversation, the content
+    of message ``turn`` (default: the last user turn before the last assistant turn)."""
 
     id: str
     prompt: str
     source: Source = field(default=Source(), compare=False)
+    turn: int | None = None
     op = "modify_query"
 
     def apply(self, example: Example) -> Example:
-        return Example(example.id, self.prompt, example.response)
+        try:
+            return example.with_prompt(self.prompt, self.turn)
+        except InputError as err:
+            raise InputError(err.message, self.source.path, self.source.line) from None
 
-    def to_json(self) -> dict[str, str]:
-        return {"op": self.op, "id": self.id, "prompt": self.prompt}
+    def to_json(self) -> dict[str, Any]:
+        turn = {} if self.turn is None else {"turn": self.turn}
+        return {"op": self.op, "id": self.id, "prompt": self.prompt, **turn}
 
 
 @dataclass(frozen=True)
 class CorrectResponse:
-    """Replace the response of training example ``id`` (response correction)."""
+    """Replace the response of training example ``id`` (response correction); for a conversation, the
+    content of message ``turn`` (default: the last assistant turn)."""
 
     id: str
     response: str
     source: Source = field(default=Source(), compare=False)
+    turn: int | None = None
     op = "correct_response"
 
     def apply(self, example: Example) -> Example:
-        return Example(example.id, example.prompt, self.response)
+        try:
+            return example.with_response(self.response, self.turn)
+        except InputError as err:
+            raise InputError(err.message, self.source.path, self.source.line) from None
 
-    def to_json(self) -> dict[str, str]:
-        return {"op": self.op, "id": self.id, "response": self.response}
+    def to_json(self) -> dict[str, Any]:
+        turn = {} if self.turn is None else {"turn": self.turn}
+        return {"op": self.op, "id": self.id, "response": self.response, **turn}
 
 
 Request = Union[Remove, ModifyQuery, CorrectResponse]
@@ -98,15 +115,18 @@ def request_from_json(obj: dict[str, Any], path: str | Path | None = None, line:
         raise InputError(f"unknown op {op!r} (expected one of: {', '.join(REQUEST_KINDS)})", path, line)
     source = Source(str(path) if path is not None else None, line)
     request_id = require_str(obj, "id", path or "<requests>", line or 0, allow_int=True)
-    allowed = {"op", "id"} | ({"prompt"} if op == "modify_query" else {"response"} if op == "correct_response" else set())
+    allowed = {"op", "id"} | ({"prompt", "turn"} if op == "modify_query" else {"response", "turn"} if op == "correct_response" else set())
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise InputError(f"unexpected field(s) for op '{op}': {', '.join(unknown)}", path, line)
     if op == "remove":
         return Remove(request_id, source)
+    turn = obj.get("turn")
+    if turn is not None and (not isinstance(turn, int) or isinstance(turn, bool) or turn < 0):
+        raise InputError(f"field 'turn' must be a non-negative integer (a message index), got {turn!r}", path, line)
     if op == "modify_query":
-        return ModifyQuery(request_id, require_str(obj, "prompt", path or "<requests>", line or 0), source)
-    return CorrectResponse(request_id, require_str(obj, "response", path or "<requests>", line or 0), source)
+        return ModifyQuery(request_id, require_str(obj, "prompt", path or "<requests>", line or 0), source, turn)
+    return CorrectResponse(request_id, require_str(obj, "response", path or "<requests>", line or 0), source, turn)
 
 
 def read_requests(path: str | Path) -> list[Request]:

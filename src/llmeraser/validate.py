@@ -1,7 +1,8 @@
 """Input checks that need the tokenizer or the model: does every example fit the context?
 
 The training recipe's truncation policy (``llmeraser.data.tokenize_example``): an example longer than
-``max_length`` tokens has its prompt cut from the left; a response that alone does not fit is an error.
+``max_length`` tokens has its prompt (the tokens before the first loss token) cut from the left; a
+response (the tokens from the first loss token on) that alone does not fit is an error.
 ``max_length`` itself may not exceed the model's context window (``max_position_embeddings``). These
 checks run before any computation, and their errors name the data or request file and line.
 """
@@ -12,9 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmeraser.data import Example, TokenizationConfig, tokenize_example
+from llmeraser.data import ID_COLUMNS, Example, FitError, TokenizationConfig, row_id, tokenize_example
 from llmeraser.errors import InputError
-from llmeraser.jsonl import iter_jsonl
+from llmeraser.sources import iter_rows
 from llmeraser.requests import CorrectResponse, Request
 
 
@@ -38,12 +39,25 @@ def check_max_length(max_length: int, model: Any, source: str = "--max-length") 
 
 
 def line_of_id(path: str | Path, example_id: str) -> int | None:
-    """The line of ``path`` (JSONL) holding the example ``example_id``, streamed; None if not found."""
-    for line, obj in iter_jsonl(path):
-        value = obj.get("id")
+    """The line of ``path`` (JSONL, CSV) holding the example ``example_id``, streamed; None if not found
+    or if the format has no lines (JSON, Parquet: see ``row_of_id``)."""
+    return _location_of_id(path, example_id)[0]
+
+
+def row_of_id(path: str | Path, example_id: str) -> int | None:
+    """The 0-based row of ``path`` holding the example ``example_id``; None if not found."""
+    return _location_of_id(path, example_id)[1]
+
+
+def _location_of_id(path: str | Path, example_id: str) -> tuple[int | None, int | None]:
+    id_key: str | None = None
+    for row, line, obj in iter_rows(path):
+        if row == 0:
+            id_key = next((key for key in ID_COLUMNS if key in obj), None)
+        value = obj.get(id_key) if id_key is not None else row_id(row)
         if value is not None and str(value) == example_id:
-            return line
-    return None
+            return line, row
+    return None, None
 
 
 def _fit_error(err: InputError, max_length: int, limit: int | None) -> str:
@@ -54,6 +68,16 @@ def _fit_error(err: InputError, max_length: int, limit: int | None) -> str:
     )
 
 
+def _data_error(message: str, data_path: str | Path | None, example_id: str) -> InputError:
+    """``message`` located at the example's line (JSONL, CSV) or row (JSON, Parquet) of ``data_path``."""
+    if data_path is None:
+        return InputError(message)
+    line, row = _location_of_id(data_path, example_id)
+    if line is None and row is not None:
+        return InputError(f"row {row}: {message}", data_path)
+    return InputError(message, data_path, line)
+
+
 def check_examples_fit(
     tokenizer: Any,
     examples: Sequence[Example],
@@ -61,23 +85,31 @@ def check_examples_fit(
     data_path: str | Path | None = None,
     requests: Sequence[Request] = (),
     model: Any = None,
+    loss_scope: str = "response",
 ) -> int:
     """Raise ``InputError`` naming the file and line of the first response that cannot fit ``max_length``
-    tokens (replacement responses of ``requests`` first, then ``examples``); return how many examples
-    will have their prompt cut from the left."""
-    config = TokenizationConfig(max_length=max_length)
+    tokens (replacement responses of ``requests`` first, then ``examples``), or of the first conversation
+    the tokenizer cannot render (no chat template, a template that is not prefix-consistent); return how
+    many examples will have their prompt cut from the left."""
+    config = TokenizationConfig(max_length=max_length, loss_scope=loss_scope)
     limit = context_limit(model) if model is not None else None
+    by_id = {example.id: example for example in examples}
     for request in requests:
         if isinstance(request, CorrectResponse):
+            target = by_id.get(request.id)
+            conversation = target is not None and target.is_conversation
             try:
-                tokenize_example(tokenizer, Example(request.id, " ", request.response), config)
+                edited = request.apply(target) if conversation else Example(request.id, " ", request.response)  # type: ignore[arg-type]
+                tokenize_example(tokenizer, edited, config)
             except InputError as err:
+                if conversation and not isinstance(err, FitError):
+                    raise InputError(err.message, request.source.path, request.source.line) from None
                 raise InputError(_fit_error(err, max_length, limit), request.source.path, request.source.line) from None
     truncated = 0
     for example in examples:
         try:
             truncated += tokenize_example(tokenizer, example, config).truncated
         except InputError as err:
-            line = line_of_id(data_path, example.id) if data_path is not None else None
-            raise InputError(_fit_error(err, max_length, limit), data_path, line) from None
+            message = err.message if example.is_conversation and not isinstance(err, FitError) else _fit_error(err, max_length, limit)
+            raise _data_error(message, data_path, example.id) from None
     return truncated
