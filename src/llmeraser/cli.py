@@ -200,7 +200,7 @@ def _load_base_for_adapter(
 
 # the flags that configure the influence update by hand: given any of them, erase --mode auto does as they say
 SOLVER_FLAGS = ("--solver", "--curvature", "--damping", "--scaling", "--max-iters", "--tol", "--curvature-examples",
-                "--curvature-use", "--probe-examples", "--auto-damping")
+                "--curvature-use", "--probe-examples", "--auto-damping", "--curvature-cache")
 
 
 def _given(args: argparse.Namespace, flags: Sequence[str]) -> list[str]:
@@ -234,6 +234,7 @@ def _erase(args: argparse.Namespace) -> None:
     if Path(args.adapter).resolve() in Path(args.out).resolve().parents:
         raise InputError("--out may not be inside --adapter (the input adapter is never modified)", args.out)
     _require_adapter(args.adapter)
+    _refuse_nonfinite_adapter(args.adapter)  # whatever the mode: a NaN adapter is a broken input
     input_hash = adapter_hash(args.adapter)
     lineage, lineage_problems = _input_lineage(args.adapter, input_hash, args.allow_mismatch)
     base, tokenizer, record = _load_base_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
@@ -416,6 +417,16 @@ def _load_curvature_cache(path: str | Path, base: Any, adapter_sha256: str, data
     expected = {"model_fingerprint": model_fingerprint(base), "adapter_sha256": adapter_sha256, "data_sha256": data_sha256}
     kfac, stored = load_kfac(path, expected)
     return kfac, load_calibration(stored)
+
+
+def _refuse_nonfinite_adapter(adapter: str) -> None:
+    """NumericalError (stage 'adapter') when the adapter's stored weights hold NaN or Inf."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(adapter) / "adapter_model.safetensors"))
+    if not all(bool(torch.isfinite(t).all()) for t in weights.values()):
+        raise NumericalError("the input adapter's weights contain NaN or Inf", stage="adapter")
 
 
 def _wait_for_rank_zero() -> None:
