@@ -326,6 +326,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, command: 
                                              "erase_report": extras["erase_report"]})
             if "cache" in extras:
                 results["caches"].append({"ratio": ratio, "seed": seed, **extras["cache"]})
+            if "trust_region" in extras:  # every step, why it stopped, the acceptance checks
+                results.setdefault("trust_region", []).append({"ratio": ratio, "seed": seed, **extras["trust_region"]})
             if "sisa_initial" in extras:
                 results["sisa"].append({"ratio": ratio, "seed": seed, "affected_shards": extras["sisa_affected_shards"],
                                         "shards": config.sisa_shards, "initial_training": extras["sisa_initial"]})
