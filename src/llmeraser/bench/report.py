@@ -308,6 +308,16 @@ def _effects_markdown(ratio: str, block: dict[str, Any]) -> list[str]:
     return out
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close one figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 EFFECT_AXIS = (-1.0, 3.0)  # the effect-captured chart's y range; values beyond are printed at its edge
 
 
@@ -355,10 +365,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(f"{results['config']['task']}, ratio {ratio}: mean over {len(results['config']['seeds'])} paired seeds, "
                      "95 % intervals", fontsize=9)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / ("effect_captured.png" if len(summary) == 1 else f"effect_captured_{ratio}.png"))
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out / ("effect_captured.png" if len(summary) == 1 else f"effect_captured_{ratio}.png")))
 
     fit = {}  # the one-off curvature fit, per ratio: drawn as its own part of the cached methods' bars
     for entry in results.get("caches", []):
@@ -378,10 +385,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xticks(np.arange(len(methods)) + (len(ratios) - 1) * width / 2, methods, rotation=20, fontsize=8)
     ax.set_ylabel("wall time (s), mean over seeds")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "time_per_method.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
+    written.append(_save(fig, out / "time_per_method.png"))
 
     if results["residuals"]:
         fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -390,10 +394,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.set_xlabel("solver iteration")
         ax.set_ylabel("relative residual ‖(H+λI)v − b‖/‖b‖")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "solver_residual.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out / "solver_residual.png"))
 
     if len(ratios) > 1:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
@@ -408,10 +409,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.set_xlabel("ratio of training examples edited")
             ax.set_title(title)
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "metrics_vs_ratio.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
+        written.append(_save(fig, out / "metrics_vs_ratio.png"))
     return written
 
 
