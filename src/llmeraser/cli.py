@@ -849,6 +849,8 @@ def _add_dry_run(parser: argparse.ArgumentParser, stages: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llmeraser.eraser import EraseConfig  # the trust-region flags' defaults are the library's
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="llmeraser", formatter_class=fmt,
@@ -944,10 +946,11 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--trust-region", action=argparse.BooleanOptionalAction, default=None,
                        help="re-linearised steps accepted by their effect in function space (default: on in --mode auto, "
                        "off for a configured update)")
-    erase.add_argument("--steps", type=int, default=None, help="trust-region steps at most (default 5)")
-    erase.add_argument("--kept-examples", type=int, default=64,
+    erase.add_argument("--steps", type=int, default=None,
+                       help=f"trust-region steps at most (default {EraseConfig.trust_region_steps})")
+    erase.add_argument("--kept-examples", type=int, default=EraseConfig.kept_examples,
                        help="untouched training examples the trust region estimates the objective and the KL on")
-    erase.add_argument("--heldout-tolerance", type=float, default=0.02,
+    erase.add_argument("--heldout-tolerance", type=float, default=EraseConfig.heldout_tolerance,
                        help="relative rise of the held-out loss a trust-region step may cause")
     erase.add_argument("--kl-budget", type=float, default=None,
                        help="per-token KL(original ‖ erased) allowed on the kept examples (default: not checked)")

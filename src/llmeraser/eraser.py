@@ -16,7 +16,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +94,10 @@ class EraseConfig:
     damping_factor: float = 10.0
     max_damping_attempts: int = 4
     trust_region: bool = False
-    trust_region_steps: int = 5
-    kept_examples: int = 64
-    heldout_tolerance: float = 0.02
-    kl_budget: float | None = None
+    trust_region_steps: int = TrustRegionSettings.steps
+    kept_examples: int = TrustRegionSettings.kept_examples
+    heldout_tolerance: float = TrustRegionSettings.heldout_tolerance
+    kl_budget: float | None = TrustRegionSettings.kl_budget
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -366,7 +366,7 @@ def _preconditioner(
         inverse = KfacInverse(kfac, operator.params, operator.shift)
         step = float(first.details["step_length"])
         return lambda g: step * inverse(g)
-    quiet = EraseConfig(**{**asdict(config), "auto_damping": False})
+    quiet = replace(config, auto_damping=False)
     return lambda g: _solve_once(quiet, operator, g, False, kfac, None).solution
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from llmeraser.trust_region import TrustRegionSettings
+
 FORWARD = 1.0 / 3.0  # a forward pass, in example passes
 GAUSS_NEWTON_PRODUCT = 3.0  # one exact Gauss–Newton product per example (jvp + vjp)
 LBFGS_EVALUATIONS = 100  # torch.optim.LBFGS max_iter per outer step (llmeraser.train._train_lbfgs)
@@ -21,7 +23,7 @@ AUTO_CACHE_METHOD = "ekfac"
 AUTO_CURVATURE_EXAMPLES = 256
 AUTO_CALIBRATION_EXAMPLES = 8
 AUTO_CALIBRATION_DIRECTIONS = 4
-AUTO_TRUST_REGION_STEPS = 5
+AUTO_TRUST_REGION_STEPS = TrustRegionSettings.steps
 # the update is chosen only when predicted to cost at most 1/RETRAIN_MARGIN of a retrain: retraining is exact,
 # and the prediction (a count of passes, not seconds) is only good to a factor of about two
 RETRAIN_MARGIN = 2.0
