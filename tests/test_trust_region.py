@@ -59,8 +59,8 @@ def test_the_trust_region_rejects_a_step_that_raises_the_held_out_loss(trained):
     heldout = toy_examples(12, seed=7)
     harmful = 50.0 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
     b = 1e-3 * harmful  # −bᵀd dominates Φ along d = harmful: Φ falls at every step size, only the check can refuse
-    settings = TrustRegionSettings(steps=1, kept_examples=20, heldout_tolerance=0.01)
-    result = trust_region_update(model, tokenizer, train, pairs, b, lambda g: g, weight_decay=WEIGHT_DECAY,
+    settings = TrustRegionSettings(steps=1, kept_examples=20, heldout_tolerance=0.01, damping_factor=1.0)
+    result = trust_region_update(model, tokenizer, train, pairs, b, lambda g, damping: g, damping=0.0, weight_decay=WEIGHT_DECAY,
                                  scaling="retrain", max_length=128, batch_size=40, settings=settings, heldout=heldout,
                                  first_direction=harmful)
     before = result.acceptance["heldout_loss"]["before"]

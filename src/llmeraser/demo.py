@@ -50,6 +50,7 @@ from llmeraser.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import resolve
 from llmeraser.plan import plan_erase
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
+from llmeraser.trust_region import TrustRegionSettings
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class DemoConfig:
     response_fraction: float = 0.03
     rest_sample: int = 32
     n_heldout: int = 24
-    trust_region_steps: int = 5
+    trust_region_steps: int = TrustRegionSettings.steps
     seed: int = 0
     lora: LoraSettings = SMOLLM2_LORA
     recipe: TrainConfig = SMOLLM2_RECIPE

@@ -358,16 +358,17 @@ def _solve_with_kfac(
 
 
 def _preconditioner(
-    config: EraseConfig, operator: CurvatureOperator, kfac: dict[str, CurvatureLayer] | None, first: SolverResult
-) -> Callable[[Tensor], Tensor]:
-    """g ↦ ≈ (H + λI)⁻¹ g as the first solve computed it: the cache's α (K + shift·I)⁻¹ g with the same α
-    (``curvature_use="direct"``), else the same solver on the exact operator at the model's current θ."""
+    config: EraseConfig, operator: CurvatureOperator, operator_with: Callable[[float], CurvatureOperator],
+    kfac: dict[str, CurvatureLayer] | None, first: SolverResult,
+) -> Callable[[Tensor, float], Tensor]:
+    """(g, λ) ↦ ≈ (H + (λ + λ_wd) I)⁻¹ g as the first solve computed it: the cache's α (K + (λ + λ_wd) I)⁻¹ g
+    with the same α (``curvature_use="direct"``), else the same solver on the exact operator at damping λ at
+    the model's current θ."""
     if kfac is not None and config.curvature_use == "direct":
-        inverse = KfacInverse(kfac, operator.params, operator.shift)
         step = float(first.details["step_length"])
-        return lambda g: step * inverse(g)
+        return lambda g, damping: step * KfacInverse(kfac, operator.params, damping + operator.weight_decay)(g)
     quiet = replace(config, auto_damping=False)
-    return lambda g: _solve_once(quiet, operator, g, False, kfac, None).solution
+    return lambda g, damping: _solve_once(quiet, operator_with(damping), g, False, kfac, None).solution
 
 
 def _relative_residual(product: Tensor, b: Tensor) -> float:
@@ -443,8 +444,8 @@ def erase(
             raise ValueError("trust_region runs in one process (not under torchrun)")
         start = time.perf_counter()
         trust_region = trust_region_update(
-            model, tokenizer, train, pairs, b, _preconditioner(config, operator, kfac, result),
-            weight_decay=config.weight_decay, scaling=config.scaling, max_length=config.max_length,
+            model, tokenizer, train, pairs, b, _preconditioner(config, operator, operator_with, kfac, result),
+            damping=damping, weight_decay=config.weight_decay, scaling=config.scaling, max_length=config.max_length,
             batch_size=config.batch_size, heldout=heldout, first_direction=update,
             settings=TrustRegionSettings(config.trust_region_steps, config.kept_examples, config.heldout_tolerance,
                                          config.kl_budget, seed=config.seed),

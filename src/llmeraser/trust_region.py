@@ -16,9 +16,15 @@ problem). Only differences of gradients and losses from θ̂ enter, so the sum o
 random sample of ``kept_examples`` untouched examples (a control variate: the differences are small near θ̂)
 and the replacements; the removed examples enter only through b.
 
-Each step d_t = −P ∇Φ(θ_t), P ≈ (H + λI)⁻¹ the erasure's curvature (a cached K-FAC / EK-FAC / DataInf
-inverse with its step length, or an exact solve), then a line search on the step size s ∈ {…, ½, 1, 2, …}:
-a step is accepted only if
+Each step d_t = −P_t ∇Φ(θ_t), P_t ≈ (H + (λ_t + λ_wd) I)⁻¹ the erasure's curvature (a cached K-FAC /
+EK-FAC / DataInf inverse with its step length, or an exact solve) at damping λ_t, then a line search on the
+step size s ∈ {…, ½, 1, 2, …}. The damping is the trust region's radius, adapted as Levenberg–Marquardt
+does: λ₀ is the erasure's damping; after a step accepted at full length or longer λ shrinks by
+``damping_factor`` (down to ``min_damping``), after a backtracked one it grows by the same factor, and when
+no step size is accepted the step is retried once at the larger damping. Small damping lets later steps
+move along directions the kept data barely constrain — where a memorised example lives, and where one step
+at small damping from θ̂ overshoots — once the earlier, strongly damped steps have been accepted. A step is
+accepted only if
 
 - Φ decreases (Armijo: Φ(θ + s d) ≤ Φ(θ) + 10⁻⁴ s ∇Φᵀd),
 - the held-out loss (never-seen examples, when given) rises by at most ``heldout_tolerance`` (relative) over
@@ -61,12 +67,14 @@ class TrustRegionSettings:
     ``kl_budget``: per-token KL(θ̂ ‖ θ) allowed on the kept sample (None: not checked); ``tol``: stop when
     ‖∇Φ‖ ≤ tol ‖b‖; ``stop_at_heldout_level``: stop once the removed examples' loss reaches the held-out one."""
 
-    steps: int = 5
+    steps: int = 8
     kept_examples: int = 64
     heldout_tolerance: float = 0.02
     kl_budget: float | None = None
     tol: float = 1e-3
     stop_at_heldout_level: bool = True
+    damping_factor: float = 0.25
+    min_damping: float = 1e-3
     seed: int = 0
 
 
@@ -76,6 +84,7 @@ class StepRecord:
 
     step: int
     scale: float
+    damping: float
     phi: float
     gradient_norm: float
     kept_kl: float
@@ -130,8 +139,9 @@ def trust_region_update(
     train: Sequence[Example],
     pairs: Sequence[EditPair],
     b: Tensor,
-    precondition: Callable[[Tensor], Tensor],
+    precondition: Callable[[Tensor, float], Tensor],
     *,
+    damping: float,
     weight_decay: float,
     scaling: str,
     max_length: int,
@@ -142,9 +152,9 @@ def trust_region_update(
     progress: Callable[[str], None] | None = None,
 ) -> TrustRegionResult:
     """Minimise Φ of the module docstring from θ̂ (the model's current adapter) by preconditioned,
-    line-searched steps; returns θ_new − θ̂. ``precondition(g)`` ≈ (H + λI)⁻¹ g, shape (p,) → (p,);
-    ``first_direction``: P b when the caller has it already (the classical update). The model's θ is
-    restored."""
+    line-searched steps; returns θ_new − θ̂. ``precondition(g, λ)`` ≈ (H + (λ + λ_wd) I)⁻¹ g, shape
+    (p,) → (p,); ``damping``: λ₀, the erasure's damping; ``first_direction``: P b at λ₀ when the caller has
+    it already (the classical update). The model's θ is restored."""
     start = time.perf_counter()
     params = AdapterParameters.of(model)
     theta_hat = params.flat()
@@ -205,24 +215,10 @@ def trust_region_update(
             return (settings.stop_at_heldout_level and bool(removed) and state.heldout_losses is not None
                     and float(state.removed_losses.mean()) >= float(state.heldout_losses.mean()))
 
-        records: list[StepRecord] = []
-        current, current_phi = base, 0.0
-        gradient = -b
-        b_norm = float(b.norm()) or 1.0
-        stopped = f"{settings.steps} step(s) taken"
-        for step in range(settings.steps):
-            gradient_norm = float(gradient.norm())
-            if gradient_norm <= settings.tol * b_norm:
-                stopped = f"‖∇Φ‖ = {gradient_norm:.3g} ≤ tol · ‖b‖"
-                break
-            direction = first_direction if (step == 0 and first_direction is not None) else -precondition(gradient)
-            slope = float(gradient @ direction)
-            if not slope < 0:
-                stopped = f"step {step}: the preconditioned direction is not a descent direction (slope {slope:.3g})"
-                break
-            accepted, evaluations, scale = None, 0, 1.0
-            last_reason = ""
-            # backtrack from s = 1 until a step is accepted, then expand while it still is and Φ keeps falling
+        def line_search(direction: Tensor, slope: float) -> tuple[tuple | None, int, str]:
+            """Backtrack from s = 1 until a step is accepted, then expand while it still is and Φ keeps
+            falling. Returns (scale, state, Φ, kl, held-out, removed) or None, the evaluations, the last refusal."""
+            accepted, evaluations, scale, last_reason = None, 0, 1.0, ""
             for _ in range(MAX_BACKTRACKS + 1):
                 candidate = observe(current.theta + scale * direction)
                 evaluations += 1
@@ -249,19 +245,49 @@ def trust_region_update(
                     accepted = (bigger, candidate, value, kl, heldout_loss, removed_loss)
                     if reached_level(candidate):
                         break
+            return accepted, evaluations, last_reason
+
+        records: list[StepRecord] = []
+        current, current_phi = base, 0.0
+        gradient = -b
+        b_norm = float(b.norm()) or 1.0
+        lam, lam_floor = damping, damping * settings.min_damping
+        adaptive = settings.damping_factor != 1.0
+        stopped = f"{settings.steps} step(s) taken"
+        for step in range(settings.steps):
+            gradient_norm = float(gradient.norm())
+            if gradient_norm <= settings.tol * b_norm:
+                stopped = f"‖∇Φ‖ = {gradient_norm:.3g} ≤ tol · ‖b‖"
+                break
+            accepted, evaluations, last_reason = None, 0, ""
+            for attempt in range(2 if adaptive else 1):  # a refused step is retried once at a larger damping
+                use_first = step == 0 and attempt == 0 and first_direction is not None
+                direction = first_direction if use_first else -precondition(gradient, lam)
+                slope = float(gradient @ direction)
+                if not slope < 0:
+                    last_reason = f"the preconditioned direction is not a descent direction (slope {slope:.3g})"
+                    break
+                accepted, used, last_reason = line_search(direction, slope)
+                evaluations += used
+                if accepted is not None:
+                    break
+                lam /= settings.damping_factor ** 2
             if accepted is None:
-                records.append(StepRecord(step, 0.0, current_phi, gradient_norm, float("nan"), None, None, evaluations,
-                                          False, last_reason))
+                records.append(StepRecord(step, 0.0, lam, current_phi, gradient_norm, float("nan"), None, None,
+                                          evaluations, False, last_reason))
                 stopped = f"step {step}: no step size accepted ({last_reason})"
                 break
             scale, current, current_phi, kl, heldout_loss, removed_loss = accepted
-            records.append(StepRecord(step, scale, current_phi, gradient_norm, kl, heldout_loss, removed_loss,
+            records.append(StepRecord(step, scale, lam, current_phi, gradient_norm, kl, heldout_loss, removed_loss,
                                       evaluations, True))
             if progress:
-                progress(f"trust region step {step}: s = {scale:g}, Φ = {current_phi:.4g}, kept KL = {kl:.3g}")
+                progress(f"trust region step {step}: λ = {lam:.3g}, s = {scale:g}, Φ = {current_phi:.4g}, "
+                         f"kept KL = {kl:.3g}, removed loss = {removed_loss}, held-out loss = {heldout_loss}")
             if reached_level(current):
                 stopped = f"step {step}: the removed examples' loss reached the held-out level"
                 break
+            if adaptive:  # Levenberg–Marquardt: a full step widens the trust region, a backtracked one narrows it
+                lam = max(lam * settings.damping_factor, lam_floor) if scale >= 1 else lam / settings.damping_factor
             if step + 1 < settings.steps:
                 gradient = gradient_at(current.theta)
         kl, heldout_loss, removed_loss, _ = checks(current)

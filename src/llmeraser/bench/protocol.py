@@ -42,6 +42,7 @@ from llmeraser.recsys.corruption import TASKS, make_task
 from llmeraser.recsys.tallrec import sample_tallrec
 from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
+from llmeraser.trust_region import TrustRegionSettings
 
 # The SmolLM2 recipe and erase settings shared by the demo and ``llmeraser bench``.
 SMOLLM2_LORA = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
@@ -94,7 +95,7 @@ class BenchConfig:
     cache_method: str = "ekfac"
     calibration_examples: int = 8
     calibration_directions: int = 4
-    trust_region_steps: int = 5
+    trust_region_steps: int = TrustRegionSettings.steps
     lora: LoraSettings = SMOLLM2_LORA
     recipe: TrainConfig = SMOLLM2_RECIPE
     eraser: EraseConfig = field(default_factory=lambda: smollm2_erase_config(auto_damping=True))
