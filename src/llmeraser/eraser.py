@@ -72,7 +72,8 @@ class EraseConfig:
       retraining objective, each accepted by its effect in function space (``llmeraser.trust_region``):
       ``kept_examples`` untouched examples estimate the objective and the KL check (``kl_budget``, per
       token; None: not checked), held-out examples passed to ``erase`` bound the held-out loss's rise
-      (``heldout_tolerance``, relative) and give the never-seen level the removed examples stop at.
+      (``heldout_tolerance``, relative) and give the never-seen level the removed examples stop at;
+      the damping of each step adapts by ``trust_region_damping_factor`` (1: fixed at ``damping``).
     """
 
     solver: str = "cg"
@@ -98,6 +99,7 @@ class EraseConfig:
     kept_examples: int = TrustRegionSettings.kept_examples
     heldout_tolerance: float = TrustRegionSettings.heldout_tolerance
     kl_budget: float | None = TrustRegionSettings.kl_budget
+    trust_region_damping_factor: float = TrustRegionSettings.damping_factor
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -448,7 +450,8 @@ def erase(
             damping=damping, weight_decay=config.weight_decay, scaling=config.scaling, max_length=config.max_length,
             batch_size=config.batch_size, heldout=heldout, first_direction=update,
             settings=TrustRegionSettings(config.trust_region_steps, config.kept_examples, config.heldout_tolerance,
-                                         config.kl_budget, seed=config.seed),
+                                         config.kl_budget, damping_factor=config.trust_region_damping_factor,
+                                         seed=config.seed),
             progress=(lambda line: tqdm.write(line)) if progress else None,
         )
         update = trust_region.update
