@@ -5,7 +5,9 @@ Subcommands: ``train``, ``erase``, ``retrain``, ``evaluate``, ``demo``, ``make-d
 TOML file (``--config run.toml``: top-level keys, or a table named after the subcommand; keys spelled as
 the flags, with ``-`` or ``_``); flags given on the command line override the file.
 
-Exit codes: 0 success, 2 usage error, 3 bad input (files, ids, mismatched adapters), 4 numerical failure.
+Exit codes: 0 success, 2 usage error, 3 bad input (files, ids, mismatched adapters), 4 numerical failure,
+5 no space left for the output (disk full or quota exceeded), 130 interrupted (Ctrl-C). On 3, 4, 5 and 130
+nothing is written.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -24,10 +27,11 @@ from typing import Any
 import tomllib
 
 from llmeraser.distributed import init_from_environment, shutdown
-from llmeraser.errors import InputError, NumericalError
+from llmeraser.errors import InputError, NumericalError, OutputSpaceError, is_out_of_space
 from llmeraser.model import DTYPES
 
-EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL = 2, 3, 4
+EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL, EXIT_NO_SPACE = 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -1099,6 +1103,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # invalid option values detected by the library
         print(f"llmeraser: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputSpaceError as err:
+        print(f"llmeraser: error: {err}", file=sys.stderr)
+        return EXIT_NO_SPACE
+    except OSError as err:  # a full disk in a write the library does not wrap
+        if not is_out_of_space(err):
+            raise
+        print(f"llmeraser: error: {OutputSpaceError(err.filename or '(the output)', os.strerror(err.errno).lower())}",
+              file=sys.stderr)
+        return EXIT_NO_SPACE
+    except KeyboardInterrupt:  # the writers remove their temporary files on the way out
+        print("\nllmeraser: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -40,3 +41,48 @@ class NumericalError(LLMEraserError):
         self.message = message
         self.stage = stage
         super().__init__(f"stage '{stage}': {message}" if stage else message)
+
+
+NO_SPACE_ERRNOS = frozenset(code for code in (getattr(errno, "ENOSPC", None), getattr(errno, "EDQUOT", None)) if code)
+"""``OSError.errno`` values of a full disk (ENOSPC) or an exhausted quota (EDQUOT)."""
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether ``err`` is an ``OSError`` of a full disk or an exhausted quota."""
+    return isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} bytes"
+
+
+class OutputSpaceError(LLMEraserError):
+    """The output could not be written: no space left on the device (or the quota is exhausted).
+
+    ``output`` names the directory or file being written, ``needed_bytes`` what it needs where known
+    (at least), ``free_bytes`` what the file system had free when the write failed; nothing is left behind.
+    """
+
+    def __init__(self, output: str | Path, reason: str, needed_bytes: int | None = None, free_bytes: int | None = None):
+        self.output = str(output)
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+        sizes = [f"it needs at least {_megabytes(needed_bytes)}" if needed_bytes is not None else None,
+                 f"{_megabytes(free_bytes)} free there" if free_bytes is not None else None]
+        known = "; ".join(s for s in sizes if s)
+        super().__init__(
+            f"{reason} while writing {self.output}" + (f" ({known})" if known else "")
+            + "; nothing was written: free some space or write the output to another disk"
+        )
+
+    @classmethod
+    def from_os_error(cls, err: OSError, output: str | Path, needed_bytes: int | None = None) -> OutputSpaceError:
+        """From the ``OSError`` of a failed write to ``output`` (a path whose parent exists)."""
+        import shutil
+
+        reason = "disk quota exceeded" if err.errno == getattr(errno, "EDQUOT", None) else "no space left on device"
+        try:
+            free: int | None = shutil.disk_usage(Path(output).parent).free
+        except OSError:
+            free = None
+        return cls(output, reason, needed_bytes, free)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmeraser.errors import InputError
+from llmeraser.errors import InputError, OutputSpaceError, is_out_of_space
 
 SMOLLM2_NAME = "smollm2-135m"
 TINY_NAME = "tiny"
@@ -311,10 +311,11 @@ def _fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+def atomic_directory(out_dir: str | Path, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``out_dir`` to fill; on success it is flushed to disk and renamed
-    to ``out_dir``, on failure removed. Refuses an existing ``out_dir``; removes temporaries that killed
-    runs left for the same target."""
+    to ``out_dir``, on failure (an exception, Ctrl-C) removed. Refuses an existing ``out_dir``; removes
+    temporaries that killed runs left for the same target. A full disk or quota becomes ``OutputSpaceError``
+    naming ``out_dir`` and ``needed_bytes`` (what the caller expects to write, where it knows)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise InputError("output directory already exists (choose a new one; inputs are never overwritten)", out_dir)
@@ -322,12 +323,17 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     remove_stale_temporaries(out_dir)
     tmp = out_dir.with_name(f"{_temporary_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)  # complete on disk before it gets its name
         os.replace(tmp, out_dir)
         _fsync_directory(out_dir.parent)
+    except OSError as err:
+        if not is_out_of_space(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # before measuring the free space
+        raise OutputSpaceError.from_os_error(err, out_dir, needed_bytes) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -350,8 +356,9 @@ def save_adapter(
     out_dir = Path(out_dir)
     params = AdapterParameters.of(model)
     original = params.flat()
+    weight_bytes = sum(t.numel() * t.element_size() for t in params.tensors)
     try:
-        with atomic_directory(out_dir) as tmp:
+        with atomic_directory(out_dir, needed_bytes=weight_bytes) as tmp:
             if theta is not None:
                 params.assign(theta)
             # save_embedding_layers=False: llmeraser never resizes the vocabulary, and PEFT's default "auto"
