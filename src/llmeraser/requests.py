@@ -14,6 +14,7 @@ addresses another turn: an assistant turn for ``correct_response``, a non-assist
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Union
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError
+from llmeraser.hashing import example_hash
 from llmeraser.jsonl import iter_jsonl, require_str, write_jsonl
 
 
@@ -198,3 +200,47 @@ def count_by_kind(requests: Sequence[Request]) -> dict[str, int]:
     """``{"remove": k1, "modify_query": k2, "correct_response": k3}``."""
     counts = Counter(request.op for request in requests)
     return {op: counts.get(op, 0) for op in REQUEST_KINDS}
+
+
+def affected_examples(pairs: Sequence[EditPair]) -> list[dict[str, Any]]:
+    """The report's record of each edited example: the request's ``id`` and ``op``, and the hashes of the
+    old and new versions (the lineage keeps the hashes only; see ``llmeraser.lineage.erase_entry``)."""
+    return [{"id": p.request.id, "op": p.request.op, "old_sha256": example_hash(p.old),
+             "new_sha256": example_hash(p.new) if p.new is not None else None} for p in pairs]
+
+
+def describe_edits(pairs: Sequence[EditPair], limit: int = 10) -> str:
+    """One console line naming the edited examples by the requests' ids, per op: ``remove ex3, ex7;
+    correct_response ex6`` (at most ``limit`` ids per op, then how many more)."""
+    parts = []
+    for op in REQUEST_KINDS:
+        ids = [p.request.id for p in pairs if p.request.op == op]
+        if ids:
+            more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+            parts.append(f"{op} {', '.join(ids[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def _content(example: Example) -> str:
+    """An example's content without its id (prompt and response, or its messages) as canonical JSON."""
+    return json.dumps({k: v for k, v in example.to_json().items() if k != "id"}, sort_keys=True, ensure_ascii=False)
+
+
+def remaining_duplicates(train: Sequence[Example], pairs: Sequence[EditPair]) -> list[dict[str, str]]:
+    """Removed examples whose identical content (prompt and response, or messages) stays in the edited
+    training set under another id: ``[{"removed_id": …, "remaining_id": …}]``, one per such pair of ids.
+    The removal then erases little: the model keeps learning the same text from the copy."""
+    removed = [p.old for p in pairs if p.new is None]
+    if not removed:
+        return []
+    wanted: dict[str, list[str]] = {}
+    for example in removed:
+        wanted.setdefault(_content(example), []).append(example.id)
+    return [{"removed_id": removed_id, "remaining_id": example.id}
+            for example in edited_training_set(train, pairs) for removed_id in wanted.get(_content(example), [])]
+
+
+def duplicate_warning(duplicate: dict[str, str]) -> str:
+    """The console and report text of one ``remaining_duplicates`` entry."""
+    return (f"removed example '{duplicate['removed_id']}' has an identical prompt and response that stays in the "
+            f"data under id '{duplicate['remaining_id']}' (remove that one too, or the model keeps learning it)")
