@@ -99,6 +99,10 @@ def smollm2_path() -> Path:
     """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file on first use."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        try:  # a cache converted before the GGUF setting was dropped: drop it now (a small JSON rewrite)
+            drop_gguf_quantization_config(target)
+        except OSError:  # a read-only cache still loads; only the HF Trainer refuses it
+            pass
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,17 +111,40 @@ def smollm2_path() -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         source, gguf_file=SMOLLM2_GGUF, attn_implementation="eager", dtype=torch.float32
     )
+    save_converted(model, tokenizer, target)
+    return target
+
+
+def save_converted(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save a model dequantised from a GGUF file (and its tokenizer) as a plain float32 safetensors
+    directory ``target``, without the GGUF ``quantization_config`` (the weights are no longer quantised,
+    and ``transformers.Trainer`` refuses to train a model whose config says GGUF). Written to a temporary
+    directory renamed into place; a ``target`` another process converted meanwhile is kept."""
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # another process converted it meanwhile
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        drop_gguf_quantization_config(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    return target
+
+
+def drop_gguf_quantization_config(directory: Path) -> bool:
+    """Remove a GGUF ``quantization_config`` from ``directory/config.json``; whether there was one."""
+    from llmeraser.jsonl import write_text_atomic
+
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or str(quantization.get("quant_method", "")).lower() != "gguf":
+        return False
+    del config["quantization_config"]
+    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
 
 
 def load_base_model(
