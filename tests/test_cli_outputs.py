@@ -62,7 +62,7 @@ def test_erase_names_edits_by_id_warns_of_the_remaining_copy_and_says_truncation
                         "in the data under id 'copy' (remove that one too, or the model keeps learning it)"]
     report = json.loads((out / "erasure_report.json").read_text())
     assert [a["id"] for a in report["affected_examples"]] == ["secret", "ex1", "ex6"]
-    assert [(d["removed_id"], d["remaining_id"]) for d in report["duplicates_remaining"]] == [("secret", "copy")]
+    assert [(d["removed_id"], d["remaining_ids"]) for d in report["duplicates_remaining"]] == [("secret", ["copy"])]
     assert report["duplicates_remaining"][0]["warning"] in warnings[0]
     # the lineage keeps the hashes, not the ids
     entry = read_lineage(out)[-1]

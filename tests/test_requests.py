@@ -149,16 +149,20 @@ def test_count_by_kind():
     assert count_by_kind([]) == {"remove": 0, "modify_query": 0, "correct_response": 0}
 
 
-def test_remaining_duplicates_name_the_removed_and_the_kept_id():
+def test_remaining_duplicates_name_the_removed_and_the_kept_ids():
+    from llmeraser.requests import duplicate_warning
+
     train = [Example("a", "P", " R"), Example("b", "Q", " S"), Example("c", "P", " R"), Example("d", "P", " R")]
     found = remaining_duplicates(train, resolve([Remove("a"), Remove("b")], train))
-    assert found == [{"removed_id": "a", "remaining_id": "c"}, {"removed_id": "a", "remaining_id": "d"}]
+    assert found == [{"removed_id": "a", "remaining_ids": ["c", "d"]}]
+    assert duplicate_warning(found[0]) == ("removed example 'a' has an identical prompt and response that stays in "
+                                           "the data under ids 'c', 'd' (remove those too, or the model keeps learning it)")
     # every copy removed, or the copy corrected: nothing identical remains
     assert remaining_duplicates(train, resolve([Remove("a"), Remove("c"), Remove("d")], train)) == []
     assert remaining_duplicates(train, resolve([Remove("a"), CorrectResponse("c", " T"), Remove("d")], train)) == []
     # two removed copies of one text, one kept: both removals are named
-    assert remaining_duplicates(train, resolve([Remove("a"), Remove("c")], train)) == [
-        {"removed_id": "a", "remaining_id": "d"}, {"removed_id": "c", "remaining_id": "d"}]
+    assert remaining_duplicates(train, resolve([Remove("c"), Remove("a")], train)) == [
+        {"removed_id": "c", "remaining_ids": ["d"]}, {"removed_id": "a", "remaining_ids": ["d"]}]
     # a same prompt with another response is no duplicate; edits are not removals
     assert remaining_duplicates(train, resolve([CorrectResponse("a", " X")], train)) == []
 

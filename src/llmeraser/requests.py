@@ -226,21 +226,26 @@ def _content(example: Example) -> str:
     return json.dumps({k: v for k, v in example.to_json().items() if k != "id"}, sort_keys=True, ensure_ascii=False)
 
 
-def remaining_duplicates(train: Sequence[Example], pairs: Sequence[EditPair]) -> list[dict[str, str]]:
+def remaining_duplicates(train: Sequence[Example], pairs: Sequence[EditPair]) -> list[dict[str, Any]]:
     """Removed examples whose identical content (prompt and response, or messages) stays in the edited
-    training set under another id: ``[{"removed_id": …, "remaining_id": …}]``, one per such pair of ids.
-    The removal then erases little: the model keeps learning the same text from the copy."""
+    training set under other ids: ``[{"removed_id": …, "remaining_ids": [...]}]``, in request order.
+    The removal then erases little: the model keeps learning the same text from the copies."""
     removed = [p.old for p in pairs if p.new is None]
     if not removed:
         return []
-    wanted: dict[str, list[str]] = {}
-    for example in removed:
-        wanted.setdefault(_content(example), []).append(example.id)
-    return [{"removed_id": removed_id, "remaining_id": example.id}
-            for example in edited_training_set(train, pairs) for removed_id in wanted.get(_content(example), [])]
+    copies: dict[str, list[str]] = {_content(example): [] for example in removed}
+    for example in edited_training_set(train, pairs):
+        key = _content(example)
+        if key in copies:
+            copies[key].append(example.id)
+    return [{"removed_id": example.id, "remaining_ids": copies[_content(example)]}
+            for example in removed if copies[_content(example)]]
 
 
-def duplicate_warning(duplicate: dict[str, str]) -> str:
+def duplicate_warning(duplicate: dict[str, Any]) -> str:
     """The console and report text of one ``remaining_duplicates`` entry."""
+    ids = duplicate["remaining_ids"]
+    where = f"id '{ids[0]}'" if len(ids) == 1 else "ids " + ", ".join(f"'{i}'" for i in ids)
     return (f"removed example '{duplicate['removed_id']}' has an identical prompt and response that stays in the "
-            f"data under id '{duplicate['remaining_id']}' (remove that one too, or the model keeps learning it)")
+            f"data under {where} (remove {'that one' if len(ids) == 1 else 'those'} too, or the model keeps "
+            "learning it)")
