@@ -53,6 +53,17 @@ def data_file(root: Path, content: str, name: str = "bad-train.jsonl") -> str:
     return name
 
 
+def parquet_file(root: Path, rows: list[dict], name: str = "bad-train.parquet") -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), root / name)
+    return name
+
+
+CHAT_CELL = '"[{""role"": ""user"", ""content"": ""Hi""}, {""role"": ""assistant"", ""content"": ""Yo""}]"'
+
+
 def nan_adapter(root: Path) -> list[str]:
     from safetensors.torch import load_file, save_file
 
@@ -135,6 +146,20 @@ CASES = [
             root, "".join(json.dumps({"id": f"ex{i}", "prompt": "p", "response": " r" * (70 if i == 3 else 1)}) + "\n"
                           for i in range(5)))), 3,
         "bad-train.jsonl:4: example 'ex3': response is 141 tokens, max_length is 128"),
+    Case("training data: a CSV row with more fields than the header", lambda root: erase(requests_file(root, GOOD), data=data_file(
+        root, "id,prompt,response\nex0,p, r\nex1,p, r, and more\n", "bad-train.csv")), 3,
+        "bad-train.csv:3: expected 3 fields (as the header: id, prompt, response), got 4"),
+    Case("training data: a CSV conversation whose messages cell is not JSON", lambda root: erase(
+        requests_file(root, GOOD), data=data_file(root, f"id,messages\nex0,{CHAT_CELL}\nex1,[{{role: user}}]\n",
+                                                  "bad-chat.csv")), 3,
+        "bad-chat.csv:3: field 'messages' is not valid JSON (Expecting property name enclosed in double quotes"),
+    Case("training data: Parquet without the needed columns", lambda root: erase(requests_file(root, GOOD), data=parquet_file(
+        root, [{"id": "ex0", "question": "p", "answer": " r"}])), 3,
+        "bad-train.parquet: missing column 'prompt' (or 'instruction' in the Alpaca layout, or 'messages'); "
+        "the columns are: id, question, answer"),
+    Case("training data: a Parquet row with a null prompt", lambda root: erase(requests_file(root, GOOD), data=parquet_file(
+        root, [{"id": "ex0", "prompt": "p", "response": " r"}, {"id": "ex1", "prompt": None, "response": " r"}])), 3,
+        "bad-train.parquet: row 1: field 'prompt' must be a string, got NoneType"),
     Case("training data is a directory", lambda root: erase(requests_file(root, GOOD), data="."), 3,
          ".: is a directory, expected a JSONL file"),
     Case("training data not the adapter's", lambda root: erase(requests_file(root, GOOD), data=data_file(
@@ -224,7 +249,7 @@ def user_message(done, case: Case) -> str:
     if done.code == 0:
         message = next((line for line in lines if case.expected in line), lines[-1])
     else:
-        start = next((i for i, line in enumerate(lines) if line.startswith("llmeraser")), 0)
+        start = next((i for i, line in enumerate(lines) if line.startswith("llmeraser") and ": warning: " not in line), 0)
         message = " ".join(lines[start:])
     return message.replace("|", "\\|")
 
