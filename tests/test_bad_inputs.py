@@ -4,6 +4,8 @@ of the README's "Bad input and failures" section from a real run of these cases.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +33,7 @@ class Case:
     setup: Callable[[Path], list[str]]  # writes its files under the work directory, returns argv
     code: int
     expected: str  # a fragment of the message
+    patch: Callable[[], Any] | None = None  # a context manager active during the run (a simulated failure)
 
 
 def requests_file(root: Path, content: bytes | str, name: str = "req.jsonl") -> str:
@@ -62,6 +66,13 @@ def parquet_file(root: Path, rows: list[dict], name: str = "bad-train.parquet") 
 
 
 CHAT_CELL = '"[{""role"": ""user"", ""content"": ""Hi""}, {""role"": ""assistant"", ""content"": ""Yo""}]"'
+
+
+def failing_write(error: BaseException) -> Callable[[], Any]:
+    """The output's last step before its rename (everything written to the temporary directory) raises."""
+    from unittest import mock
+
+    return lambda: mock.patch("llmeraser.model._fsync_tree", side_effect=error)
 
 
 def nan_adapter(root: Path) -> list[str]:
@@ -177,6 +188,11 @@ CASES = [
     Case("tampered lineage", tampered_lineage, 3, "entry #0 (line 1): its content does not match its entry_sha256"),
     Case("--max-length beyond the model's context", lambda root: erase(requests_file(root, GOOD), "--max-length", "5000"), 3,
          "max_length 5000 (--max-length) exceeds the model's context window (max_position_embeddings = 1024)"),
+    Case("disk full while writing the output (ENOSPC, simulated at the write)", lambda root: erase(requests_file(root, GOOD)),
+         5, "no space left on device while writing out (it needs at least",
+         failing_write(OSError(errno.ENOSPC, "No space left on device"))),
+    Case("Ctrl-C while writing the output (simulated at the write)", lambda root: erase(requests_file(root, GOOD)),
+         130, "llmeraser: interrupted (Ctrl-C); nothing was written", failing_write(KeyboardInterrupt())),
     # usage
     Case("negative damping", lambda root: [*erase(requests_file(root, GOOD)), "--damping", "-1"], 2,
          "--damping must be >= 0, got -1.0"),
@@ -212,7 +228,8 @@ def run_case(root: Path, case: Case):
     try:
         argv = case.setup(root)
         start = time.perf_counter()
-        done = cli(*argv)
+        with case.patch() if case.patch else contextlib.nullcontext():
+            done = cli(*argv)
         return done, time.perf_counter() - start
     finally:
         os.chdir(previous)

@@ -277,3 +277,21 @@ def test_full_disk_writing_a_results_file(setup, monkeypatch, tmp_path):
     assert done.code == 5, done.err
     assert f"no space left on device while writing {tmp_path / 'results.json'} (it needs at least" in done.err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_in_the_rust_weights_writer_is_recognised(setup, monkeypatch, tmp_path):
+    """safetensors writes the weights from Rust: a full disk there is a ``SafetensorError`` carrying
+    ``(os error 28)``, not an ``OSError`` (as a real run on an 8 KiB tmpfs showed); the same exit 5."""
+    import peft.peft_model
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")  # a partial file, as the real writer leaves
+        raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error {errno.ENOSPC})")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)
+    done = cli(*train_argv(setup, tmp_path / "out"))
+    assert done.code == 5, done.err
+    assert f"llmeraser: error: no space left on device while writing {tmp_path / 'out'}" in done.err
+    assert "Traceback" not in done.err
+    nothing_left(tmp_path, "out")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -1146,8 +1145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # a full disk in a write the library does not wrap
         if not is_out_of_space(err):
             raise
-        print(f"llmeraser: error: {OutputSpaceError(err.filename or '(the output)', os.strerror(err.errno).lower())}",
-              file=sys.stderr)
+        print(f"llmeraser: error: {OutputSpaceError.from_os_error(err, err.filename or '(the output)')}", file=sys.stderr)
         return EXIT_NO_SPACE
     except KeyboardInterrupt:  # the writers remove their temporary files on the way out
         print("\nllmeraser: interrupted (Ctrl-C); nothing was written", file=sys.stderr)

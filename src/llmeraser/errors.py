@@ -47,12 +47,25 @@ NO_SPACE_ERRNOS = frozenset(code for code in (getattr(errno, "ENOSPC", None), ge
 """``OSError.errno`` values of a full disk (ENOSPC) or an exhausted quota (EDQUOT)."""
 
 
+def _no_space_errno(err: BaseException) -> int | None:
+    """The ENOSPC / EDQUOT code of ``err``: an ``OSError``'s errno, or the ``(os error N)`` that Rust-backed
+    writers (safetensors' ``SafetensorError``) put in their message; None for any other error."""
+    if isinstance(err, OSError):
+        return err.errno if err.errno in NO_SPACE_ERRNOS else None
+    if not isinstance(err, Exception):
+        return None
+    text = str(err)
+    return next((code for code in NO_SPACE_ERRNOS if f"(os error {code})" in text), None)
+
+
 def is_out_of_space(err: BaseException) -> bool:
-    """Whether ``err`` is an ``OSError`` of a full disk or an exhausted quota."""
-    return isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS
+    """Whether ``err`` is a write failing on a full disk or an exhausted quota (see ``_no_space_errno``)."""
+    return _no_space_errno(err) is not None
 
 
 def _megabytes(n: int) -> str:
+    if n >= 10**9:
+        return f"{n / 1e9:.1f} GB"
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n:,} bytes"
 
 
@@ -76,11 +89,12 @@ class OutputSpaceError(LLMEraserError):
         )
 
     @classmethod
-    def from_os_error(cls, err: OSError, output: str | Path, needed_bytes: int | None = None) -> OutputSpaceError:
-        """From the ``OSError`` of a failed write to ``output`` (a path whose parent exists)."""
+    def from_os_error(cls, err: BaseException, output: str | Path, needed_bytes: int | None = None) -> OutputSpaceError:
+        """From the error of a failed write to ``output`` (a path whose parent exists; ``is_out_of_space(err)``)."""
         import shutil
 
-        reason = "disk quota exceeded" if err.errno == getattr(errno, "EDQUOT", None) else "no space left on device"
+        quota = _no_space_errno(err) == getattr(errno, "EDQUOT", None)
+        reason = "disk quota exceeded" if quota else "no space left on device"
         try:
             free: int | None = shutil.disk_usage(Path(output).parent).free
         except OSError:

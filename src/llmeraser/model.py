@@ -356,7 +356,7 @@ def atomic_directory(out_dir: str | Path, needed_bytes: int | None = None) -> It
         _fsync_tree(tmp)  # complete on disk before it gets its name
         os.replace(tmp, out_dir)
         _fsync_directory(out_dir.parent)
-    except OSError as err:
+    except Exception as err:  # OSError, or a Rust writer's error (safetensors) carrying the OS error code
         if not is_out_of_space(err):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # before measuring the free space
