@@ -207,7 +207,7 @@ def test_sigint_to_a_running_train_subprocess(setup, tmp_path):
     try:
         assert process.stderr is not None
         first = b""
-        while b"train" not in first:  # the progress bar ("train: ..."): training has started
+        while b"train:" not in first:  # the progress bar ("train: ..."): training has started
             chunk = process.stderr.read1(256)  # type: ignore[attr-defined]
             assert chunk, "train exited before it started: " + first.decode()
             first += chunk
