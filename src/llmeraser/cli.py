@@ -481,13 +481,7 @@ def _erase_by_retraining(
     from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text
     from llmeraser.model import attach_lora, save_adapter
     from llmeraser.provenance import TRAINING_RECORD
-    from llmeraser.requests import (
-        affected_examples,
-        count_by_kind,
-        duplicate_warning,
-        edited_training_set,
-        remaining_duplicates,
-    )
+    from llmeraser.requests import affected_examples, count_by_kind, duplicates_report, edited_training_set
     from llmeraser.train import paired_schedule, train_adapter
 
     edited = edited_training_set(examples, pairs)
@@ -510,7 +504,7 @@ def _erase_by_retraining(
         "plan": plan.to_json() if plan else None,
         "requests": count_by_kind([p.request for p in pairs]),
         "affected_examples": affected_examples(pairs),
-        "duplicates_remaining": [{**d, "warning": duplicate_warning(d)} for d in remaining_duplicates(examples, pairs)],
+        "duplicates_remaining": duplicates_report(examples, pairs),
         "n_train": len(examples),
         "solver": {"solver": "retrain", "status": "paired retrain with the recorded recipe (exact by construction)",
                    "converged": True, "iterations": result.steps, "final_relative_residual": 0.0},

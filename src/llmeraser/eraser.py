@@ -44,8 +44,7 @@ from llmeraser.requests import (
     Request,
     affected_examples,
     count_by_kind,
-    duplicate_warning,
-    remaining_duplicates,
+    duplicates_report,
     edited_training_set,
     resolve,
 )
@@ -458,8 +457,7 @@ def erase(
     report = {
         "requests": count_by_kind([p.request for p in pairs]),
         "affected_examples": affected_examples(pairs),  # by the requests' ids (the lineage keeps the hashes)
-        "duplicates_remaining": [  # removed examples whose identical copy stays under another id
-            {**d, "warning": duplicate_warning(d)} for d in remaining_duplicates(train, pairs)],
+        "duplicates_remaining": duplicates_report(train, pairs),  # removed examples whose copy stays
         "n_train": len(train),
         "n_curvature_examples": operator.count,
         "world_size": world_size(),

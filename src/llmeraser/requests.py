@@ -249,3 +249,8 @@ def duplicate_warning(duplicate: dict[str, Any]) -> str:
     return (f"removed example '{duplicate['removed_id']}' has an identical prompt and response that stays in the "
             f"data under {where} (remove {'that one' if len(ids) == 1 else 'those'} too, or the model keeps "
             "learning it)")
+
+
+def duplicates_report(train: Sequence[Example], pairs: Sequence[EditPair]) -> list[dict[str, Any]]:
+    """The report's ``duplicates_remaining``: each ``remaining_duplicates`` entry with its ``warning`` text."""
+    return [{**d, "warning": duplicate_warning(d)} for d in remaining_duplicates(train, pairs)]
