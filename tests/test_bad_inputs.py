@@ -4,6 +4,8 @@ of the README's "Bad input and failures" section from a real run of these cases.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +33,7 @@ class Case:
     setup: Callable[[Path], list[str]]  # writes its files under the work directory, returns argv
     code: int
     expected: str  # a fragment of the message
+    patch: Callable[[], Any] | None = None  # a context manager active during the run (a simulated failure)
 
 
 def requests_file(root: Path, content: bytes | str, name: str = "req.jsonl") -> str:
@@ -51,6 +55,24 @@ def with_request_line(line: str | bytes, name: str = "req.jsonl") -> Callable[[P
 def data_file(root: Path, content: str, name: str = "bad-train.jsonl") -> str:
     (root / name).write_text(content, encoding="utf-8")
     return name
+
+
+def parquet_file(root: Path, rows: list[dict], name: str = "bad-train.parquet") -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), root / name)
+    return name
+
+
+CHAT_CELL = '"[{""role"": ""user"", ""content"": ""Hi""}, {""role"": ""assistant"", ""content"": ""Yo""}]"'
+
+
+def failing_write(error: BaseException) -> Callable[[], Any]:
+    """The output's last step before its rename (everything written to the temporary directory) raises."""
+    from unittest import mock
+
+    return lambda: mock.patch("llmeraser.model._fsync_tree", side_effect=error)
 
 
 def nan_adapter(root: Path) -> list[str]:
@@ -135,6 +157,20 @@ CASES = [
             root, "".join(json.dumps({"id": f"ex{i}", "prompt": "p", "response": " r" * (70 if i == 3 else 1)}) + "\n"
                           for i in range(5)))), 3,
         "bad-train.jsonl:4: example 'ex3': response is 141 tokens, max_length is 128"),
+    Case("training data: a CSV row with more fields than the header", lambda root: erase(requests_file(root, GOOD), data=data_file(
+        root, "id,prompt,response\nex0,p, r\nex1,p, r, and more\n", "bad-train.csv")), 3,
+        "bad-train.csv:3: expected 3 fields (as the header: id, prompt, response), got 4"),
+    Case("training data: a CSV conversation whose messages cell is not JSON", lambda root: erase(
+        requests_file(root, GOOD), data=data_file(root, f"id,messages\nex0,{CHAT_CELL}\nex1,[{{role: user}}]\n",
+                                                  "bad-chat.csv")), 3,
+        "bad-chat.csv:3: field 'messages' is not valid JSON (Expecting property name enclosed in double quotes"),
+    Case("training data: Parquet without the needed columns", lambda root: erase(requests_file(root, GOOD), data=parquet_file(
+        root, [{"id": "ex0", "question": "p", "answer": " r"}])), 3,
+        "bad-train.parquet: missing column 'prompt' (or 'instruction' in the Alpaca layout, or 'messages'); "
+        "the columns are: id, question, answer"),
+    Case("training data: a Parquet row with a null prompt", lambda root: erase(requests_file(root, GOOD), data=parquet_file(
+        root, [{"id": "ex0", "prompt": "p", "response": " r"}, {"id": "ex1", "prompt": None, "response": " r"}])), 3,
+        "bad-train.parquet: row 1: field 'prompt' must be a string, got NoneType"),
     Case("training data is a directory", lambda root: erase(requests_file(root, GOOD), data="."), 3,
          ".: is a directory, expected a JSONL file"),
     Case("training data not the adapter's", lambda root: erase(requests_file(root, GOOD), data=data_file(
@@ -152,6 +188,11 @@ CASES = [
     Case("tampered lineage", tampered_lineage, 3, "entry #0 (line 1): its content does not match its entry_sha256"),
     Case("--max-length beyond the model's context", lambda root: erase(requests_file(root, GOOD), "--max-length", "5000"), 3,
          "max_length 5000 (--max-length) exceeds the model's context window (max_position_embeddings = 1024)"),
+    Case("disk full while writing the output (ENOSPC, simulated at the write)", lambda root: erase(requests_file(root, GOOD)),
+         5, "no space left on device while writing out (it needs at least",
+         failing_write(OSError(errno.ENOSPC, "No space left on device"))),
+    Case("Ctrl-C while writing the output (simulated at the write)", lambda root: erase(requests_file(root, GOOD)),
+         130, "llmeraser: interrupted (Ctrl-C); nothing was written", failing_write(KeyboardInterrupt())),
     # usage
     Case("negative damping", lambda root: [*erase(requests_file(root, GOOD)), "--damping", "-1"], 2,
          "--damping must be >= 0, got -1.0"),
@@ -187,7 +228,8 @@ def run_case(root: Path, case: Case):
     try:
         argv = case.setup(root)
         start = time.perf_counter()
-        done = cli(*argv)
+        with case.patch() if case.patch else contextlib.nullcontext():
+            done = cli(*argv)
         return done, time.perf_counter() - start
     finally:
         os.chdir(previous)
@@ -224,7 +266,7 @@ def user_message(done, case: Case) -> str:
     if done.code == 0:
         message = next((line for line in lines if case.expected in line), lines[-1])
     else:
-        start = next((i for i, line in enumerate(lines) if line.startswith("llmeraser")), 0)
+        start = next((i for i, line in enumerate(lines) if line.startswith("llmeraser") and ": warning: " not in line), 0)
         message = " ".join(lines[start:])
     return message.replace("|", "\\|")
 

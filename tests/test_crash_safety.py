@@ -4,6 +4,7 @@ nothing that blocks a rerun (a stale temporary directory is removed by the next 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -164,3 +165,133 @@ def test_sigkill_leaves_target_absent_or_complete_and_input_untouched(setup):
     assert any(n.startswith("erase") for n in killed_mid_write) and any(n.startswith("train") for n in killed_mid_write)
     assert killed_after_rename, outcomes
     print("\n".join(f"{name}: {outcome}" for name, outcome in sorted(outcomes.items())))
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and a full disk
+
+
+def nothing_left(directory: Path, target: str) -> None:
+    assert not (directory / target).exists()
+    assert temporaries(directory, target) == []
+
+
+@pytest.mark.parametrize("command", ["train", "erase"])
+def test_ctrl_c_at_a_write_point_is_one_line_exit_130_and_nothing_written(setup, monkeypatch, tmp_path, command):
+    import llmeraser.model
+
+    def interrupted(directory: Path) -> None:  # everything written to the temporary directory, not yet renamed
+        assert (directory / "adapter_model.safetensors").is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmeraser.model, "_fsync_tree", interrupted)
+    before = digest(setup[3])
+    argv = erase_argv(setup, tmp_path / "out") if command == "erase" else train_argv(setup, tmp_path / "out")
+    done = cli(*argv)
+    assert done.code == 130
+    assert "Traceback" not in done.err
+    assert done.err.strip().splitlines()[-1] == "llmeraser: interrupted (Ctrl-C); nothing was written"
+    assert [line for line in done.err.splitlines() if line.startswith("llmeraser: interrupted")] == [
+        "llmeraser: interrupted (Ctrl-C); nothing was written"]
+    nothing_left(tmp_path, "out")
+    assert digest(setup[3]) == before
+
+
+def test_sigint_to_a_running_train_subprocess(setup, tmp_path):
+    """A real Ctrl-C (SIGINT) while ``llmeraser train`` runs: exit 130, one line, no traceback, nothing written."""
+    _, data, _, _ = setup
+    write_examples(tmp_path / "long.jsonl", toy_examples(40, seed=3))
+    argv = [sys.executable, "-m", "llmeraser", "train", "--model", "tiny", "--data", str(tmp_path / "long.jsonl"),
+            "--out", str(tmp_path / "out"), "--lora-r", "2", "--epochs", "10000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+    try:
+        assert process.stderr is not None
+        first = b""
+        while b"train:" not in first:  # the progress bar ("train: ..."): training has started
+            chunk = process.stderr.read1(256)  # type: ignore[attr-defined]
+            assert chunk, "train exited before it started: " + first.decode()
+            first += chunk
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = (first + rest).decode()
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "llmeraser: interrupted (Ctrl-C); nothing was written"
+    nothing_left(tmp_path, "out")
+
+
+@pytest.mark.parametrize("code, reason", [(errno.ENOSPC, "no space left on device"), (errno.EDQUOT, "disk quota exceeded")])
+def test_full_disk_while_writing_is_one_line_exit_5_and_nothing_left(setup, monkeypatch, tmp_path, code, reason):
+    import llmeraser.model
+
+    def full(directory: Path) -> None:
+        raise OSError(code, os.strerror(code), str(directory / "adapter_model.safetensors"))
+
+    monkeypatch.setattr(llmeraser.model, "_fsync_tree", full)
+    done = cli(*train_argv(setup, tmp_path / "out"))
+    assert done.code == 5
+    lines = [line for line in done.err.splitlines() if line.startswith("llmeraser: error")]  # after the progress bar
+    assert len(lines) == 1 and "Traceback" not in done.err and done.err.strip().endswith(lines[0]), done.err
+    assert lines[0].startswith(f"llmeraser: error: {reason} while writing {tmp_path / 'out'} (it needs at least ")
+    assert "bytes" in lines[0] and "free there" in lines[0] and "nothing was written" in lines[0]
+    nothing_left(tmp_path, "out")
+
+
+def test_full_disk_during_erase_names_the_output_and_the_weights_it_needed(setup, monkeypatch, tmp_path):
+    import llmeraser.model
+    from safetensors.torch import load_file
+
+    real_write = Path.write_text
+
+    def write_text(self: Path, text: str, *args, **kwargs):  # the weights fit, the report does not
+        if self.name == "erasure_report.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    done = cli(*erase_argv(setup, tmp_path / "erased"))
+    monkeypatch.undo()
+    weights = load_file(str(setup[3] / "adapter_model.safetensors"))
+    needed = sum(t.numel() * t.element_size() for t in weights.values())
+    assert done.code == 5, done.err
+    assert f"no space left on device while writing {tmp_path / 'erased'} (it needs at least {needed:,} bytes" in done.err
+    nothing_left(tmp_path, "erased")
+    assert llmeraser.model._fsync_tree  # untouched
+
+
+def test_full_disk_writing_a_results_file(setup, monkeypatch, tmp_path):
+    """``evaluate --json``: the same exit 5, naming the file and the bytes it needed; no temporary left."""
+    _, data, _, adapter = setup
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("results.json"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    done = cli("evaluate", "--adapter", adapter, "--data", data, "--json", tmp_path / "results.json")
+    assert done.code == 5, done.err
+    assert f"no space left on device while writing {tmp_path / 'results.json'} (it needs at least" in done.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_disk_in_the_rust_weights_writer_is_recognised(setup, monkeypatch, tmp_path):
+    """safetensors writes the weights from Rust: a full disk there is a ``SafetensorError`` carrying
+    ``(os error 28)``, not an ``OSError`` (as a real run on an 8 KiB tmpfs showed); the same exit 5."""
+    import peft.peft_model
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")  # a partial file, as the real writer leaves
+        raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error {errno.ENOSPC})")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)
+    done = cli(*train_argv(setup, tmp_path / "out"))
+    assert done.code == 5, done.err
+    assert f"llmeraser: error: no space left on device while writing {tmp_path / 'out'}" in done.err
+    assert "Traceback" not in done.err
+    nothing_left(tmp_path, "out")

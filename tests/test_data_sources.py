@@ -62,6 +62,54 @@ def test_tsv_and_alpaca_columns(tmp_path):
     assert read_examples(path) == [Example("x", "Do it\n\nwith this", "done"), Example("y", "Just do it", "ok")]
 
 
+CHAT = [{"id": "c1", "messages": [{"role": "system", "content": "Be brief, \"exact\""},
+                                  {"role": "user", "content": "Hi,\nthere"}, {"role": "assistant", "content": "Yo"}]},
+        {"id": "c2", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}]
+
+
+def write_csv(path, rows, columns):
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+    return path
+
+
+def test_csv_messages_column_holds_the_conversation_as_json(tmp_path):
+    """A conversation in CSV: the ``messages`` (or ``conversations``) column holds its JSON list of messages;
+    read as the same rows in JSONL are (same examples, same hash)."""
+    from llmeraser.hashing import dataset_hash
+
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHAT), encoding="utf-8")
+    expected = read_examples(tmp_path / "chat.jsonl")
+    from_csv = read_examples(write_csv(tmp_path / "chat.csv", CHAT, ["id", "messages", "conversations"]))
+    assert from_csv == expected and dataset_hash(from_csv) == dataset_hash(expected)
+    assert from_csv[0].messages[1] == Message("user", "Hi,\nthere")
+    # a Parquet string column of the same JSON reads the same
+    as_strings = [{"id": r["id"], "messages": json.dumps(r.get("messages") or r["conversations"])} for r in CHAT]
+    assert read_examples(write_parquet(tmp_path / "chat.parquet", as_strings)) == expected
+
+
+@pytest.mark.parametrize(
+    "cell, message",
+    [
+        ('[{"role": "user", "content": "Hi"}', ":3: field 'messages' is not valid JSON (Expecting ',' delimiter"),
+        ("not json", ":3: field 'messages' is not valid JSON (Expecting value, character 0)"),
+        ('{"role": "user"}', ":3: field 'messages' must be a list of messages, got dict"),
+        ('[{"role": "user", "content": "Hi"}, {"role": "assistant"}]', ":3: field 'messages' message 1: missing 'content'"),
+    ],
+)
+def test_bad_csv_messages_cell_names_file_line_and_field(tmp_path, cell, message):
+    rows = [{"id": "a", "messages": CHAT[0]["messages"]}, {"id": "b", "messages": cell}]
+    path = write_csv(tmp_path / "d.csv", rows, ["id", "messages"])
+    with pytest.raises(InputError) as info:
+        read_examples(path)
+    assert str(info.value).startswith(f"{path}{message}"), str(info.value)
+
+
 def test_parquet_prompt_response_and_messages(tmp_path):
     assert read_examples(write_parquet(tmp_path / "d.parquet", ROWS)) == EXPECTED
     chat = [{"uid": "c1", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}]

@@ -157,3 +157,56 @@ def test_save_adapter_makes_no_hub_lookup(tmp_path, lora, monkeypatch):
     model, _, params = lora
     out = save_adapter(model, tmp_path / "adapter")
     assert torch.equal(AdapterParameters.of(load_adapter(load_base_model("tiny", dtype=torch.float64)[0], out)).flat(), params.flat())
+
+
+GGUF_SETTING = {"dequantize": False, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "quant_method": "gguf"}
+
+
+def trainer_accepts(model, out) -> None:
+    """``transformers.Trainer`` construction: where it refuses a model whose config says it is quantised."""
+    from transformers import Trainer, TrainingArguments
+
+    model.requires_grad_(True)
+    Trainer(model=model, args=TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True, max_steps=1))
+
+
+def test_converted_gguf_cache_has_no_quantization_config_and_trains_with_the_hf_trainer(tmp_path):
+    """What ``smollm2_path`` writes after dequantising the GGUF file, on the tiny model (no download): the
+    float32 weights without the GGUF ``quantization_config``, which ``transformers.Trainer`` refuses."""
+    from transformers import AutoModelForCausalLM
+
+    from llmeraser.model import save_converted
+
+    model, tokenizer = build_tiny_model(seed=0)
+    model.config.quantization_config = dict(GGUF_SETTING)  # as the GGUF loader leaves it
+    save_converted(model, tokenizer, tmp_path / "converted")
+    config = json.loads((tmp_path / "converted" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no temporary left
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "converted")
+    assert getattr(loaded, "hf_quantizer", None) is None and not getattr(loaded, "is_quantized", False)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    trainer_accepts(loaded, tmp_path / "trainer")
+    # the control: the same directory with the GGUF setting left in is refused
+    config["quantization_config"] = GGUF_SETTING
+    (tmp_path / "converted" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="quantized"):
+        trainer_accepts(AutoModelForCausalLM.from_pretrained(tmp_path / "converted"), tmp_path / "trainer")
+
+
+def test_an_existing_cache_with_the_gguf_setting_is_fixed_on_load(tmp_path, monkeypatch):
+    from llmeraser.model import drop_gguf_quantization_config, smollm2_path
+
+    monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path))
+    cache = tmp_path / "smollm2-135m-instruct"
+    cache.mkdir()
+    (cache / "model.safetensors").write_bytes(b"weights")  # not read: only the config is rewritten
+    (cache / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": GGUF_SETTING}))
+    assert smollm2_path() == cache
+    assert json.loads((cache / "config.json").read_text()) == {"model_type": "llama"}
+    assert drop_gguf_quantization_config(cache) is False  # already plain: left alone
+    other = {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes"}}
+    (cache / "config.json").write_text(json.dumps(other))
+    assert drop_gguf_quantization_config(cache) is False
+    assert json.loads((cache / "config.json").read_text()) == other

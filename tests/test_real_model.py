@@ -52,3 +52,18 @@ def test_lora_r8_on_q_v_has_the_documented_size_and_a_removal_raises_its_loss(sm
         assert after > before  # forgetting makes the removed example less likely
     finally:
         model.unload()  # give the shared base model back without LoRA layers
+
+
+def test_the_cached_smollm2_has_no_gguf_setting_and_the_hf_trainer_accepts_it(smollm2, tmp_path):
+    """The converted cache's config.json carries no GGUF ``quantization_config`` (an older cache is fixed
+    on load), so ``transformers.Trainer`` fine-tunes it."""
+    import json
+
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from llmeraser.model import smollm2_path
+
+    assert "quantization_config" not in json.loads((smollm2_path() / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path())
+    assert getattr(model, "hf_quantizer", None) is None
+    Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1))

@@ -12,8 +12,11 @@ from llmeraser.requests import (
     CorrectResponse,
     ModifyQuery,
     Remove,
+    affected_examples,
     count_by_kind,
+    describe_edits,
     edited_training_set,
+    remaining_duplicates,
     read_requests,
     request_from_json,
     resolve,
@@ -144,3 +147,31 @@ def test_count_by_kind():
     requests = [Remove("a"), Remove("b"), CorrectResponse("c", "r")]
     assert count_by_kind(requests) == {"remove": 2, "modify_query": 0, "correct_response": 1}
     assert count_by_kind([]) == {"remove": 0, "modify_query": 0, "correct_response": 0}
+
+
+def test_remaining_duplicates_name_the_removed_and_the_kept_ids():
+    from llmeraser.requests import duplicate_warning
+
+    train = [Example("a", "P", " R"), Example("b", "Q", " S"), Example("c", "P", " R"), Example("d", "P", " R")]
+    found = remaining_duplicates(train, resolve([Remove("a"), Remove("b")], train))
+    assert found == [{"removed_id": "a", "remaining_ids": ["c", "d"]}]
+    assert duplicate_warning(found[0]) == ("removed example 'a' has an identical prompt and response that stays in "
+                                           "the data under ids 'c', 'd' (remove those too, or the model keeps learning it)")
+    # every copy removed, or the copy corrected: nothing identical remains
+    assert remaining_duplicates(train, resolve([Remove("a"), Remove("c"), Remove("d")], train)) == []
+    assert remaining_duplicates(train, resolve([Remove("a"), CorrectResponse("c", " T"), Remove("d")], train)) == []
+    # two removed copies of one text, one kept: both removals are named
+    assert remaining_duplicates(train, resolve([Remove("c"), Remove("a")], train)) == [
+        {"removed_id": "c", "remaining_ids": ["d"]}, {"removed_id": "a", "remaining_ids": ["d"]}]
+    # a same prompt with another response is no duplicate; edits are not removals
+    assert remaining_duplicates(train, resolve([CorrectResponse("a", " X")], train)) == []
+
+
+def test_edits_are_described_and_recorded_by_the_requests_ids():
+    train = [Example(f"e{i}", f"P{i}", " R") for i in range(15)]
+    pairs = resolve([Remove(f"e{i}") for i in range(12)] + [CorrectResponse("e13", " S")], train)
+    assert describe_edits(pairs) == ("remove e0, e1, e2, e3, e4, e5, e6, e7, e8, e9 and 2 more; "
+                                     "correct_response e13")
+    recorded = affected_examples(pairs)
+    assert [r["id"] for r in recorded] == [*(f"e{i}" for i in range(12)), "e13"]
+    assert recorded[0]["new_sha256"] is None and recorded[-1]["new_sha256"] != recorded[-1]["old_sha256"]

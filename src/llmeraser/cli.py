@@ -5,7 +5,9 @@ Subcommands: ``train``, ``erase``, ``retrain``, ``evaluate``, ``demo``, ``make-d
 TOML file (``--config run.toml``: top-level keys, or a table named after the subcommand; keys spelled as
 the flags, with ``-`` or ``_``); flags given on the command line override the file.
 
-Exit codes: 0 success, 2 usage error, 3 bad input (files, ids, mismatched adapters), 4 numerical failure.
+Exit codes: 0 success, 2 usage error, 3 bad input (files, ids, mismatched adapters), 4 numerical failure,
+5 no space left for the output (disk full or quota exceeded), 130 interrupted (Ctrl-C). On 3, 4, 5 and 130
+nothing is written.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from typing import Any
 import tomllib
 
 from llmeraser.distributed import init_from_environment, shutdown
-from llmeraser.errors import InputError, NumericalError
+from llmeraser.errors import InputError, NumericalError, OutputSpaceError, is_out_of_space
 from llmeraser.model import DTYPES
 
-EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL = 2, 3, 4
+EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL, EXIT_NO_SPACE = 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -112,7 +115,8 @@ def _train_and_save(
     _refuse_existing(out)
     base, tokenizer = load_base_model(model_name, seed=recipe.seed, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     check_max_length(recipe.max_length, base)
-    check_examples_fit(tokenizer, examples, recipe.max_length, data_path, requests, base)
+    truncated = check_examples_fit(tokenizer, examples, recipe.max_length, data_path, requests, base)
+    _print_truncation(truncated, len(examples), recipe.max_length)
     record = TrainingRecord(model_name, model_fingerprint(base), dataset_hash(examples), len(examples), recipe, lora)
     model = attach_lora(base, lora)
     if dry_run:
@@ -137,6 +141,16 @@ def _train_and_save(
     save_adapter(model, out, extra_files=files)
     print(f"trained on {len(examples)} examples in {result.wall_time_s:.1f} s; final objective {result.losses[-1]:.4f}")
     print(f"adapter written to {out}")
+
+
+def _print_truncation(truncated: int, n_examples: int, max_length: int) -> None:
+    """Say once on the console how many examples are cut to ``max_length`` (and from which side)."""
+    from llmeraser.distributed import is_main_process
+    from llmeraser.validate import truncation_note
+
+    note = truncation_note(truncated, n_examples, max_length)
+    if note and is_main_process():
+        print(note)
 
 
 def _refuse_existing(out: str) -> None:
@@ -227,6 +241,7 @@ def _erase(args: argparse.Namespace) -> None:
     requests = read_requests(args.requests)
     examples = read_examples(args.data)
     pairs = resolve(requests, examples)  # unknown or repeated ids, removing everything: refused before any model work
+    _print_edits(pairs, examples)
     heldout = read_examples(args.heldout) if args.heldout else None
     _refuse_existing(args.out)
     if Path(args.out).resolve() == Path(args.adapter).resolve():
@@ -247,7 +262,8 @@ def _erase(args: argparse.Namespace) -> None:
     recipe = record.recipe if record else None
     max_length = args.max_length if args.max_length is not None else (recipe.max_length if recipe else 256)
     check_max_length(max_length, base, "--max-length" if args.max_length is not None else "the training recipe's")
-    check_examples_fit(tokenizer, examples, max_length, args.data, requests, base)
+    truncated = check_examples_fit(tokenizer, examples, max_length, args.data, requests, base)
+    _print_truncation(truncated, len(examples), max_length)
     weight_decay = args.weight_decay if args.weight_decay is not None else (recipe.weight_decay if recipe else 0.0)
 
     # --mode auto: the cheaper of a paired retrain and the cached trust-region update, unless solver flags say
@@ -389,6 +405,19 @@ def _erase(args: argparse.Namespace) -> None:
     print(f"erased adapter written to {args.out} (report: {report_path})")
 
 
+def _print_edits(pairs: list, examples: list) -> None:
+    """Name the edited examples by the requests' ids, and warn of removed examples whose identical copy
+    stays in the data under another id (the report records the same)."""
+    from llmeraser.distributed import is_main_process
+    from llmeraser.requests import describe_edits, duplicate_warning, remaining_duplicates
+
+    if not is_main_process():
+        return
+    print(f"edited examples: {describe_edits(pairs)}")
+    for duplicate in remaining_duplicates(examples, pairs):
+        print(f"llmeraser: warning: {duplicate_warning(duplicate)}", file=sys.stderr)
+
+
 def _warn_if_dearer_than_retraining(args: argparse.Namespace, recipe: Any, examples: list, pairs: list) -> None:
     """A configured update predicted to cost more than a paired retrain gets a warning naming both costs."""
     from llmeraser.distributed import is_main_process
@@ -447,12 +476,12 @@ def _erase_by_retraining(
     seed, trained with the recorded recipe on the original run's batches with the edits applied in place;
     written like any erased adapter (report, training record of the edited set, lineage)."""
     from llmeraser.distributed import is_main_process
-    from llmeraser.eraser import library_versions, peak_memory_mb
-    from llmeraser.hashing import adapter_hash, dataset_hash, example_hash, sha256_file
+    from llmeraser.eraser import erased_adapter_files, library_versions, peak_memory_mb
+    from llmeraser.hashing import adapter_hash, dataset_hash, sha256_file
     from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text
     from llmeraser.model import attach_lora, save_adapter
     from llmeraser.provenance import TRAINING_RECORD
-    from llmeraser.requests import count_by_kind, edited_training_set
+    from llmeraser.requests import affected_examples, count_by_kind, duplicates_report, edited_training_set
     from llmeraser.train import paired_schedule, train_adapter
 
     edited = edited_training_set(examples, pairs)
@@ -474,8 +503,8 @@ def _erase_by_retraining(
         "method": "retrain",
         "plan": plan.to_json() if plan else None,
         "requests": count_by_kind([p.request for p in pairs]),
-        "affected_examples": [{"op": p.request.op, "old_sha256": example_hash(p.old),
-                               "new_sha256": example_hash(p.new) if p.new else None} for p in pairs],
+        "affected_examples": affected_examples(pairs),
+        "duplicates_remaining": duplicates_report(examples, pairs),
         "n_train": len(examples),
         "solver": {"solver": "retrain", "status": "paired retrain with the recorded recipe (exact by construction)",
                    "converged": True, "iterations": result.steps, "final_relative_residual": 0.0},
@@ -490,11 +519,10 @@ def _erase_by_retraining(
     }
 
     def files(written: Path) -> dict[str, Any]:
-        output_hash = adapter_hash(written)
-        entry = erase_entry(report, output_hash, given_data_hash, edited_hash, len(edited))
-        return {"erasure_report.json": {**report, "output_adapter_sha256": output_hash},
-                TRAINING_RECORD: {**record.to_json(), "data_sha256": edited_hash, "n_examples": len(edited)},
-                LINEAGE_FILE: lineage_text(append_entry(lineage, entry))}
+        entry = erase_entry(report, adapter_hash(written), given_data_hash, edited_hash, len(edited))
+        return erased_adapter_files(report, written, {
+            TRAINING_RECORD: {**record.to_json(), "data_sha256": edited_hash, "n_examples": len(edited)},
+            LINEAGE_FILE: lineage_text(append_entry(lineage, entry))})
 
     save_adapter(model, args.out, extra_files=files)
     print(f"retrained on {len(edited)} of {len(examples)} examples in the original run's data order in "
@@ -671,10 +699,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     from llmeraser.hashing import example_hash
     from llmeraser.model import AdapterParameters, adapter_vector
     from llmeraser.requests import read_requests, resolve
+    from llmeraser.validate import check_examples_fit
 
     examples = read_examples(args.data)
     model, tokenizer, _, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
     max_length = args.max_length or (record.recipe.max_length if record else 256)
+    _print_truncation(check_examples_fit(tokenizer, examples, max_length, args.data, (), model), len(examples), max_length)
     params = AdapterParameters.of(model)
     theta = params.flat()
     results: dict[str, Any] = {"adapter": args.adapter, "data": args.data}
@@ -689,8 +719,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         old_losses = example_loss_values(model, tokenizer, edited_old, max_length, args.batch_size)
         new_losses = example_loss_values(model, tokenizer, edited_new, max_length, args.batch_size) if edited_new else []
         new_iter = iter(new_losses)
-        results["edited_examples"] = [
-            {"id_sha256": example_hash(p.old)[:16], "op": p.request.op, "loss_old": float(old),
+        results["edited_examples"] = [  # loss_old / loss_new: on the example's old and new version, this adapter
+            {"id": p.request.id, "id_sha256": example_hash(p.old)[:16], "op": p.request.op, "loss_old": float(old),
              "loss_new": float(next(new_iter)) if p.new is not None else None}
             for p, old in zip(pairs, old_losses)
         ]
@@ -713,9 +743,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(_table(["set", "n", "mean loss", "perplexity", "accuracy", "AUC"],
                  [[name, int(m["n"]), m["mean_loss"], m["perplexity"], m.get("accuracy", "-"), m.get("auc", "-")]
                   for name, m in rows]))
+    if results.get("edited_examples"):
+        print("edited examples (this adapter's loss on the version in the training data, and on the version the "
+              "request gives; - for a removal):")
     for edited in results.get("edited_examples", []):
         new = "-" if edited["loss_new"] is None else f"{edited['loss_new']:.4f}"
-        print(f"  {edited['op']:<17} example {edited['id_sha256']}: loss old {edited['loss_old']:.4f}  new {new}")
+        print(f"  {edited['op']:<17} {edited['id']} (sha256 {edited['id_sha256']}…): loss on old version "
+              f"{edited['loss_old']:.4f}, on new version {new}")
     if comparisons:
         print("function-space distance from each --compare adapter (KL(other ‖ this), nats/token; top-1 agreement):")
         table_rows = []
@@ -1099,6 +1133,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:  # invalid option values detected by the library
         print(f"llmeraser: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputSpaceError as err:
+        print(f"llmeraser: error: {err}", file=sys.stderr)
+        return EXIT_NO_SPACE
+    except OSError as err:  # a full disk in a write the library does not wrap
+        if not is_out_of_space(err):
+            raise
+        print(f"llmeraser: error: {OutputSpaceError.from_os_error(err, err.filename or '(the output)')}", file=sys.stderr)
+        return EXIT_NO_SPACE
+    except KeyboardInterrupt:  # the writers remove their temporary files on the way out
+        print("\nllmeraser: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -13,6 +13,7 @@ Parquet files (``read_examples``) or from rows in memory (``examples_from_rows``
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,11 +234,39 @@ def _required_columns(columns: Sequence[str]) -> str | None:
     return "missing column 'prompt' (or 'instruction' in the Alpaca layout, or 'messages')"
 
 
+TABLE_JSON_FIELDS = ("messages", "conversations")
+"""Fields a table (CSV, TSV, Parquet) may hold as a JSON string: a CSV field is text, so a conversation
+in a CSV file is its ``messages`` column holding the JSON list (``[{"role": "user", "content": ...}, ...]``)."""
+
+
+def _decode_json_fields(obj: dict[str, Any], source: str | Path, line: int | None) -> None:
+    """Parse, in place, the ``TABLE_JSON_FIELDS`` of a table row that hold a string; an empty cell (or a
+    null) is an absent field, so a table may have both columns, one filled per row. Errors name the field."""
+    for key in TABLE_JSON_FIELDS:
+        value = obj.get(key)
+        if key in obj and (value is None or (isinstance(value, str) and not value.strip())):
+            del obj[key]
+            continue
+        if not isinstance(value, str):
+            continue
+        try:
+            obj[key] = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise InputError(
+                f"field '{key}' is not valid JSON ({err.msg}, character {err.pos}): a table holds a conversation "
+                f"as a JSON list of messages, e.g. [{{\"role\": \"user\", \"content\": \"...\"}}, ...]",
+                source, line,
+            ) from None
+        except RecursionError:
+            raise InputError(f"field '{key}' is JSON nested too deeply", source, line) from None
+
+
 def _examples_from(
     rows: Iterable[tuple[int, int | None, Any]], source: str | Path, tabular: bool = False, from_file: bool = True
 ) -> Examples:
     """Parse ``(row, line, obj)`` rows; ``line`` None: errors name the row (``source: row n: …``).
-    ``tabular``: every row has the same keys (CSV, Parquet), so a missing field is a missing column."""
+    ``tabular``: every row has the same keys (CSV, Parquet), so a missing field is a missing column, and a
+    ``messages`` / ``conversations`` field may hold its list of messages as a JSON string (``TABLE_JSON_FIELDS``)."""
     examples = Examples(source=str(source))
     first_seen: dict[str, str] = {}
     id_key: str | None = None
@@ -250,6 +279,8 @@ def _examples_from(
             if not isinstance(obj, Mapping):
                 raise InputError(f"expected a mapping (a row object), got {type(obj).__name__}", source, line)
             obj = dict(obj)
+            if tabular:
+                _decode_json_fields(obj, source, line)
             if row == 0:
                 id_key = next((key for key in ID_COLUMNS if key in obj), None)
                 examples.ids_from_row_numbers = id_key is None

@@ -37,12 +37,14 @@ from llmeraser.data import (
 from llmeraser.distributed import is_distributed, shard, world_size
 from llmeraser.errors import NumericalError
 from llmeraser.gradients import influence_rhs
-from llmeraser.hashing import adapter_hash, example_hash
+from llmeraser.hashing import adapter_hash
 from llmeraser.model import AdapterParameters, save_adapter
 from llmeraser.requests import (
     EditPair,
     Request,
+    affected_examples,
     count_by_kind,
+    duplicates_report,
     edited_training_set,
     resolve,
 )
@@ -458,10 +460,8 @@ def erase(
         timings["trust_region_s"] = time.perf_counter() - start
     report = {
         "requests": count_by_kind([p.request for p in pairs]),
-        "affected_examples": [
-            {"op": p.request.op, "old_sha256": example_hash(p.old), "new_sha256": example_hash(p.new) if p.new else None}
-            for p in pairs
-        ],
+        "affected_examples": affected_examples(pairs),  # by the requests' ids (the lineage keeps the hashes)
+        "duplicates_remaining": duplicates_report(train, pairs),  # removed examples whose copy stays
         "n_train": len(train),
         "n_curvature_examples": operator.count,
         "world_size": world_size(),
@@ -514,8 +514,18 @@ def save_erased_adapter(
     function of the temporary directory holding the written weights that returns one)."""
 
     def files(written: Path) -> dict[str, Any]:
-        report = {**result.report, "output_adapter_sha256": adapter_hash(written)}
         extra = extra_files(written) if callable(extra_files) else (extra_files or {})
-        return {"erasure_report.json": report, **extra}
+        return erased_adapter_files(result.report, written, extra)
 
     return save_adapter(model, out_dir, result.theta_new, files)
+
+
+def erased_adapter_files(report: dict[str, Any], written: Path, extra: dict[str, Any]) -> dict[str, Any]:
+    """The files of an erased adapter beside its weights (in ``written``, the temporary directory), whatever
+    the method: ``erasure_report.json`` (``report`` with the written adapter's hash), ``extra`` (training
+    record, lineage) and the model card ``README.md`` (``llmeraser.model_card``; it replaces PEFT's)."""
+    from llmeraser.lineage import LINEAGE_FILE
+    from llmeraser.model_card import MODEL_CARD, base_model_of, erasure_model_card, lineage_head
+
+    card = erasure_model_card(report, base_model_of(written), lineage_head(extra.get(LINEAGE_FILE)))
+    return {"erasure_report.json": {**report, "output_adapter_sha256": adapter_hash(written)}, **extra, MODEL_CARD: card}

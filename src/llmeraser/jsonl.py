@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from llmeraser.errors import InputError
+from llmeraser.errors import InputError, OutputSpaceError, is_out_of_space
 
 
 class _DuplicateKey(Exception):
@@ -76,8 +76,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if is_out_of_space(err):
+            raise OutputSpaceError.from_os_error(err, path) from None  # type: ignore[arg-type]
         raise
 
 
@@ -108,6 +110,8 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if is_out_of_space(err):
+            raise OutputSpaceError.from_os_error(err, path, len(text.encode("utf-8"))) from None  # type: ignore[arg-type]
         raise

@@ -170,6 +170,12 @@ def train_entry(
     }
 
 
+def _hashes_only(affected: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The report's ``affected_examples`` without the requests' ids: the lineage, which travels with the
+    adapter, names edited examples by the hashes of their versions only."""
+    return None if affected is None else [{k: v for k, v in a.items() if k != "id"} for a in affected]
+
+
 def erase_entry(
     report: dict[str, Any],
     output_adapter_sha256: str,
@@ -189,7 +195,7 @@ def erase_entry(
         "tool_version": __version__,
         "requests_file_sha256": report.get("requests_file_sha256"),
         "requests": report.get("requests"),
-        "affected_examples": report.get("affected_examples"),
+        "affected_examples": _hashes_only(report.get("affected_examples")),
         "input_adapter_sha256": report.get("input_adapter_sha256"),
         "output_adapter_sha256": output_adapter_sha256,
         "data_before_sha256": data_before_sha256,

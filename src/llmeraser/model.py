@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmeraser.errors import InputError
+from llmeraser.errors import InputError, OutputSpaceError, is_out_of_space
 
 SMOLLM2_NAME = "smollm2-135m"
 TINY_NAME = "tiny"
@@ -99,6 +99,10 @@ def smollm2_path() -> Path:
     """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file on first use."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+        try:  # a cache converted before the GGUF setting was dropped: drop it now (a small JSON rewrite)
+            drop_gguf_quantization_config(target)
+        except OSError:  # a read-only cache still loads; only the HF Trainer refuses it
+            pass
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,17 +111,40 @@ def smollm2_path() -> Path:
     model = AutoModelForCausalLM.from_pretrained(
         source, gguf_file=SMOLLM2_GGUF, attn_implementation="eager", dtype=torch.float32
     )
+    save_converted(model, tokenizer, target)
+    return target
+
+
+def save_converted(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save a model dequantised from a GGUF file (and its tokenizer) as a plain float32 safetensors
+    directory ``target``, without the GGUF ``quantization_config`` (the weights are no longer quantised,
+    and ``transformers.Trainer`` refuses to train a model whose config says GGUF). Written to a temporary
+    directory renamed into place; a ``target`` another process converted meanwhile is kept."""
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # another process converted it meanwhile
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        drop_gguf_quantization_config(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    return target
+
+
+def drop_gguf_quantization_config(directory: Path) -> bool:
+    """Remove a GGUF ``quantization_config`` from ``directory/config.json``; whether there was one."""
+    from llmeraser.jsonl import write_text_atomic
+
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    quantization = config.get("quantization_config")
+    if not isinstance(quantization, dict) or str(quantization.get("quant_method", "")).lower() != "gguf":
+        return False
+    del config["quantization_config"]
+    write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return True
 
 
 def load_base_model(
@@ -311,10 +338,11 @@ def _fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+def atomic_directory(out_dir: str | Path, needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``out_dir`` to fill; on success it is flushed to disk and renamed
-    to ``out_dir``, on failure removed. Refuses an existing ``out_dir``; removes temporaries that killed
-    runs left for the same target."""
+    to ``out_dir``, on failure (an exception, Ctrl-C) removed. Refuses an existing ``out_dir``; removes
+    temporaries that killed runs left for the same target. A full disk or quota becomes ``OutputSpaceError``
+    naming ``out_dir`` and ``needed_bytes`` (what the caller expects to write, where it knows)."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise InputError("output directory already exists (choose a new one; inputs are never overwritten)", out_dir)
@@ -322,12 +350,17 @@ def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
     remove_stale_temporaries(out_dir)
     tmp = out_dir.with_name(f"{_temporary_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)  # complete on disk before it gets its name
         os.replace(tmp, out_dir)
         _fsync_directory(out_dir.parent)
+    except Exception as err:  # OSError, or a Rust writer's error (safetensors) carrying the OS error code
+        if not is_out_of_space(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # before measuring the free space
+        raise OutputSpaceError.from_os_error(err, out_dir, needed_bytes) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -350,8 +383,9 @@ def save_adapter(
     out_dir = Path(out_dir)
     params = AdapterParameters.of(model)
     original = params.flat()
+    weight_bytes = sum(t.numel() * t.element_size() for t in params.tensors)
     try:
-        with atomic_directory(out_dir) as tmp:
+        with atomic_directory(out_dir, needed_bytes=weight_bytes) as tmp:
             if theta is not None:
                 params.assign(theta)
             # save_embedding_layers=False: llmeraser never resizes the vocabulary, and PEFT's default "auto"

@@ -14,6 +14,7 @@ addresses another turn: an assistant turn for ``correct_response``, a non-assist
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Union
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError
+from llmeraser.hashing import example_hash
 from llmeraser.jsonl import iter_jsonl, require_str, write_jsonl
 
 
@@ -198,3 +200,57 @@ def count_by_kind(requests: Sequence[Request]) -> dict[str, int]:
     """``{"remove": k1, "modify_query": k2, "correct_response": k3}``."""
     counts = Counter(request.op for request in requests)
     return {op: counts.get(op, 0) for op in REQUEST_KINDS}
+
+
+def affected_examples(pairs: Sequence[EditPair]) -> list[dict[str, Any]]:
+    """The report's record of each edited example: the request's ``id`` and ``op``, and the hashes of the
+    old and new versions (the lineage keeps the hashes only; see ``llmeraser.lineage.erase_entry``)."""
+    return [{"id": p.request.id, "op": p.request.op, "old_sha256": example_hash(p.old),
+             "new_sha256": example_hash(p.new) if p.new is not None else None} for p in pairs]
+
+
+def describe_edits(pairs: Sequence[EditPair], limit: int = 10) -> str:
+    """One console line naming the edited examples by the requests' ids, per op: ``remove ex3, ex7;
+    correct_response ex6`` (at most ``limit`` ids per op, then how many more)."""
+    parts = []
+    for op in REQUEST_KINDS:
+        ids = [p.request.id for p in pairs if p.request.op == op]
+        if ids:
+            more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+            parts.append(f"{op} {', '.join(ids[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def _content(example: Example) -> str:
+    """An example's content without its id (prompt and response, or its messages) as canonical JSON."""
+    return json.dumps({k: v for k, v in example.to_json().items() if k != "id"}, sort_keys=True, ensure_ascii=False)
+
+
+def remaining_duplicates(train: Sequence[Example], pairs: Sequence[EditPair]) -> list[dict[str, Any]]:
+    """Removed examples whose identical content (prompt and response, or messages) stays in the edited
+    training set under other ids: ``[{"removed_id": …, "remaining_ids": [...]}]``, in request order.
+    The removal then erases little: the model keeps learning the same text from the copies."""
+    removed = [p.old for p in pairs if p.new is None]
+    if not removed:
+        return []
+    copies: dict[str, list[str]] = {_content(example): [] for example in removed}
+    for example in edited_training_set(train, pairs):
+        key = _content(example)
+        if key in copies:
+            copies[key].append(example.id)
+    return [{"removed_id": example.id, "remaining_ids": copies[_content(example)]}
+            for example in removed if copies[_content(example)]]
+
+
+def duplicate_warning(duplicate: dict[str, Any]) -> str:
+    """The console and report text of one ``remaining_duplicates`` entry."""
+    ids = duplicate["remaining_ids"]
+    where = f"id '{ids[0]}'" if len(ids) == 1 else "ids " + ", ".join(f"'{i}'" for i in ids)
+    return (f"removed example '{duplicate['removed_id']}' has an identical prompt and response that stays in the "
+            f"data under {where} (remove {'that one' if len(ids) == 1 else 'those'} too, or the model keeps "
+            "learning it)")
+
+
+def duplicates_report(train: Sequence[Example], pairs: Sequence[EditPair]) -> list[dict[str, Any]]:
+    """The report's ``duplicates_remaining``: each ``remaining_duplicates`` entry with its ``warning`` text."""
+    return [{**d, "warning": duplicate_warning(d)} for d in remaining_duplicates(train, pairs)]

@@ -113,3 +113,14 @@ def check_examples_fit(
             message = err.message if example.is_conversation and not isinstance(err, FitError) else _fit_error(err, max_length, limit)
             raise _data_error(message, data_path, example.id) from None
     return truncated
+
+
+def truncation_note(n_truncated: int, n_examples: int, max_length: int) -> str | None:
+    """The console line saying how many examples ``check_examples_fit`` found longer than ``max_length``
+    (their prompts cut from the left), or None when none is."""
+    if n_truncated == 0:
+        return None
+    which = "example is" if n_examples == 1 else "examples is" if n_truncated == 1 else "examples are"
+    return (f"note: {n_truncated} of {n_examples} {which} longer than max_length {max_length} tokens: the tokens "
+            "before each one's response (its prompt) are cut from the left to fit, as in training "
+            "(raise --max-length to keep them)")
