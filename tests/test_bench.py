@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -201,3 +202,22 @@ def test_bench_on_a_rating_directory_with_chosen_methods(tmp_path) -> None:
     assert results["config"]["data"] == str(directory) and results["config"]["format"] == "movielens"
     bad = cli("bench", "--task", "removal", "--quick", "--methods", "finetune", "--out", tmp_path / "x")
     assert bad.code == 3 and "finetune" in bad.err and not (tmp_path / "x").exists()
+
+
+def test_bench_checkpoints_after_every_seed(tmp_path) -> None:
+    """An interrupted run leaves what it measured: after each seed the results so far are handed over,
+    marked incomplete with the seeds done, and render as a partial run."""
+    from llmeraser.bench import finish, run_bench
+    from llmeraser.bench.report import render_markdown
+    from llmeraser.bench.protocol import pii_config
+
+    config = dataclasses.replace(pii_config(quick=True), methods=("original", "retrain"))
+    snapshots: list[dict] = []
+    results = run_bench(config, log=lambda line: None, checkpoint=snapshots.append)
+    assert [len(s["seeds_done"]) for s in snapshots] == [1, 2]
+    assert all(s["complete"] is False for s in snapshots) and results["complete"] is True
+    assert {row["seed"] for row in snapshots[0]["rows"]} == {0}
+    assert snapshots[1]["spread"] and not snapshots[0]["spread"]  # the retrain spread needs two seeds
+    partial = render_markdown(finish(snapshots[0]))
+    assert "**Partial run**" in partial and "mean ± std over seeds 0)" in partial
+    assert "Partial run" not in render_markdown(finish(results))

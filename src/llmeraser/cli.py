@@ -58,7 +58,10 @@ def _bench(args: argparse.Namespace) -> None:
         config.validate()
     except ValueError as error:
         raise InputError(str(error)) from None
-    results = finish(run_bench(config, command=args.command_line))
+    def checkpoint(partial: dict[str, Any]) -> None:  # what an interrupted run has measured stays on disk
+        write_results(finish(partial), args.out)
+
+    results = finish(run_bench(config, command=args.command_line, checkpoint=checkpoint))
     print(render_text(results))
     for path in write_results(results, args.out):
         print(f"wrote {path}")

@@ -21,6 +21,7 @@ two different seeds is the yardstick for "as close to retraining as retraining i
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -299,8 +300,13 @@ def retrain_spread(references: Sequence[SetPredictions]) -> list[dict[str, float
     return spread
 
 
-def run_bench(config: BenchConfig, log: Callable[[str], None] = print, command: str = "") -> dict[str, Any]:
-    """Run the protocol for every ratio and seed; returns the results (see ``bench.report``)."""
+def run_bench(
+    config: BenchConfig, log: Callable[[str], None] = print, command: str = "",
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run the protocol for every ratio and seed; returns the results (see ``bench.report``).
+    ``checkpoint`` receives a copy of the results so far after every seed (``complete`` False, the seeds
+    done in ``seeds_done``), so that an interrupted run leaves what it measured."""
     config.validate()
     results: dict[str, Any] = {
         "command": command,
@@ -312,6 +318,8 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, command: 
         "sisa": [],
         "caches": [],
         "requests": {},
+        "complete": False,
+        "seeds_done": [],
     }
     for ratio in config.ratios:
         task, sets = prepare_ratio(config, ratio)
@@ -332,7 +340,14 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print, command: 
             if "sisa_initial" in extras:
                 results["sisa"].append({"ratio": ratio, "seed": seed, "affected_shards": extras["sisa_affected_shards"],
                                         "shards": config.sisa_shards, "initial_training": extras["sisa_initial"]})
+            results["seeds_done"].append({"ratio": ratio, "seed": seed})
+            if checkpoint is not None:
+                partial = copy.deepcopy(results)
+                partial["spread"].extend({"ratio": ratio, **row} for row in retrain_spread(references))
+                partial["machine_at_end"] = {"load_average_1_5_15_min": machine()["load_average_1_5_15_min"]}
+                checkpoint(partial)
         results["spread"].extend({"ratio": ratio, **row} for row in retrain_spread(references))
+    results["complete"] = True
     results["machine_at_end"] = {"load_average_1_5_15_min": machine()["load_average_1_5_15_min"]}
     return results
 

@@ -251,10 +251,15 @@ def render_markdown(results: dict[str, Any]) -> str:
            f"Load average (1, 5, 15 min) at the start {results['machine'].get('load_average_1_5_15_min')}, at the end "
            f"{results.get('machine_at_end', {}).get('load_average_1_5_15_min')} (2 cores: above ~1 per core, something "
            "else was running and the times are inflated)", ""]
+    if results.get("complete") is False:
+        done = ", ".join(f"{d['seed']} (ratio {d['ratio']})" for d in results.get("seeds_done", []))
+        out += [f"**Partial run** (written after each seed; interrupted or still running): seeds done {done}, of "
+                f"{', '.join(map(str, results['config']['seeds']))}; every figure below is over the seeds done.", ""]
     for ratio, rows in summary_rows(results["summary"], metrics):
+        seeds = sorted({r["seed"] for r in results["rows"] if str(r["ratio"]) == ratio})
         present = [c for c in columns if any(row.get(c[0]) not in ("", "–") for row in rows)]
         out += [f"## ratio {ratio} ({results['requests'][ratio]} requests; mean ± std over seeds "
-                f"{', '.join(map(str, results['config']['seeds']))})", "",
+                f"{', '.join(map(str, seeds))})", "",
                 "| " + " | ".join(title for _, title in present) + " |",
                 "|" + "---|" * len(present)]
         out += ["| " + " | ".join(str(row.get(key, "")) for key, _ in present) + " |" for row in rows]
