@@ -78,7 +78,7 @@ def _recipe(args: argparse.Namespace) -> Any:
     from llmeraser.train import TrainConfig
 
     return TrainConfig(args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, args.max_length,
-                       args.optimizer, args.lr_schedule)
+                       args.optimizer, args.lr_schedule, args.loss_scope)
 
 
 def _train_and_save(
@@ -112,7 +112,7 @@ def _train_and_save(
     _refuse_existing(out)
     base, tokenizer = load_base_model(model_name, seed=recipe.seed, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     check_max_length(recipe.max_length, base)
-    check_examples_fit(tokenizer, examples, recipe.max_length, data_path, requests, base)
+    check_examples_fit(tokenizer, examples, recipe.max_length, data_path, requests, base, recipe.loss_scope)
     record = TrainingRecord(model_name, model_fingerprint(base), dataset_hash(examples), len(examples), recipe, lora)
     model = attach_lora(base, lora)
     if dry_run:
@@ -247,7 +247,8 @@ def _erase(args: argparse.Namespace) -> None:
     recipe = record.recipe if record else None
     max_length = args.max_length if args.max_length is not None else (recipe.max_length if recipe else 256)
     check_max_length(max_length, base, "--max-length" if args.max_length is not None else "the training recipe's")
-    check_examples_fit(tokenizer, examples, max_length, args.data, requests, base)
+    loss_scope = args.loss_scope or (recipe.loss_scope if recipe else "response")
+    check_examples_fit(tokenizer, examples, max_length, args.data, requests, base, loss_scope)
     weight_decay = args.weight_decay if args.weight_decay is not None else (recipe.weight_decay if recipe else 0.0)
 
     # --mode auto: the cheaper of a paired retrain and the cached trust-region update, unless solver flags say
@@ -295,7 +296,8 @@ def _erase(args: argparse.Namespace) -> None:
                 print(f"fitting the {AUTO_CACHE_METHOD} curvature once for this adapter and data (kept in {cache_path})")
             fit_curvature_cache(
                 model, tokenizer, base, examples, input_hash, cache_path, method=AUTO_CACHE_METHOD,
-                curvature_examples=AUTO_CURVATURE_EXAMPLES, max_length=max_length, weight_decay=weight_decay,
+                curvature_examples=AUTO_CURVATURE_EXAMPLES, max_length=max_length, loss_scope=loss_scope,
+                weight_decay=weight_decay,
                 calibration_examples=AUTO_CALIBRATION_EXAMPLES, calibration_directions=AUTO_CALIBRATION_DIRECTIONS,
                 batch_size=args.batch_size, seed=args.seed,
             )
@@ -316,6 +318,7 @@ def _erase(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         curvature_examples=args.curvature_examples,
         max_length=max_length,
+        loss_scope=loss_scope,
         seed=args.seed,
         auto_damping=args.auto_damping,
         curvature_use="direct" if plan is not None else args.curvature_use,
@@ -521,6 +524,7 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
     check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
     max_length = args.max_length or (record.recipe.max_length if record else 256)
+    loss_scope = args.loss_scope or (record.recipe.loss_scope if record else "response")
     weight_decay = args.weight_decay if args.weight_decay is not None else (record.recipe.weight_decay if record else 0.0)
     if args.dry_run:
         from llmeraser.estimate import estimate_fit_curvature
@@ -528,15 +532,16 @@ def _fit_curvature(args: argparse.Namespace) -> None:
         if is_main_process():
             _print_dry_run("fit-curvature", time.perf_counter() - started, lambda: estimate_fit_curvature(
                 model, tokenizer, examples, args.method, batch_size=args.batch_size, seed=args.seed,
-                max_length=max_length, curvature_examples=args.curvature_examples, damping=args.damping,
+                max_length=max_length, loss_scope=loss_scope, curvature_examples=args.curvature_examples,
+                damping=args.damping,
                 calibration_examples=args.calibration_examples, calibration_directions=args.calibration_directions,
                 calibration_damping=args.calibration_damping, weight_decay=weight_decay,
             ))
         return
     cache, metadata = fit_curvature_cache(
         model, tokenizer, base, examples, input_hash, args.out, method=args.method,
-        curvature_examples=args.curvature_examples, max_length=max_length, weight_decay=weight_decay,
-        calibration_damping=args.calibration_damping, calibration_examples=args.calibration_examples,
+        curvature_examples=args.curvature_examples, max_length=max_length, loss_scope=loss_scope,
+        weight_decay=weight_decay, calibration_damping=args.calibration_damping, calibration_examples=args.calibration_examples,
         calibration_directions=args.calibration_directions, batch_size=args.batch_size, seed=args.seed,
         datainf_damping=args.damping,
     )
@@ -675,10 +680,11 @@ def _evaluate(args: argparse.Namespace) -> None:
     examples = read_examples(args.data)
     model, tokenizer, _, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
     max_length = args.max_length or (record.recipe.max_length if record else 256)
+    scope = args.loss_scope or (record.recipe.loss_scope if record else "response")
     params = AdapterParameters.of(model)
     theta = params.flat()
     results: dict[str, Any] = {"adapter": args.adapter, "data": args.data}
-    results["data_metrics"] = evaluate_examples(model, tokenizer, examples, max_length, args.batch_size)
+    results["data_metrics"] = evaluate_examples(model, tokenizer, examples, max_length, args.batch_size, scope)
     rows = [("data", results["data_metrics"])]
     edited_old, edited_new = [], []
     if args.requests:
@@ -686,26 +692,26 @@ def _evaluate(args: argparse.Namespace) -> None:
         pairs = resolve(read_requests(args.requests), train)
         edited_old = [p.old for p in pairs]
         edited_new = [p.new for p in pairs if p.new is not None]
-        old_losses = example_loss_values(model, tokenizer, edited_old, max_length, args.batch_size)
-        new_losses = example_loss_values(model, tokenizer, edited_new, max_length, args.batch_size) if edited_new else []
+        old_losses = example_loss_values(model, tokenizer, edited_old, max_length, args.batch_size, scope)
+        new_losses = example_loss_values(model, tokenizer, edited_new, max_length, args.batch_size, scope) if edited_new else []
         new_iter = iter(new_losses)
         results["edited_examples"] = [
             {"id_sha256": example_hash(p.old)[:16], "op": p.request.op, "loss_old": float(old),
              "loss_new": float(next(new_iter)) if p.new is not None else None}
             for p, old in zip(pairs, old_losses)
         ]
-        rows.append(("edited (old versions)", evaluate_examples(model, tokenizer, edited_old, max_length, args.batch_size)))
+        rows.append(("edited (old versions)", evaluate_examples(model, tokenizer, edited_old, max_length, args.batch_size, scope)))
         if edited_new:
-            rows.append(("edited (new versions)", evaluate_examples(model, tokenizer, edited_new, max_length, args.batch_size)))
+            rows.append(("edited (new versions)", evaluate_examples(model, tokenizer, edited_new, max_length, args.batch_size, scope)))
     comparisons = []
     for other in args.compare or []:
         theta_other = adapter_vector(model, other)
         entry: dict[str, Any] = {"adapter": other}
-        entry["data"] = function_space_distance(model, tokenizer, examples, theta_other, theta, max_length, args.batch_size)
+        entry["data"] = function_space_distance(model, tokenizer, examples, theta_other, theta, max_length, args.batch_size, scope)
         if edited_old:
-            entry["edited_old"] = function_space_distance(model, tokenizer, edited_old, theta_other, theta, max_length, args.batch_size)
+            entry["edited_old"] = function_space_distance(model, tokenizer, edited_old, theta_other, theta, max_length, args.batch_size, scope)
         if edited_new:
-            entry["edited_new"] = function_space_distance(model, tokenizer, edited_new, theta_other, theta, max_length, args.batch_size)
+            entry["edited_new"] = function_space_distance(model, tokenizer, edited_new, theta_other, theta, max_length, args.batch_size, scope)
         comparisons.append(entry)
     results["compare"] = comparisons
 
@@ -825,7 +831,22 @@ def _add_dtype(parser: argparse.ArgumentParser) -> None:
                         "adapter, gradients, updates and solver state stay float32")
 
 
+LOSS_SCOPE_HELP = ("tokens that carry the loss: response (the response / last assistant turn / completion), "
+                   "assistant (every assistant turn), all (every token)")
+
+
+def _add_loss_scope(parser: argparse.ArgumentParser) -> None:
+    """``--loss-scope`` of the commands that read an existing adapter: default the training record's."""
+    from llmeraser.data import LOSS_SCOPES
+
+    parser.add_argument("--loss-scope", default=None, choices=list(LOSS_SCOPES),
+                        help=LOSS_SCOPE_HELP + " (default: the adapter's training record's)")
+
+
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    from llmeraser.data import LOSS_SCOPES
+    from llmeraser.train import TrainConfig
+
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / r)")
     parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], help="module names to adapt")
@@ -837,6 +858,7 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="max tokens per example (prompt cut from the left)")
     parser.add_argument("--lr-schedule", default="constant", choices=["constant", "linear"],
                         help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
+    parser.add_argument("--loss-scope", default=TrainConfig.loss_scope, choices=list(LOSS_SCOPES), help=LOSS_SCOPE_HELP)
     parser.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"],
                         help="adam: mini-batches of --batch-size; lbfgs: full-batch L-BFGS, --epochs outer steps")
 
@@ -924,6 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--batch-size", type=int, default=8, help="examples per forward pass and stochastic mini-batch")
     erase.add_argument("--curvature-examples", type=int, default=None, help="estimate H on a random subset of this many examples (default: all)")
     erase.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's, else 256)")
+    _add_loss_scope(erase)
     erase.add_argument("--seed", type=int, default=0, help="seed of subsets and stochastic solvers")
     erase.add_argument("--curvature-cache", default=None,
                        help="a fit-curvature directory (K-FAC, EK-FAC or DataInf) for this adapter and data, used as --curvature-use says")
@@ -970,6 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--curvature-examples", type=int, default=None, help="fit on a random subset of this many examples (default: all)")
     fit.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     fit.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
+    _add_loss_scope(fit)
     fit.add_argument("--seed", type=int, default=0, help="seed of the subset and of the sampled labels")
     fit.add_argument("--method", default="ekfac", choices=["kfac", "ekfac", "datainf"],
                      help="ekfac (default): K-FAC eigenbases with the diagonal refitted from per-example gradients (a "
@@ -1025,6 +1049,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", nargs="+", default=None, help="other adapter directories to measure distances to")
     evaluate.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     evaluate.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
+    _add_loss_scope(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
     _add_dtype(evaluate)
     evaluate.set_defaults(run=_evaluate)

@@ -33,6 +33,7 @@ def fit_curvature_cache(
     method: str = "ekfac",
     curvature_examples: int | None = None,
     max_length: int = 256,
+    loss_scope: str = "response",
     weight_decay: float = 0.0,
     calibration_damping: float = 1e-2,
     calibration_examples: int = 16,
@@ -46,7 +47,7 @@ def fit_curvature_cache(
     the cache and the metadata stored beside it (``curvature.json``)."""
     from llmeraser.eraser import library_versions
 
-    tokenization = TokenizationConfig(max_length=max_length)
+    tokenization = TokenizationConfig(max_length=max_length, loss_scope=loss_scope)
     chosen = curvature_subset(examples, curvature_examples, seed)
     items = tokenize_examples(tokenizer, chosen, tokenization)
     params = AdapterParameters.of(model)
@@ -68,6 +69,7 @@ def fit_curvature_cache(
         "n_layers": len(cache.factors),
         "n_parameters": params.dim,
         "max_length": max_length,
+        "loss_scope": loss_scope,
         "seed": seed,
         "fit_time_s": cache.fit_s,
         "calibration": cache.calibration.to_json() if cache.calibration else None,
