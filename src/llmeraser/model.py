@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,8 @@ from llmeraser.errors import InputError
 SMOLLM2_NAME = "smollm2-135m"
 TINY_NAME = "tiny"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINGERPRINT_ATTRIBUTE = "llmeraser_fingerprint"  # set by load_base_model on a model cast from its stored dtype
+FINGERPRINT_ATTRIBUTE = "llmeraser_fingerprint"  # set by load_base_model on a model cast from its stored dtype:
+# {parameter name: digest of its stored values} (llmeraser.provenance.fingerprint_parts reads it)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -152,9 +154,9 @@ def load_base_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.dtype != dtype:
-        from llmeraser.provenance import model_fingerprint
+        from llmeraser.provenance import stored_digests
 
-        setattr(model, FINGERPRINT_ATTRIBUTE, model_fingerprint(model))
+        setattr(model, FINGERPRINT_ATTRIBUTE, stored_digests(model))
     model.to(dtype)
     model.eval()
     for parameter in model.parameters():
@@ -204,9 +206,64 @@ def load_adapter(base: Any, adapter_dir: str | Path) -> Any:
         raise InputError("not a PEFT adapter directory (no adapter_config.json)", adapter_dir)
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise InputError("adapter weights must be adapter_model.safetensors", adapter_dir)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    check_adapter_fits(base, adapter_dir)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    except RuntimeError as err:  # a size mismatch check_adapter_fits did not foresee
+        raise InputError(f"the adapter does not fit the base model: {str(err).strip().splitlines()[0]}", adapter_dir) from None
     model.eval()
     return model
+
+
+def adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json`` as a dict."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"unreadable adapter config ({err})", path) from None
+
+
+_LORA_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+
+
+def check_adapter_fits(base: Any, adapter_dir: str | Path) -> None:
+    """``InputError`` naming each adapted module whose base weight has another shape than the adapter's LoRA
+    factors expect (the base weight's shape and the adapter's), or that the base model lacks; reads only the
+    safetensors header."""
+    from safetensors import safe_open
+
+    problems: list[str] = []
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():
+            match = _LORA_FACTOR.match(key)
+            if match is None:
+                continue
+            name, factor = match["module"], match["factor"]
+            shape = tuple(handle.get_slice(key).get_shape())
+            try:
+                module = base.get_submodule(name)
+            except AttributeError:
+                problems.append(f"{name}: the adapter adapts it ({key}), the base model has no such module")
+                continue
+            weight = getattr(getattr(module, "base_layer", module), "weight", None)
+            if weight is None or len(shape) != 2:
+                continue
+            if factor == "lora_A":  # (r, in) against the base weight (out, in)
+                fits, expected = shape[1] == weight.shape[-1], f"in_features {shape[1]}"
+            elif factor == "lora_B":  # (out, r)
+                fits, expected = shape[0] == weight.shape[0], f"out_features {shape[0]}"
+            elif factor == "lora_embedding_A":  # (r, num_embeddings) against (num_embeddings, dim)
+                fits, expected = shape[1] == weight.shape[0], f"{shape[1]} embeddings"
+            else:  # lora_embedding_B: (dim, r)
+                fits, expected = shape[0] == weight.shape[1], f"embedding dim {shape[0]}"
+            if not fits:
+                problems.append(f"{name}.weight is {tuple(weight.shape)} in the base model; the adapter's {key} is "
+                                f"{shape} (expects {expected})")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise InputError("the base model's weights do not fit the adapter: " + "; ".join(problems[:3]) + more
+                         + " (a base model of another size or architecture?)", adapter_dir)
 
 
 @dataclass
