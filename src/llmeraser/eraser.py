@@ -79,7 +79,7 @@ class EraseConfig:
 
     solver: str = "cg"
     curvature: str = "gauss-newton"
-    damping: float = 1e-3
+    damping: float = 1e-2
     scaling: str = "retrain"
     weight_decay: float = 0.0
     max_iters: int = 50
