@@ -229,40 +229,39 @@ _LORA_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<factor>
 
 def check_adapter_fits(base: Any, adapter_dir: str | Path) -> None:
     """``InputError`` naming each adapted module whose base weight has another shape than the adapter's LoRA
-    factors expect (the base weight's shape and the adapter's), or that the base model lacks; reads only the
-    safetensors header."""
+    factors expect (both shapes), or that the base model lacks; reads only the safetensors header."""
     from safetensors import safe_open
 
-    problems: list[str] = []
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as handle:
         for key in handle.keys():
             match = _LORA_FACTOR.match(key)
-            if match is None:
-                continue
-            name, factor = match["module"], match["factor"]
-            shape = tuple(handle.get_slice(key).get_shape())
-            try:
-                module = base.get_submodule(name)
-            except AttributeError:
-                problems.append(f"{name}: the adapter adapts it ({key}), the base model has no such module")
-                continue
-            weight = getattr(getattr(module, "base_layer", module), "weight", None)
-            if weight is None or len(shape) != 2:
-                continue
-            if factor == "lora_A":  # (r, in) against the base weight (out, in)
-                fits, expected = shape[1] == weight.shape[-1], f"in_features {shape[1]}"
-            elif factor == "lora_B":  # (out, r)
-                fits, expected = shape[0] == weight.shape[0], f"out_features {shape[0]}"
-            elif factor == "lora_embedding_A":  # (r, num_embeddings) against (num_embeddings, dim)
-                fits, expected = shape[1] == weight.shape[0], f"{shape[1]} embeddings"
-            else:  # lora_embedding_B: (dim, r)
-                fits, expected = shape[0] == weight.shape[1], f"embedding dim {shape[0]}"
-            if not fits:
-                problems.append(f"{name}.weight is {tuple(weight.shape)} in the base model; the adapter's {key} is "
-                                f"{shape} (expects {expected})")
+            if match is not None:
+                factors.setdefault(match["module"], {})[match["factor"]] = tuple(handle.get_slice(key).get_shape())
+    problems: list[str] = []
+    for name, shapes in factors.items():
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: the adapter adapts it, the base model has no such module")
+            continue
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if weight is None or weight.dim() != 2:
+            continue
+        if "lora_A" in shapes and "lora_B" in shapes:  # A (r, in), B (out, r): the weight is (out, in)
+            expected = (shapes["lora_B"][0], shapes["lora_A"][-1])
+            given = f"lora_A {shapes['lora_A']}, lora_B {shapes['lora_B']}"
+        elif "lora_embedding_A" in shapes and "lora_embedding_B" in shapes:  # A (r, n), B (dim, r): (n, dim)
+            expected = (shapes["lora_embedding_A"][-1], shapes["lora_embedding_B"][0])
+            given = f"lora_embedding_A {shapes['lora_embedding_A']}, lora_embedding_B {shapes['lora_embedding_B']}"
+        else:
+            continue
+        if tuple(weight.shape) != expected:
+            problems.append(f"{name}.weight is {tuple(weight.shape)} in the base model, the adapter's factors "
+                            f"({given}) expect {expected}")
     if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise InputError("the base model's weights do not fit the adapter: " + "; ".join(problems[:3]) + more
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise InputError("the base model's weights do not fit the adapter: " + "; ".join(problems[:2]) + more
                          + " (a base model of another size or architecture?)", adapter_dir)
 
 
