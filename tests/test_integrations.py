@@ -84,3 +84,36 @@ def test_plain_trainer_needs_the_loss_scope(tmp_path):
     callback = LlmeraserCallback(toy_examples(3))
     with pytest.raises(ValueError, match="loss_scope"):
         callback.on_train_begin(type("Args", (), {"max_length": 8})(), None, None)
+
+
+def test_sft_trainer_run_with_the_callback_is_erased_with_no_extra_flags(tmp_path, monkeypatch):
+    """TRL's SFTTrainer on prompt/completion rows without ids: the callback reads loss scope and max length
+    from the SFTConfig and hashes the rows as llmeraser reads them (ids from row numbers)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from llmeraser.model import load_base_model
+
+    monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
+    rows = [{"prompt": e.prompt, "completion": e.response} for e in toy_examples(10, seed=8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "requests.jsonl").write_text('{"op": "remove", "id": "row-3"}\n')
+    base, tokenizer = load_base_model("tiny")
+    out = tmp_path / "sft"
+    args = SFTConfig(output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=4, learning_rate=1e-2,
+                     weight_decay=0.05, seed=0, max_length=128, report_to=[], save_strategy="no",
+                     logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+                         callbacks=[LlmeraserCallback(rows)])
+    with one_thread():
+        trainer.train()
+        trainer.save_model()
+    record = json.loads((out / "llmeraser_training.json").read_text())
+    assert record["recipe"]["loss_scope"] == "response" and record["recipe"]["max_length"] == 128
+    done = cli("erase", "--adapter", out, "--data", data, "--requests", tmp_path / "requests.jsonl",
+               "--out", tmp_path / "erased")
+    assert done.code == 0, done.err
+    assert json.loads((tmp_path / "erased" / "erasure_report.json").read_text())["requests"]["remove"] == 1

@@ -54,6 +54,9 @@ def test_missing_recipe_values_are_refused_naming_the_flags(outside):
                "--weight-decay", "0", *UPDATE)  # only the missing ones are listed
     assert done.code == 3 and "--weight-decay" not in done.err.split("pass ")[1].split("(")[0]
     assert not (root / "never").exists()
+    done = cli("evaluate", "--adapter", adapter, "--data", data)  # read-only: it says what it uses
+    assert done.code == 0, done.err
+    assert "no llmeraser training record: evaluating with --max-length 256 --loss-scope response" in done.err
 
 
 def test_first_erase_takes_the_base_from_adapter_config_and_writes_the_assumed_record(outside):

@@ -47,6 +47,11 @@ from llmeraser.train import TrainConfig
 REPORT_FILE = "erasure_report.json"
 RECIPE_FLAGS = {"weight_decay": "--weight-decay", "max_length": "--max-length", "loss_scope": "--loss-scope"}
 """The recipe values an erasure depends on, and the flags that give them for an adapter without a record."""
+RECIPE_MEANING = {
+    "weight_decay": "the L2 coefficient of the training objective; for AdamW's decoupled decay see llmeraser.integrations",
+    "max_length": "the max tokens per example",
+    "loss_scope": "which tokens carried the loss: response, assistant or all",
+}
 
 
 def note(message: str) -> None:
@@ -149,13 +154,12 @@ def recipe_for(
     record every one of ``RECIPE_FLAGS`` must be given: refused otherwise, naming the flags."""
     given = {"weight_decay": weight_decay, "max_length": max_length, "loss_scope": loss_scope}
     if record is None:
-        missing = [flag for name, flag in RECIPE_FLAGS.items() if given[name] is None]
+        missing = [name for name in RECIPE_FLAGS if given[name] is None]
         if missing:
             raise InputError(
                 "the adapter has no llmeraser training record (it was trained outside llmeraser), so the recipe "
-                f"values the erasure depends on are unknown: pass {', '.join(missing)} (the L2 coefficient of the "
-                "training objective: for AdamW's decoupled decay see llmeraser.integrations; the max tokens per "
-                "example; which tokens carried the loss: response, assistant or all)", adapter)
+                f"values the erasure depends on are unknown: pass {', '.join(RECIPE_FLAGS[n] for n in missing)} "
+                f"({'; '.join(RECIPE_MEANING[n] for n in missing)})", adapter)
         return TrainConfig(**{name: value for name, value in given.items()})  # type: ignore[arg-type]
     recipe = record.recipe
     for name, value in given.items():
