@@ -369,7 +369,8 @@ class Adapter:
         problems: list[str] = []
         if self.recorded:
             try:
-                problems = check_matches(self.record, self.path, self.base, train, location, self.allow_mismatch)
+                problems = check_matches(self.record, self.path, self.base, train, location, self.allow_mismatch,
+                                         self.fingerprint_parts)
             except InputError as err:
                 hint = lineage_data_hint(self.lineage, dataset_hash(train), location)
                 raise InputError(err.message + hint, err.path) from None

@@ -168,16 +168,18 @@ def check_matches(
     train: Sequence[Example],
     data_path: str | Path,
     allow_mismatch: bool = False,
+    parts: dict[str, str] | None = None,
 ) -> list[str]:
     """Compare the given base model and training data with the adapter's record.
 
     Returns the list of mismatches (empty when all match or there is no record); raises ``InputError``
-    on a mismatch unless ``allow_mismatch``.
+    on a mismatch unless ``allow_mismatch``. ``parts``: the base model's ``fingerprint_parts`` over the
+    record's target modules, when already computed.
     """
     if record is None:
         return []
     problems = []
-    parts = fingerprint_parts(base, record.lora.target_modules)
+    parts = parts if parts is not None else fingerprint_parts(base, record.lora.target_modules)
     if combine_parts(parts) != record.model_fingerprint:
         problems.append(f"the base model is not the one the adapter was trained on (recorded: '{record.model}'; "
                         f"{fingerprint_differences(record.model_fingerprint_parts, parts)})")
