@@ -84,6 +84,11 @@ def test_first_erase_takes_the_base_from_adapter_config_and_writes_the_assumed_r
     assert done.code == 0, done.err  # no recipe flags: the record says them now
     report = json.loads((root / "second" / "erasure_report.json").read_text())
     assert report["config"]["weight_decay"] == 0.01 and report["config"]["max_length"] == 128
+    # an assumed recipe is not one llmeraser can rerun: no paired retrain from it
+    done = cli("retrain", "--like", first, "--data", edited, "--requests", again, "--out", root / "rt")
+    assert done.code == 3 and "not a recipe llmeraser train ran" in done.err and not (root / "rt").exists()
+    done = cli("erase", "--adapter", first, "--data", edited, "--requests", again, "--out", root / "rt", "--mode", "retrain")
+    assert done.code == 3 and "--mode retrain needs" in done.err and not (root / "rt").exists()
 
 
 def test_base_model_of_other_shapes_exits_3_with_names_and_shapes(outside):

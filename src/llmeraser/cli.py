@@ -482,6 +482,9 @@ def _retrain(args: argparse.Namespace) -> None:
         record = read_training_record(args.like)
         if record is None:
             raise InputError("no llmeraser training record to copy the recipe from", args.like)
+        if not record.reproducible:
+            raise InputError(f"its training record is {record.origin!r}, not a recipe llmeraser train ran: give "
+                             "--model and the recipe flags instead of --like", args.like)
         model_name, lora, recipe = args.model or record.model, record.lora, record.recipe
     else:
         if not args.model:
