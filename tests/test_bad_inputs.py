@@ -105,6 +105,29 @@ def tampered_lineage(root: Path) -> list[str]:
     return ["history", "tampered"]
 
 
+def saved_base(root: Path, name: str, **tiny: int) -> str:
+    """A tiny base model written by ``save_pretrained`` (``build_tiny_model(**tiny)``)."""
+    from llmeraser.model import build_tiny_model
+
+    if not (root / name).is_dir():
+        model, tokenizer = build_tiny_model(**tiny)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return name
+
+
+def peft_adapter(root: Path) -> str:
+    """An adapter written by PEFT itself: no llmeraser training record."""
+    from peft import LoraConfig, get_peft_model
+
+    from llmeraser.model import load_base_model
+
+    if not (root / "peft-adapter").is_dir():
+        model = get_peft_model(load_base_model("tiny")[0], LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        model.save_pretrained(root / "peft-adapter")
+    return "peft-adapter"
+
+
 CASES = [
     # request files
     Case("malformed JSON", with_request_line('{"op": "remove", "id": "ex1"'), 3, "req.jsonl:2: malformed JSON: Expecting ',' delimiter (column 29)"),
@@ -185,6 +208,19 @@ CASES = [
          "adapter: output directory already exists"),
     Case("output inside the input adapter", lambda root: erase(requests_file(root, GOOD), out="adapter/sub"), 3,
          "--out may not be inside --adapter"),
+    # base models and outside adapters
+    Case("base model of the same shapes, other weights",
+         lambda root: erase(requests_file(root, GOOD), "--model", saved_base(root, "other-base", seed=7)), 3,
+         "the base model is not the one the adapter was trained on (recorded: 'tiny'; they differ in the input "
+         "embeddings, the q_proj weights, the v_proj weights)"),
+    Case("base model of other shapes",
+         lambda root: erase(requests_file(root, GOOD), "--model", saved_base(root, "wide-base", hidden_size=64)), 3,
+         "the base model's weights do not fit the adapter: model.layers.0.self_attn.q_proj.weight is (64, 64) in "
+         "the base model"),
+    Case("adapter trained outside llmeraser, recipe values not given",
+         lambda root: erase(requests_file(root, GOOD), adapter=peft_adapter(root)), 3,
+         "the adapter has no llmeraser training record (it was trained outside llmeraser), so the recipe values the "
+         "erasure depends on are unknown: pass --weight-decay, --max-length, --loss-scope"),
     Case("tampered lineage", tampered_lineage, 3, "entry #0 (line 1): its content does not match its entry_sha256"),
     Case("--max-length beyond the model's context", lambda root: erase(requests_file(root, GOOD), "--max-length", "5000"), 3,
          "max_length 5000 (--max-length) exceeds the model's context window (max_position_embeddings = 1024)"),

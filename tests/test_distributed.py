@@ -59,7 +59,8 @@ def test_two_process_erase_equals_single_process(tmp_path, solver):
     requests.write_text('{"op": "remove", "id": "ex1"}\n{"op": "remove", "id": "ex4"}\n'
                         '{"op": "correct_response", "id": "ex6", "response": " Maybe"}\n')
     common = ["erase", "--model", "tiny", "--adapter", str(adapter), "--data", str(data), "--requests", str(requests),
-              "--solver", solver, "--damping", "0.05", "--weight-decay", "0.1", "--batch-size", "4", "--max-iters", "40"]
+              "--solver", solver, "--damping", "0.05", "--weight-decay", "0.1", "--batch-size", "4", "--max-iters", "40",
+              "--max-length", "256", "--loss-scope", "response"]  # the recipe's values: no training record here
     run_both(["-m", "llmeraser", *common], ["--out", str(tmp_path / "one")], ["--out", str(tmp_path / "two")])
     theta = adapter_tensors(adapter)
     update_one = adapter_tensors(tmp_path / "one") - theta
@@ -102,7 +103,7 @@ def test_two_process_fit_curvature_equals_single_process(tmp_path, method):
     data = tmp_path / "train.jsonl"
     write_examples(data, examples)
     run_both(["-m", "llmeraser", "fit-curvature", "--model", "tiny", "--adapter", str(adapter), "--data", str(data),
-              "--batch-size", "3", "--method", method],
+              "--batch-size", "3", "--method", method, "--weight-decay", "0", "--max-length", "256", "--loss-scope", "response"],
              ["--out", str(tmp_path / "one")], ["--out", str(tmp_path / "two")])
 
     def products(directory: Path) -> torch.Tensor:

@@ -84,7 +84,7 @@ def _recipe(args: argparse.Namespace) -> Any:
     from llmeraser.train import TrainConfig
 
     return TrainConfig(args.epochs, args.lr, args.batch_size, args.weight_decay, args.seed, args.max_length,
-                       args.optimizer, args.lr_schedule)
+                       args.optimizer, args.lr_schedule, args.loss_scope)
 
 
 def _train_and_save(
@@ -111,16 +111,19 @@ def _train_and_save(
     from llmeraser.hashing import adapter_hash, dataset_hash
     from llmeraser.lineage import LINEAGE_FILE, append_entry, lineage_text, train_entry
     from llmeraser.model import attach_lora, load_base_model, save_adapter
-    from llmeraser.provenance import TRAINING_RECORD, TrainingRecord, model_fingerprint
+    from llmeraser.lifecycle import chat_template_hash
+    from llmeraser.provenance import TRAINING_RECORD, TrainingRecord, combine_parts, fingerprint_parts
     from llmeraser.train import train_adapter
     from llmeraser.validate import check_examples_fit, check_max_length
 
     _refuse_existing(out)
     base, tokenizer = load_base_model(model_name, seed=recipe.seed, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     check_max_length(recipe.max_length, base)
-    truncated = check_examples_fit(tokenizer, examples, recipe.max_length, data_path, requests, base)
+    truncated = check_examples_fit(tokenizer, examples, recipe.max_length, data_path, requests, base, recipe.loss_scope)
     _print_truncation(truncated, len(examples), recipe.max_length)
-    record = TrainingRecord(model_name, model_fingerprint(base), dataset_hash(examples), len(examples), recipe, lora)
+    parts = fingerprint_parts(base, lora.target_modules)
+    record = TrainingRecord(model_name, combine_parts(parts), dataset_hash(examples), len(examples), recipe, lora,
+                            parts, chat_template_sha256=chat_template_hash(tokenizer))
     model = attach_lora(base, lora)
     if dry_run:
         if is_main_process():
@@ -190,29 +193,19 @@ def _print_dry_run(command: str, load_s: float, estimate: Any) -> None:
 def _load_for_adapter(
     model_arg: str | None, adapter: str, trust_remote_code: bool = False, dtype: str = "float32"
 ) -> tuple[Any, Any, Any, Any]:
-    """(model with the adapter loaded, tokenizer, base, training record) for an existing adapter; the base
-    model in ``dtype``, the adapter float32."""
-    from llmeraser.model import load_adapter
-
-    base, tokenizer, record = _load_base_for_adapter(model_arg, adapter, trust_remote_code, dtype)
-    return load_adapter(base, adapter), tokenizer, base, record
-
-
-def _load_base_for_adapter(
-    model_arg: str | None, adapter: str, trust_remote_code: bool = False, dtype: str = "float32"
-) -> tuple[Any, Any, Any]:
-    """(base model in ``dtype``, tokenizer, training record) for an existing adapter, before loading it."""
-    from llmeraser.model import load_base_model
+    """(model with the adapter loaded, tokenizer, base, training record) for an existing adapter (``evaluate``);
+    the base model in ``dtype`` (from ``--model``, the training record or ``adapter_config.json``), the
+    adapter float32."""
+    from llmeraser.lifecycle import base_model_name, require_adapter
+    from llmeraser.model import load_adapter, load_base_model
     from llmeraser.provenance import read_training_record
 
-    _require_adapter(adapter)
+    require_adapter(adapter)
     record = read_training_record(adapter)
-    name = model_arg or (record.model if record else None)
-    if name is None:
-        raise InputError("--model is required: the adapter has no llmeraser training record", adapter)
+    name = base_model_name(model_arg, record, adapter)
     base, tokenizer = load_base_model(name, seed=record.recipe.seed if record else 0, dtype=DTYPES[dtype],
                                       trust_remote_code=trust_remote_code)
-    return base, tokenizer, record
+    return load_adapter(base, adapter), tokenizer, base, record
 
 
 # the flags that configure the influence update by hand: given any of them, erase --mode auto does as they say
@@ -227,17 +220,27 @@ def _given(args: argparse.Namespace, flags: Sequence[str]) -> list[str]:
     return [f for f in flags if any(t == f or t.startswith(f + "=") for t in tokens) or f[2:] in from_file]
 
 
+def _load_checked_adapter(args: argparse.Namespace, examples: list, requests: Sequence[Any] = ()) -> Any:
+    """``Adapter.load`` with the flags (base model, recipe values, dtype, mismatches allowed), then
+    ``Adapter.check`` of ``--data``: what ``erase`` and ``fit-curvature`` share."""
+    from llmeraser.lifecycle import Adapter
+
+    adapter = Adapter.load(args.adapter, args.model, weight_decay=args.weight_decay, max_length=args.max_length,
+                           loss_scope=args.loss_scope, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                           allow_mismatch=args.allow_mismatch)
+    adapter.check(examples, args.data, requests)
+    _print_truncation(adapter.truncated, len(examples), adapter.recipe.max_length)
+    return adapter
+
+
 def _erase(args: argparse.Namespace) -> None:
+    from llmeraser.curvature_cache import CurvatureFitConfig
     from llmeraser.data import read_examples
     from llmeraser.distributed import is_main_process
-    from llmeraser.eraser import EraseConfig, erase, save_erased_adapter
-    from llmeraser.hashing import adapter_hash, dataset_hash, sha256_file
-    from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text
-    from llmeraser.model import load_adapter
+    from llmeraser.hashing import sha256_file
+    from llmeraser.lifecycle import refuse_output
     from llmeraser.plan import AUTO_TRUST_REGION_STEPS, plan_erase
-    from llmeraser.provenance import TRAINING_RECORD, check_matches
-    from llmeraser.requests import edited_training_set, read_requests, resolve
-    from llmeraser.validate import check_examples_fit, check_max_length
+    from llmeraser.requests import read_requests, resolve
 
     started = time.perf_counter()
     _check_erase_flags(args)
@@ -246,58 +249,52 @@ def _erase(args: argparse.Namespace) -> None:
     pairs = resolve(requests, examples)  # unknown or repeated ids, removing everything: refused before any model work
     _print_edits(pairs, examples)
     heldout = read_examples(args.heldout) if args.heldout else None
-    _refuse_existing(args.out)
-    if Path(args.out).resolve() == Path(args.adapter).resolve():
-        raise InputError("--out must differ from --adapter (the input adapter is never modified)", args.out)
-    if Path(args.adapter).resolve() in Path(args.out).resolve().parents:
-        raise InputError("--out may not be inside --adapter (the input adapter is never modified)", args.out)
-    _require_adapter(args.adapter)
-    _refuse_nonfinite_adapter(args.adapter)  # whatever the mode: a NaN adapter is a broken input
-    input_hash = adapter_hash(args.adapter)
-    lineage, lineage_problems = _input_lineage(args.adapter, input_hash, args.allow_mismatch)
-    base, tokenizer, record = _load_base_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
-    given_data_hash = dataset_hash(examples)
-    try:
-        mismatches = check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
-    except InputError as err:
-        raise InputError(err.message + _lineage_data_hint(lineage, given_data_hash, args.data), err.path) from None
-    mismatches = [*mismatches, *lineage_problems]
-    recipe = record.recipe if record else None
-    max_length = args.max_length if args.max_length is not None else (recipe.max_length if recipe else 256)
-    check_max_length(max_length, base, "--max-length" if args.max_length is not None else "the training recipe's")
-    truncated = check_examples_fit(tokenizer, examples, max_length, args.data, requests, base)
-    _print_truncation(truncated, len(examples), max_length)
-    weight_decay = args.weight_decay if args.weight_decay is not None else (recipe.weight_decay if recipe else 0.0)
+    refuse_output(args.out, args.adapter)
+    adapter = _load_checked_adapter(args, examples, requests)
+    tokenizer, recipe = adapter.tokenizer, adapter.recipe
+    reproducible = recipe if adapter.record.reproducible else None  # a recipe a paired retrain can rerun
 
     # --mode auto: the cheaper of a paired retrain and the cached trust-region update, unless solver flags say
     configured = _given(args, SOLVER_FLAGS)
     mode, plan, cache_path = args.mode, None, None
     if mode == "auto" and configured:
         mode = "update"
-        _warn_if_dearer_than_retraining(args, recipe, examples, pairs)
+        _warn_if_dearer_than_retraining(args, reproducible, examples, pairs)
     elif mode in ("auto", "retrain"):
-        from llmeraser.curvature_cache import default_cache_path
-        from llmeraser.provenance import model_fingerprint
-
-        cache_path = Path(args.curvature_cache) if args.curvature_cache else default_cache_path(
-            input_hash, given_data_hash, model_fingerprint(base), "ekfac")
+        cache_path = Path(args.curvature_cache) if args.curvature_cache else adapter.default_curvature_path(examples)
         removed = sum(p.new is None for p in pairs)
         plan = plan_erase(n_train=len(examples), n_removed=removed, n_old=len(pairs), n_new=len(pairs) - removed,
-                          recipe=recipe, cache_fitted=(cache_path / "curvature.json").is_file(),
+                          recipe=reproducible, cache_fitted=(cache_path / "curvature.json").is_file(),
                           kept_examples=args.kept_examples, heldout=len(heldout or ()),
                           steps=args.steps or AUTO_TRUST_REGION_STEPS)
-        if mode == "retrain" and recipe is None:
-            raise InputError("--mode retrain needs the adapter's training record (its recipe)", args.adapter)
+        if mode == "retrain" and reproducible is None:
+            raise InputError("--mode retrain needs the adapter's training record (its recipe, as llmeraser train ran it)",
+                             args.adapter)
         mode = "retrain" if mode == "retrain" else plan.choice
         if is_main_process():
             print(f"erase --mode {args.mode}: {mode}" + (f" ({plan.reason})" if args.mode == "auto" else ""))
+    requests_sha256 = sha256_file(args.requests)
     if mode == "retrain":
-        _erase_by_retraining(args, base, tokenizer, record, examples, pairs, lineage, input_hash, mismatches, plan,
-                             given_data_hash, started)
+        if args.dry_run:
+            from llmeraser.model import attach_lora
+            from llmeraser.requests import edited_training_set
+
+            if is_main_process():
+                _print_dry_run("erase (paired retrain)", time.perf_counter() - started,
+                               lambda: _estimate_train(attach_lora(adapter.base, adapter.record.lora), tokenizer,
+                                                       edited_training_set(examples, pairs), recipe))
+            return
+        erased = adapter.retrain(examples, requests, progress=is_main_process(), requests_sha256=requests_sha256)
+        if not is_main_process():
+            return
+        erased.report.update({"plan": plan.to_json() if plan else None})
+        erased.save(args.out)
+        print(f"retrained on {len(erased.edited)} of {len(examples)} examples in the original run's data order in "
+              f"{erased.report['timings_s']['retrain_s']:.1f} s; final objective {erased.report['final_objective']:.4f}")
+        print(f"erased adapter written to {args.out} (report: {Path(args.out) / 'erasure_report.json'})")
         return
 
-    model = load_adapter(base, args.adapter)
-    kfac, calibration = None, None
+    cache = None
     if plan is not None:  # auto: the cached curvature (fitted now on first use) and the trust region
         from llmeraser.plan import (
             AUTO_CACHE_METHOD,
@@ -308,33 +305,28 @@ def _erase(args: argparse.Namespace) -> None:
 
         assert cache_path is not None
         if not (cache_path / "curvature.json").is_file() and not args.dry_run:
-            from llmeraser.curvature_cache import fit_curvature_cache
-
             if is_main_process():
                 print(f"fitting the {AUTO_CACHE_METHOD} curvature once for this adapter and data (kept in {cache_path})")
-            fit_curvature_cache(
-                model, tokenizer, base, examples, input_hash, cache_path, method=AUTO_CACHE_METHOD,
-                curvature_examples=AUTO_CURVATURE_EXAMPLES, max_length=max_length, weight_decay=weight_decay,
+            adapter.fit_curvature(examples, cache_path, CurvatureFitConfig(
+                method=AUTO_CACHE_METHOD, curvature_examples=AUTO_CURVATURE_EXAMPLES,
                 calibration_examples=AUTO_CALIBRATION_EXAMPLES, calibration_directions=AUTO_CALIBRATION_DIRECTIONS,
-                batch_size=args.batch_size, seed=args.seed,
-            )
+                batch_size=args.batch_size, seed=args.seed))
             _wait_for_rank_zero()
         if (cache_path / "curvature.json").is_file():
-            kfac, calibration = _load_curvature_cache(cache_path, base, input_hash, given_data_hash)
+            cache = adapter.load_curvature(cache_path, examples)
     elif args.curvature_cache:
-        kfac, calibration = _load_curvature_cache(args.curvature_cache, base, input_hash, given_data_hash)
+        cache = adapter.load_curvature(args.curvature_cache, examples)
+    calibration = cache.calibration if cache else None
     trust_region = args.trust_region if args.trust_region is not None else plan is not None
-    config = EraseConfig(
+    config = adapter.erase_config(
         solver=args.solver,
         curvature=args.curvature,
         damping=(calibration.damping if plan is not None and calibration else args.damping),
         scaling=args.scaling,
-        weight_decay=weight_decay,
         max_iters=args.max_iters,
         tol=args.tol,
         batch_size=args.batch_size,
         curvature_examples=args.curvature_examples,
-        max_length=max_length,
         seed=args.seed,
         auto_damping=args.auto_damping,
         curvature_use="direct" if plan is not None else args.curvature_use,
@@ -350,40 +342,19 @@ def _erase(args: argparse.Namespace) -> None:
 
         if is_main_process():
             _print_dry_run("erase", time.perf_counter() - started,
-                           lambda: estimate_erase(model, tokenizer, examples, requests, config, kfac=kfac,
-                                                  calibration=calibration))
+                           lambda: estimate_erase(adapter.model, tokenizer, examples, requests, config,
+                                                  kfac=cache.factors if cache else None, calibration=calibration))
         return
-    result = erase(model, tokenizer, examples, requests, config, progress=is_main_process(), kfac=kfac,
-                   calibration=calibration, heldout=heldout)
+    erased = adapter.erase(examples, requests, config, cache, heldout=heldout, progress=is_main_process(),
+                           requests_sha256=requests_sha256)
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
-    result.report.update(
-        {
-            "method": "update",
-            "plan": plan.to_json() if plan else None,
-            "curvature_cache": str(cache_path if plan is not None else args.curvature_cache) if kfac else None,
-            "input_adapter_sha256": input_hash,
-            "requests_file_sha256": sha256_file(args.requests),
-            "training_data_sha256": record.data_sha256 if record else None,
-            "heldout_data_sha256": dataset_hash(heldout) if heldout else None,
-            "mismatches_allowed": mismatches,
-        }
-    )
-    edited = edited_training_set(examples, result.pairs)
-    edited_hash = dataset_hash(edited)
-
-    def extra_files(written: Path) -> dict[str, Any]:
-        files: dict[str, Any] = {}
-        if record is not None:  # the erased adapter stands for a model trained on the edited set
-            files[TRAINING_RECORD] = {**record.to_json(), "data_sha256": edited_hash, "n_examples": len(edited)}
-        entry = erase_entry(result.report, adapter_hash(written), given_data_hash, edited_hash, len(edited))
-        files[LINEAGE_FILE] = lineage_text(append_entry(lineage, entry))
-        return files
-
-    save_erased_adapter(model, result, args.out, extra_files)
+    erased.report.update({"plan": plan.to_json() if plan else None})
+    erased.save(args.out)
     report_path = Path(args.out) / "erasure_report.json"
-    solver = result.solver
-    attempts = result.report.get("damping_attempts") or []
+    report = erased.report
+    solver = erased.result.solver
+    attempts = report.get("damping_attempts") or []
     if len(attempts) > 1:
         tried = ", ".join("{:g} ({})".format(a["damping"], a["outcome"]) for a in attempts)
         print(f"auto-damping: λ = {tried}")
@@ -392,10 +363,10 @@ def _erase(args: argparse.Namespace) -> None:
         print(f"step length α = {solver.details['step_length']:.4g} ({solver.details['step_length_source']}"
               + (f": {fallback})" if fallback else ")"))
     residual = "not measured" if math.isnan(solver.final_residual) else f"{solver.final_residual:.2e}"
-    print(f"requests {result.report['requests']}; {solver.solver}: {solver.status}, {solver.iterations} iterations, "
-          f"relative residual {residual}; ‖v‖ = {result.report['update_norm']:.3e}; "
-          f"{result.report['timings_s']['total_s']:.1f} s")
-    region = result.report.get("trust_region")
+    print(f"requests {report['requests']}; {solver.solver}: {solver.status}, {solver.iterations} iterations, "
+          f"relative residual {residual}; ‖v‖ = {report['update_norm']:.3e}; "
+          f"{report['timings_s']['total_s']:.1f} s")
+    region = report.get("trust_region")
     if region:
         checks = region["acceptance"]
         heldout_text = ("" if checks["heldout_loss"]["after"] is None else
@@ -440,27 +411,6 @@ def _warn_if_dearer_than_retraining(args: argparse.Namespace, recipe: Any, examp
               "chooses the cheaper", file=sys.stderr)
 
 
-def _load_curvature_cache(path: str | Path, base: Any, adapter_sha256: str, data_sha256: str) -> tuple[Any, Any]:
-    """(factors, step-length calibration) of a curvature cache, refused unless fitted for this base model,
-    adapter and training data."""
-    from llmeraser.kfac import load_calibration, load_kfac
-    from llmeraser.provenance import model_fingerprint
-
-    expected = {"model_fingerprint": model_fingerprint(base), "adapter_sha256": adapter_sha256, "data_sha256": data_sha256}
-    kfac, stored = load_kfac(path, expected)
-    return kfac, load_calibration(stored)
-
-
-def _refuse_nonfinite_adapter(adapter: str) -> None:
-    """NumericalError (stage 'adapter') when the adapter's stored weights hold NaN or Inf."""
-    import torch
-    from safetensors.torch import load_file
-
-    weights = load_file(str(Path(adapter) / "adapter_model.safetensors"))
-    if not all(bool(torch.isfinite(t).all()) for t in weights.values()):
-        raise NumericalError("the input adapter's weights contain NaN or Inf", stage="adapter")
-
-
 def _wait_for_rank_zero() -> None:
     """Under torchrun: the other ranks wait until rank 0 has written what they read next."""
     from llmeraser.distributed import is_distributed
@@ -471,74 +421,10 @@ def _wait_for_rank_zero() -> None:
         dist.barrier()
 
 
-def _erase_by_retraining(
-    args: argparse.Namespace, base: Any, tokenizer: Any, record: Any, examples: list, pairs: list, lineage: list,
-    input_hash: str, mismatches: list, plan: Any, given_data_hash: str, started: float,
-) -> None:
-    """``erase`` by a paired retrain (exact by construction): a fresh LoRA with the recorded settings and
-    seed, trained with the recorded recipe on the original run's batches with the edits applied in place;
-    written like any erased adapter (report, training record of the edited set, lineage)."""
-    from llmeraser.distributed import is_main_process
-    from llmeraser.eraser import erased_adapter_files, library_versions, peak_memory_mb
-    from llmeraser.hashing import adapter_hash, dataset_hash, sha256_file
-    from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text
-    from llmeraser.model import attach_lora, save_adapter
-    from llmeraser.provenance import TRAINING_RECORD
-    from llmeraser.requests import affected_examples, count_by_kind, duplicates_report, edited_training_set
-    from llmeraser.train import paired_schedule, train_adapter
-
-    edited = edited_training_set(examples, pairs)
-    recipe = record.recipe
-    model = attach_lora(base, record.lora)
-    schedule = paired_schedule([e.id for e in examples], [e.id for e in edited], recipe) if recipe.optimizer == "adam" else None
-    if args.dry_run:
-        if is_main_process():
-            _print_dry_run("erase (paired retrain)", time.perf_counter() - started,
-                           lambda: _estimate_train(model, tokenizer, edited, recipe))
-        return
-    result = train_adapter(model, tokenizer, edited, recipe, progress=is_main_process(), schedule=schedule)
-    if result.losses and not math.isfinite(result.losses[-1]):
-        raise NumericalError(f"the retraining objective is {result.losses[-1]}", stage="train")
-    if not is_main_process():
-        return
-    edited_hash = dataset_hash(edited)
-    report = {
-        "method": "retrain",
-        "plan": plan.to_json() if plan else None,
-        "requests": count_by_kind([p.request for p in pairs]),
-        "affected_examples": affected_examples(pairs),
-        "duplicates_remaining": duplicates_report(examples, pairs),
-        "n_train": len(examples),
-        "solver": {"solver": "retrain", "status": "paired retrain with the recorded recipe (exact by construction)",
-                   "converged": True, "iterations": result.steps, "final_relative_residual": 0.0},
-        "config": {"recipe": recipe.to_json(), "lora": record.to_json()["lora"], "paired": schedule is not None},
-        "timings_s": {"retrain_s": result.wall_time_s, "total_s": time.perf_counter() - started},
-        "peak_memory_mb": peak_memory_mb(),
-        "versions": library_versions(),
-        "input_adapter_sha256": input_hash,
-        "requests_file_sha256": sha256_file(args.requests),
-        "training_data_sha256": record.data_sha256,
-        "mismatches_allowed": mismatches,
-    }
-
-    def files(written: Path) -> dict[str, Any]:
-        entry = erase_entry(report, adapter_hash(written), given_data_hash, edited_hash, len(edited))
-        return erased_adapter_files(report, written, {
-            TRAINING_RECORD: {**record.to_json(), "data_sha256": edited_hash, "n_examples": len(edited)},
-            LINEAGE_FILE: lineage_text(append_entry(lineage, entry))})
-
-    save_adapter(model, args.out, extra_files=files)
-    print(f"retrained on {len(edited)} of {len(examples)} examples in the original run's data order in "
-          f"{result.wall_time_s:.1f} s; final objective {result.losses[-1]:.4f}")
-    print(f"erased adapter written to {args.out} (report: {Path(args.out) / 'erasure_report.json'})")
-
-
 def _fit_curvature(args: argparse.Namespace) -> None:
-    from llmeraser.curvature_cache import fit_curvature_cache
+    from llmeraser.curvature_cache import CurvatureFitConfig
     from llmeraser.data import read_examples
     from llmeraser.distributed import is_main_process
-    from llmeraser.hashing import adapter_hash
-    from llmeraser.provenance import check_matches
 
     started = time.perf_counter()
     valid_damping = args.damping is None or (args.damping >= 0 and math.isfinite(args.damping))
@@ -547,35 +433,30 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     _check_calibration_flags(args)
     examples = read_examples(args.data)
     _refuse_existing(args.out)
-    _require_adapter(args.adapter)
-    input_hash = adapter_hash(args.adapter)
-    model, tokenizer, base, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
-    check_matches(record, args.adapter, base, examples, args.data, args.allow_mismatch)
-    max_length = args.max_length or (record.recipe.max_length if record else 256)
-    weight_decay = args.weight_decay if args.weight_decay is not None else (record.recipe.weight_decay if record else 0.0)
+    adapter = _load_checked_adapter(args, examples)
+    recipe = adapter.recipe
+    settings = CurvatureFitConfig(
+        method=args.method, curvature_examples=args.curvature_examples, calibration_examples=args.calibration_examples,
+        calibration_directions=args.calibration_directions, calibration_damping=args.calibration_damping,
+        batch_size=args.batch_size, seed=args.seed, datainf_damping=args.damping)
     if args.dry_run:
         from llmeraser.estimate import estimate_fit_curvature
 
         if is_main_process():
             _print_dry_run("fit-curvature", time.perf_counter() - started, lambda: estimate_fit_curvature(
-                model, tokenizer, examples, args.method, batch_size=args.batch_size, seed=args.seed,
-                max_length=max_length, curvature_examples=args.curvature_examples, damping=args.damping,
-                calibration_examples=args.calibration_examples, calibration_directions=args.calibration_directions,
-                calibration_damping=args.calibration_damping, weight_decay=weight_decay,
+                adapter.model, adapter.tokenizer, examples, args.method, batch_size=args.batch_size, seed=args.seed,
+                max_length=recipe.max_length, loss_scope=recipe.loss_scope, curvature_examples=args.curvature_examples,
+                damping=args.damping, calibration_examples=args.calibration_examples,
+                calibration_directions=args.calibration_directions, calibration_damping=args.calibration_damping,
+                weight_decay=recipe.weight_decay,
             ))
         return
-    cache, metadata = fit_curvature_cache(
-        model, tokenizer, base, examples, input_hash, args.out, method=args.method,
-        curvature_examples=args.curvature_examples, max_length=max_length, weight_decay=weight_decay,
-        calibration_damping=args.calibration_damping, calibration_examples=args.calibration_examples,
-        calibration_directions=args.calibration_directions, batch_size=args.batch_size, seed=args.seed,
-        datainf_damping=args.damping,
-    )
-    factors, seconds, calibration = cache.factors, cache.fit_s, cache.calibration
+    cache = adapter.fit_curvature(examples, args.out, settings)
+    metadata, factors, calibration = cache.metadata, cache.factors, cache.calibration
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
     what = {"kfac": "K-FAC factors", "ekfac": "EK-FAC factors", "datainf": "DataInf per-example gradients"}[args.method]
-    print(f"{what} of {len(factors)} LoRA layers fitted on {metadata['n_examples']} examples in {seconds:.1f} s")
+    print(f"{what} of {len(factors)} LoRA layers fitted on {metadata['n_examples']} examples in {metadata['fit_time_s']:.1f} s")
     if calibration:
         print(f"step length α = {calibration.step_length:.4g} (median of {calibration.n_directions}, range "
               f"{min(calibration.step_lengths):.3g}–{max(calibration.step_lengths):.3g}) calibrated on "
@@ -619,51 +500,6 @@ def _check_erase_flags(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be {expected}, got {value}")
 
 
-def _require_adapter(adapter: str) -> None:
-    """An input error unless ``adapter`` is a PEFT adapter directory with safetensors weights."""
-    path = Path(adapter)
-    if not path.is_dir():
-        raise InputError("adapter directory not found", path)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not (path / name).is_file():
-            raise InputError(f"not a PEFT adapter directory with safetensors weights (no {name})", path)
-
-
-def _input_lineage(adapter: str, adapter_sha256: str, allow_mismatch: bool) -> tuple[list[dict], list[str]]:
-    """The input adapter's lineage entries to carry over, and its problems (refused unless allowed)."""
-    from llmeraser.lineage import LINEAGE_FILE, read_lineage, verify_chain
-    from llmeraser.provenance import read_training_record
-
-    try:
-        entries = read_lineage(adapter)
-    except InputError as err:
-        if not allow_mismatch:
-            raise InputError(f"{err} (the input adapter's lineage is unreadable; see `llmeraser history {adapter}`; "
-                             "--allow-mismatch starts a new lineage)") from None
-        return [], [f"unreadable {LINEAGE_FILE}: {err}"]
-    record = read_training_record(adapter)
-    problems = verify_chain(entries, adapter_sha256, record.data_sha256 if record else None)
-    if problems and not allow_mismatch:
-        raise InputError(f"its {LINEAGE_FILE} does not verify: {problems[0]} (see `llmeraser history {adapter}`; "
-                         "pass --allow-mismatch to proceed knowingly)", adapter)
-    return entries, [f"{LINEAGE_FILE}: {problem}" for problem in problems]
-
-
-def _lineage_data_hint(lineage: list[dict], data_sha256: str, data_path: str) -> str:
-    """When the given data is an earlier state of the adapter's training set, say how to get the current one."""
-    erases = [entry for entry in lineage if entry.get("command") == "erase"]
-    for position, entry in enumerate(erases):
-        if entry.get("data_before_sha256") == data_sha256:
-            later = len(erases) - position
-            return (
-                f". {data_path} is the training data as it was before erase entry #{entry.get('index')}; this adapter "
-                f"stands for the set after {later} more erase(s): build it with `llmeraser apply-requests --data "
-                f"{data_path} --requests <the request files of those erases, in order> --out edited.jsonl` "
-                "(their hashes are in `llmeraser history`) and pass that as --data"
-            )
-    return ""
-
-
 def _retrain(args: argparse.Namespace) -> None:
     from llmeraser.data import read_examples
     from llmeraser.distributed import is_main_process
@@ -678,6 +514,9 @@ def _retrain(args: argparse.Namespace) -> None:
         record = read_training_record(args.like)
         if record is None:
             raise InputError("no llmeraser training record to copy the recipe from", args.like)
+        if not record.reproducible:
+            raise InputError(f"its training record is {record.origin!r}, not a recipe llmeraser train ran: give "
+                             "--model and the recipe flags instead of --like", args.like)
         model_name, lora, recipe = args.model or record.model, record.lora, record.recipe
     else:
         if not args.model:
@@ -707,11 +546,18 @@ def _evaluate(args: argparse.Namespace) -> None:
     examples = read_examples(args.data)
     model, tokenizer, _, record = _load_for_adapter(args.model, args.adapter, args.trust_remote_code, args.dtype)
     max_length = args.max_length or (record.recipe.max_length if record else 256)
-    _print_truncation(check_examples_fit(tokenizer, examples, max_length, args.data, (), model), len(examples), max_length)
+    scope = args.loss_scope or (record.recipe.loss_scope if record else "response")
+    if record is None and (args.max_length is None or args.loss_scope is None):
+        from llmeraser.lifecycle import note
+
+        note(f"{args.adapter} has no llmeraser training record: evaluating with --max-length {max_length} "
+             f"--loss-scope {scope} (pass them to say otherwise)")
+    _print_truncation(check_examples_fit(tokenizer, examples, max_length, args.data, (), model, scope),
+                      len(examples), max_length)
     params = AdapterParameters.of(model)
     theta = params.flat()
     results: dict[str, Any] = {"adapter": args.adapter, "data": args.data}
-    results["data_metrics"] = evaluate_examples(model, tokenizer, examples, max_length, args.batch_size)
+    results["data_metrics"] = evaluate_examples(model, tokenizer, examples, max_length, args.batch_size, scope)
     rows = [("data", results["data_metrics"])]
     edited_old, edited_new = [], []
     if args.requests:
@@ -719,26 +565,26 @@ def _evaluate(args: argparse.Namespace) -> None:
         pairs = resolve(read_requests(args.requests), train)
         edited_old = [p.old for p in pairs]
         edited_new = [p.new for p in pairs if p.new is not None]
-        old_losses = example_loss_values(model, tokenizer, edited_old, max_length, args.batch_size)
-        new_losses = example_loss_values(model, tokenizer, edited_new, max_length, args.batch_size) if edited_new else []
+        old_losses = example_loss_values(model, tokenizer, edited_old, max_length, args.batch_size, scope)
+        new_losses = example_loss_values(model, tokenizer, edited_new, max_length, args.batch_size, scope) if edited_new else []
         new_iter = iter(new_losses)
         results["edited_examples"] = [  # loss_old / loss_new: on the example's old and new version, this adapter
             {"id": p.request.id, "id_sha256": example_hash(p.old)[:16], "op": p.request.op, "loss_old": float(old),
              "loss_new": float(next(new_iter)) if p.new is not None else None}
             for p, old in zip(pairs, old_losses)
         ]
-        rows.append(("edited (old versions)", evaluate_examples(model, tokenizer, edited_old, max_length, args.batch_size)))
+        rows.append(("edited (old versions)", evaluate_examples(model, tokenizer, edited_old, max_length, args.batch_size, scope)))
         if edited_new:
-            rows.append(("edited (new versions)", evaluate_examples(model, tokenizer, edited_new, max_length, args.batch_size)))
+            rows.append(("edited (new versions)", evaluate_examples(model, tokenizer, edited_new, max_length, args.batch_size, scope)))
     comparisons = []
     for other in args.compare or []:
         theta_other = adapter_vector(model, other)
         entry: dict[str, Any] = {"adapter": other}
-        entry["data"] = function_space_distance(model, tokenizer, examples, theta_other, theta, max_length, args.batch_size)
+        entry["data"] = function_space_distance(model, tokenizer, examples, theta_other, theta, max_length, args.batch_size, scope)
         if edited_old:
-            entry["edited_old"] = function_space_distance(model, tokenizer, edited_old, theta_other, theta, max_length, args.batch_size)
+            entry["edited_old"] = function_space_distance(model, tokenizer, edited_old, theta_other, theta, max_length, args.batch_size, scope)
         if edited_new:
-            entry["edited_new"] = function_space_distance(model, tokenizer, edited_new, theta_other, theta, max_length, args.batch_size)
+            entry["edited_new"] = function_space_distance(model, tokenizer, edited_new, theta_other, theta, max_length, args.batch_size, scope)
         comparisons.append(entry)
     results["compare"] = comparisons
 
@@ -772,7 +618,9 @@ def _history(args: argparse.Namespace) -> None:
     """Print an adapter's lineage and verify its chain; a broken chain is an input error (exit 3)."""
     from llmeraser.lineage import LINEAGE_FILE, describe, verify_adapter
 
-    _require_adapter(args.adapter)
+    from llmeraser.lifecycle import require_adapter
+
+    require_adapter(args.adapter)
     if not (Path(args.adapter) / LINEAGE_FILE).is_file():
         raise InputError(f"no {LINEAGE_FILE}: this adapter was not written by llmeraser (or its lineage was removed)",
                          args.adapter)
@@ -862,19 +710,36 @@ def _add_dtype(parser: argparse.ArgumentParser) -> None:
                         "adapter, gradients, updates and solver state stay float32")
 
 
+LOSS_SCOPE_HELP = ("tokens that carry the loss: response (the response / last assistant turn / completion), "
+                   "assistant (every assistant turn), all (every token)")
+
+
+def _add_loss_scope(parser: argparse.ArgumentParser) -> None:
+    """``--loss-scope`` of the commands that read an existing adapter: default the training record's."""
+    from llmeraser.data import LOSS_SCOPES
+
+    parser.add_argument("--loss-scope", default=None, choices=list(LOSS_SCOPES),
+                        help=LOSS_SCOPE_HELP + " (default: the adapter's training record's)")
+
+
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / r)")
-    parser.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"], help="module names to adapt")
-    parser.add_argument("--epochs", type=int, default=3, help="passes over the data")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per optimisation step")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="λ_wd of the L2 term (λ_wd/2)‖θ‖²")
-    parser.add_argument("--seed", type=int, default=0, help="seed of adapter initialisation and example order")
-    parser.add_argument("--max-length", type=int, default=256, help="max tokens per example (prompt cut from the left)")
-    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "linear"],
+    from llmeraser.data import LOSS_SCOPES
+    from llmeraser.model import LoraSettings
+    from llmeraser.train import TrainConfig
+
+    parser.add_argument("--lora-r", type=int, default=LoraSettings.r, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=float, default=LoraSettings.alpha, help="LoRA alpha (scale alpha / r)")
+    parser.add_argument("--target-modules", nargs="+", default=list(LoraSettings.target_modules), help="module names to adapt")
+    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="passes over the data")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="examples per optimisation step")
+    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="λ_wd of the L2 term (λ_wd/2)‖θ‖²")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of adapter initialisation and example order")
+    parser.add_argument("--max-length", type=int, default=TrainConfig.max_length, help="max tokens per example (prompt cut from the left)")
+    parser.add_argument("--lr-schedule", default=TrainConfig.lr_schedule, choices=["constant", "linear"],
                         help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
-    parser.add_argument("--optimizer", default="adam", choices=["adam", "lbfgs"],
+    parser.add_argument("--loss-scope", default=TrainConfig.loss_scope, choices=list(LOSS_SCOPES), help=LOSS_SCOPE_HELP)
+    parser.add_argument("--optimizer", default=TrainConfig.optimizer, choices=["adam", "lbfgs"],
                         help="adam: mini-batches of --batch-size; lbfgs: full-batch L-BFGS, --epochs outer steps")
 
 
@@ -886,7 +751,10 @@ def _add_dry_run(parser: argparse.ArgumentParser, stages: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmeraser.eraser import EraseConfig  # the trust-region flags' defaults are the library's
+    from llmeraser.curvature_cache import CurvatureFitConfig
+    from llmeraser.eraser import EraseConfig  # the flags' defaults are the library's (declared once)
+
+    fit_defaults = CurvatureFitConfig()
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -950,25 +818,26 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--data", required=True, help="the training data the adapter was trained on (JSONL)")
     erase.add_argument("--requests", required=True, help="request file, JSONL: remove / modify_query / correct_response")
     erase.add_argument("--out", required=True, help="new adapter directory (must not exist)")
-    erase.add_argument("--solver", default="cg", choices=["direct", "cg", "lissa", "sgd"], help="inverse-HVP solver")
-    erase.add_argument("--curvature", default="gauss-newton", choices=["gauss-newton", "hessian"], help="curvature matrix H")
-    erase.add_argument("--damping", type=float, default=1e-2, help="λ added to H (also a trust region for long steps)")
-    erase.add_argument("--scaling", default="retrain", choices=["retrain", "paper"],
+    erase.add_argument("--solver", default=EraseConfig.solver, choices=["direct", "cg", "lissa", "sgd"], help="inverse-HVP solver")
+    erase.add_argument("--curvature", default=EraseConfig.curvature, choices=["gauss-newton", "hessian"], help="curvature matrix H")
+    erase.add_argument("--damping", type=float, default=EraseConfig.damping, help="λ added to H (also a trust region for long steps)")
+    erase.add_argument("--scaling", default=EraseConfig.scaling, choices=["retrain", "paper"],
                        help="retrain: Newton step to the retraining objective, 1/(n-k); paper: 1/n")
     erase.add_argument("--weight-decay", type=float, default=None, help="recipe's λ_wd (default: from the training record, else 0)")
-    erase.add_argument("--max-iters", type=int, default=50, help="solver iterations")
-    erase.add_argument("--tol", type=float, default=1e-4, help="relative residual ‖(H+λI)v − b‖/‖b‖ to stop at")
-    erase.add_argument("--batch-size", type=int, default=8, help="examples per forward pass and stochastic mini-batch")
-    erase.add_argument("--curvature-examples", type=int, default=None, help="estimate H on a random subset of this many examples (default: all)")
+    erase.add_argument("--max-iters", type=int, default=EraseConfig.max_iters, help="solver iterations")
+    erase.add_argument("--tol", type=float, default=EraseConfig.tol, help="relative residual ‖(H+λI)v − b‖/‖b‖ to stop at")
+    erase.add_argument("--batch-size", type=int, default=EraseConfig.batch_size, help="examples per forward pass and stochastic mini-batch")
+    erase.add_argument("--curvature-examples", type=int, default=EraseConfig.curvature_examples, help="estimate H on a random subset of this many examples (default: all)")
     erase.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's, else 256)")
-    erase.add_argument("--seed", type=int, default=0, help="seed of subsets and stochastic solvers")
+    _add_loss_scope(erase)
+    erase.add_argument("--seed", type=int, default=EraseConfig.seed, help="seed of subsets and stochastic solvers")
     erase.add_argument("--curvature-cache", default=None,
                        help="a fit-curvature directory (K-FAC, EK-FAC or DataInf) for this adapter and data, used as --curvature-use says")
-    erase.add_argument("--curvature-use", default="precondition", choices=["precondition", "direct"],
+    erase.add_argument("--curvature-use", default=EraseConfig.curvature_use, choices=["precondition", "direct"],
                        help="precondition: cg or sgd against the exact operator, the cached curvature as preconditioner; direct: v = (K + λI)⁻¹ b, "
                        "no iterations (fast, approximate), with the step length α calibrated by fit-curvature when its "
                        "damping + weight decay equal this erasure's, else fitted on --probe-examples examples")
-    erase.add_argument("--probe-examples", type=int, default=None,
+    erase.add_argument("--probe-examples", type=int, default=EraseConfig.probe_examples,
                        help="the probe subset on which --curvature-use direct fits α (default 64) and lissa/sgd measure "
                        "residuals; with a calibrated cache, N > 0 measures the calibrated step's residual on N examples "
                        "(default: no exact product)")
@@ -1004,22 +873,23 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--adapter", required=True, help="PEFT adapter directory")
     fit.add_argument("--data", required=True, help="the training data the adapter was trained on (JSONL)")
     fit.add_argument("--out", required=True, help="new curvature directory (must not exist)")
-    fit.add_argument("--curvature-examples", type=int, default=None, help="fit on a random subset of this many examples (default: all)")
-    fit.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
+    fit.add_argument("--curvature-examples", type=int, default=fit_defaults.curvature_examples, help="fit on a random subset of this many examples (default: all)")
+    fit.add_argument("--batch-size", type=int, default=fit_defaults.batch_size, help="examples per forward pass")
     fit.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
-    fit.add_argument("--seed", type=int, default=0, help="seed of the subset and of the sampled labels")
-    fit.add_argument("--method", default="ekfac", choices=["kfac", "ekfac", "datainf"],
+    _add_loss_scope(fit)
+    fit.add_argument("--seed", type=int, default=fit_defaults.seed, help="seed of the subset and of the sampled labels")
+    fit.add_argument("--method", default=fit_defaults.method, choices=["kfac", "ekfac", "datainf"],
                      help="ekfac (default): K-FAC eigenbases with the diagonal refitted from per-example gradients (a "
                      "second pass); kfac: Kronecker factors per LoRA layer; datainf: per-example gradients for DataInf's closed form "
                      "(stores n x p float32 numbers: bound n with --curvature-examples)")
     fit.add_argument("--damping", type=float, default=None,
                      help="datainf only: λ_l of every layer (default: DataInf's 0.1 · mean ‖g_i‖² / d_l)")
-    fit.add_argument("--calibration-examples", type=int, default=16,
+    fit.add_argument("--calibration-examples", type=int, default=fit_defaults.calibration_examples,
                      help="fit the step length α of erase --curvature-use direct against the exact Gauss-Newton operator "
                      "on this many random examples (0: no calibration; erase then fits α on its probe examples)")
-    fit.add_argument("--calibration-directions", type=int, default=8,
+    fit.add_argument("--calibration-directions", type=int, default=fit_defaults.calibration_directions,
                      help="α is the median over the per-example loss gradients of this many random examples")
-    fit.add_argument("--calibration-damping", type=float, default=1e-2,
+    fit.add_argument("--calibration-damping", type=float, default=fit_defaults.calibration_damping,
                      help="the damping λ of the calibration: erase uses the calibrated α when its --damping + weight "
                      "decay equal this + --weight-decay")
     fit.add_argument("--weight-decay", type=float, default=None,
@@ -1062,6 +932,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--compare", nargs="+", default=None, help="other adapter directories to measure distances to")
     evaluate.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     evaluate.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
+    _add_loss_scope(evaluate)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
     _add_dtype(evaluate)
     evaluate.set_defaults(run=_evaluate)

@@ -61,6 +61,8 @@ class EraseConfig:
     - ``damping`` λ added to H (besides the recipe's ``weight_decay`` λ_wd, which is part of H).
     - ``scaling``: "retrain" (Newton step to the retraining objective, 1/(n−k); default) or "paper" (1/n).
     - ``curvature_examples``: use a random subset of this many training examples for H (None: all).
+    - ``max_length``, ``loss_scope``: tokenisation as in training (``llmeraser.data.TokenizationConfig``;
+      the adapter's training record says them).
     - ``batch_size``: examples per forward pass, and the mini-batch of the stochastic solvers.
     - ``probe_examples``: size of the fixed probe subset on which stochastic solvers measure the residual
       and ``curvature_use="direct"`` fits its step length (None: ``DEFAULT_PROBE_EXAMPLES``). With a step
@@ -80,7 +82,7 @@ class EraseConfig:
 
     solver: str = "cg"
     curvature: str = "gauss-newton"
-    damping: float = 1e-3
+    damping: float = 1e-2
     scaling: str = "retrain"
     weight_decay: float = 0.0
     max_iters: int = 50
@@ -89,6 +91,7 @@ class EraseConfig:
     curvature_examples: int | None = None
     probe_examples: int | None = None
     max_length: int = 256
+    loss_scope: str = "response"
     curvature_use: str = "precondition"
     seed: int = 0
     solver_options: dict[str, Any] = field(default_factory=dict)
@@ -275,7 +278,7 @@ def prepare_erasure(
     the original one ("paper"), subsampled to ``config.curvature_examples`` (seeded), and tokenised when
     first read (a calibrated direct solve never reads it)."""
     pairs = resolve(requests, train)
-    token_config = TokenizationConfig(max_length=config.max_length)
+    token_config = TokenizationConfig(max_length=config.max_length, loss_scope=config.loss_scope)
     old_items = tokenize_examples(tokenizer, [p.old for p in pairs], token_config)
     new_items = tokenize_examples(tokenizer, [p.new for p in pairs if p.new is not None], token_config)
     curvature_set = edited_training_set(train, pairs) if config.scaling == "retrain" else list(train)
@@ -450,6 +453,7 @@ def erase(
         trust_region = trust_region_update(
             model, tokenizer, train, pairs, b, _preconditioner(config, operator, operator_with, kfac, result),
             damping=damping, weight_decay=config.weight_decay, scaling=config.scaling, max_length=config.max_length,
+            loss_scope=config.loss_scope,
             batch_size=config.batch_size, heldout=heldout, first_direction=update,
             settings=TrustRegionSettings(config.trust_region_steps, config.kept_examples, config.heldout_tolerance,
                                          config.kl_budget, damping_factor=config.trust_region_damping_factor,

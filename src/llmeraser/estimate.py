@@ -312,7 +312,7 @@ def estimate_train(
     params = AdapterParameters.of(model)
     stages = []
     start = time.perf_counter()
-    items = tokenize_examples(tokenizer, examples, TokenizationConfig(config.max_length))
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(config.max_length, loss_scope=config.loss_scope))
     stages.append(measured_stage("tokenize", time.perf_counter() - start))
     pad = tokenizer.pad_token_id
     theta, was_training = params.flat(), model.training
@@ -615,6 +615,7 @@ def estimate_fit_curvature(
     batch_size: int = 8,
     seed: int = 0,
     max_length: int = 256,
+    loss_scope: str = "response",
     curvature_examples: int | None = None,
     damping: float | None = None,
     calibration_examples: int = 16,
@@ -653,7 +654,7 @@ def estimate_fit_curvature(
 
     start = time.perf_counter()  # the same tokenisation as ``fit-curvature``
     chosen = curvature_subset(examples, curvature_examples, seed)
-    tokenization = TokenizationConfig(max_length=max_length)
+    tokenization = TokenizationConfig(max_length=max_length, loss_scope=loss_scope)
     items = tokenize_examples(tokenizer, chosen, tokenization)
     every = calibration_pool(tokenizer, examples, items, calibration_examples, tokenization)
     stages.append(measured_stage("tokenize", time.perf_counter() - start))

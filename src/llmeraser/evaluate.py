@@ -35,10 +35,11 @@ from llmeraser.model import AdapterParameters
 
 @torch.no_grad()
 def example_loss_values(
-    model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8,
+    loss_scope: str = "response",
 ) -> np.ndarray:
-    """Per-example mean response NLL (nats per token), shape (n,)."""
-    items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+    """Per-example mean NLL of the loss tokens (``loss_scope``; nats per token), shape (n,)."""
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length, loss_scope=loss_scope))
     batches = iter_batches(items, batch_size, tokenizer.pad_token_id)
     values = [response_nll(*forward_logits(model, batch)) for batch in batches]
     return torch.cat(values).double().numpy()
@@ -163,13 +164,14 @@ class ResponsePredictions:
 
 @torch.no_grad()
 def response_predictions(
-    model: Any, tokenizer: Any, examples: Sequence[Example], thetas: Thetas, max_length: int = 256, batch_size: int = 8
+    model: Any, tokenizer: Any, examples: Sequence[Example], thetas: Thetas, max_length: int = 256, batch_size: int = 8,
+    loss_scope: str = "response",
 ) -> ResponsePredictions:
     """The equal-weight mixture of the model under ``thetas`` (one θ: the model itself) on the examples'
     response positions, one forward pass per batch and θ. The model's own θ is restored."""
     params = AdapterParameters.of(model)
     original = params.flat()
-    items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length, loss_scope=loss_scope))
     log_probs: list[Tensor] = []
     targets_out: list[Tensor] = []
     try:
@@ -194,6 +196,7 @@ def function_space_distance(
     theta_b: Thetas,
     max_length: int = 256,
     batch_size: int = 8,
+    loss_scope: str = "response",
 ) -> dict[str, float]:
     """Distances between the model under θ_a and under θ_b on the examples' response positions:
 
@@ -204,7 +207,7 @@ def function_space_distance(
     """
     params = AdapterParameters.of(model)
     original = params.flat()
-    items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length))
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=max_length, loss_scope=loss_scope))
     kl_total, agree_total = 0.0, 0.0
     try:
         for batch in iter_batches(items, batch_size, tokenizer.pad_token_id):
@@ -235,11 +238,12 @@ def is_yes_no(examples: Sequence[Example], positive: str = " Yes", negative: str
 
 
 def evaluate_examples(
-    model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8
+    model: Any, tokenizer: Any, examples: Sequence[Example], max_length: int = 256, batch_size: int = 8,
+    loss_scope: str = "response",
 ) -> dict[str, float]:
     """``n``, ``mean_loss`` (nats per token), ``perplexity`` = exp(mean_loss); for Yes/No data also
     ``accuracy`` (score > 0 predicts Yes) and ``auc`` of the answer scores."""
-    losses = example_loss_values(model, tokenizer, examples, max_length, batch_size)
+    losses = example_loss_values(model, tokenizer, examples, max_length, batch_size, loss_scope)
     metrics = {"n": float(len(examples)), "mean_loss": float(losses.mean()), "perplexity": float(np.exp(losses.mean()))}
     if is_yes_no(examples):
         scores = answer_scores(model, tokenizer, examples, max_length=max_length, batch_size=batch_size)

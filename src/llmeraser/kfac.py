@@ -58,6 +58,10 @@ CURVATURE_FILE = "kfac.safetensors"
 DATAINF_FILE = "datainf.safetensors"
 CURVATURE_META = "curvature.json"
 MAX_FACTOR_DIM = 8192
+# the step-length calibration's defaults (fit_cached_curvature, curvature_cache.CurvatureFitConfig, fit-curvature)
+CALIBRATION_EXAMPLES = 16
+CALIBRATION_DIRECTIONS = 8
+CALIBRATION_DAMPING = 1e-2
 
 
 @dataclass
@@ -708,13 +712,13 @@ def fit_cached_curvature(
     pad_token_id: int,
     method: str = "ekfac",
     *,
-    damping: float = 1e-2,
+    damping: float = CALIBRATION_DAMPING,
     weight_decay: float = 0.0,
     curvature: str = "gauss-newton",
     batch_size: int = 8,
     seed: int = 0,
-    calibration_examples: int = 8,
-    calibration_directions: int = 4,
+    calibration_examples: int = CALIBRATION_EXAMPLES,
+    calibration_directions: int = CALIBRATION_DIRECTIONS,
     calibration_items: Sequence[TokenizedExample] | None = None,
     datainf_damping: float | None = None,
     distributed: bool = False,

@@ -18,6 +18,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +34,8 @@ from llmeraser.errors import InputError, OutputSpaceError, is_out_of_space
 SMOLLM2_NAME = "smollm2-135m"
 TINY_NAME = "tiny"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINGERPRINT_ATTRIBUTE = "llmeraser_fingerprint"  # set by load_base_model on a model cast from its stored dtype
+FINGERPRINT_ATTRIBUTE = "llmeraser_fingerprint"  # set by load_base_model on a model cast from its stored dtype:
+# {parameter name: digest of its stored values} (llmeraser.provenance.fingerprint_parts reads it)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -179,9 +181,9 @@ def load_base_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.dtype != dtype:
-        from llmeraser.provenance import model_fingerprint
+        from llmeraser.provenance import stored_digests
 
-        setattr(model, FINGERPRINT_ATTRIBUTE, model_fingerprint(model))
+        setattr(model, FINGERPRINT_ATTRIBUTE, stored_digests(model))
     model.to(dtype)
     model.eval()
     for parameter in model.parameters():
@@ -231,9 +233,63 @@ def load_adapter(base: Any, adapter_dir: str | Path) -> Any:
         raise InputError("not a PEFT adapter directory (no adapter_config.json)", adapter_dir)
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise InputError("adapter weights must be adapter_model.safetensors", adapter_dir)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    check_adapter_fits(base, adapter_dir)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    except RuntimeError as err:  # a size mismatch check_adapter_fits did not foresee
+        raise InputError(f"the adapter does not fit the base model: {str(err).strip().splitlines()[0]}", adapter_dir) from None
     model.eval()
     return model
+
+
+def adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json`` as a dict."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"unreadable adapter config ({err})", path) from None
+
+
+_LORA_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+
+
+def check_adapter_fits(base: Any, adapter_dir: str | Path) -> None:
+    """``InputError`` naming each adapted module whose base weight has another shape than the adapter's LoRA
+    factors expect (both shapes), or that the base model lacks; reads only the safetensors header."""
+    from safetensors import safe_open
+
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as handle:
+        for key in handle.keys():
+            match = _LORA_FACTOR.match(key)
+            if match is not None:
+                factors.setdefault(match["module"], {})[match["factor"]] = tuple(handle.get_slice(key).get_shape())
+    problems: list[str] = []
+    for name, shapes in factors.items():
+        try:
+            module = base.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: the adapter adapts it, the base model has no such module")
+            continue
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if weight is None or weight.dim() != 2:
+            continue
+        if "lora_A" in shapes and "lora_B" in shapes:  # A (r, in), B (out, r): the weight is (out, in)
+            expected = (shapes["lora_B"][0], shapes["lora_A"][-1])
+            given = f"lora_A {shapes['lora_A']}, lora_B {shapes['lora_B']}"
+        elif "lora_embedding_A" in shapes and "lora_embedding_B" in shapes:  # A (r, n), B (dim, r): (n, dim)
+            expected = (shapes["lora_embedding_A"][-1], shapes["lora_embedding_B"][0])
+            given = f"lora_embedding_A {shapes['lora_embedding_A']}, lora_embedding_B {shapes['lora_embedding_B']}"
+        else:
+            continue
+        if tuple(weight.shape) != expected:
+            problems.append(f"{name}.weight is {tuple(weight.shape)} in the base model, the adapter's factors "
+                            f"({given}) expect {expected}")
+    if problems:
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise InputError("the base model's weights do not fit the adapter: " + "; ".join(problems[:2]) + more
+                         + " (a base model of another size or architecture?)", adapter_dir)
 
 
 @dataclass

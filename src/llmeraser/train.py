@@ -36,7 +36,9 @@ class TrainConfig:
     """The recipe. ``optimizer="lbfgs"`` runs full-batch L-BFGS (``epochs`` outer steps): for small convex
     problems trained to convergence. ``lr`` is in units of the optimizer's step; ``lr_schedule="linear"``
     decays Adam's lr linearly to 0 over the run (a final iterate close to a minimum, as influence updates
-    assume), ``"constant"`` keeps it."""
+    assume), ``"constant"`` keeps it. ``loss_scope``: which tokens carry the loss
+    (``llmeraser.data.LOSS_SCOPES``: ``response``, ``assistant``, ``all``); recorded with the adapter, so that
+    every later erase differentiates the loss it was trained on."""
 
     epochs: int = 3
     lr: float = 1e-3
@@ -46,6 +48,13 @@ class TrainConfig:
     max_length: int = 256
     optimizer: Literal["adam", "lbfgs"] = "adam"
     lr_schedule: Literal["constant", "linear"] = "constant"
+    loss_scope: str = "response"
+
+    def __post_init__(self) -> None:
+        from llmeraser.data import LOSS_SCOPES
+
+        if self.loss_scope not in LOSS_SCOPES:
+            raise ValueError(f"unknown loss_scope {self.loss_scope!r} (expected one of: {', '.join(LOSS_SCOPES)})")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,7 +119,7 @@ def train_adapter(
     retrain passes ``paired_schedule``. Each step's loss is the mean over the examples of its batch."""
     start = time.perf_counter()
     params = AdapterParameters.of(model)
-    items = tokenize_examples(tokenizer, examples, TokenizationConfig(config.max_length))
+    items = tokenize_examples(tokenizer, examples, TokenizationConfig(config.max_length, loss_scope=config.loss_scope))
     pad = tokenizer.pad_token_id
     losses: list[float] = []
     was_training = model.training

@@ -146,6 +146,7 @@ def trust_region_update(
     scaling: str,
     max_length: int,
     batch_size: int,
+    loss_scope: str = "response",
     settings: TrustRegionSettings = TrustRegionSettings(),
     heldout: Sequence[Example] | None = None,
     first_direction: Tensor | None = None,
@@ -165,7 +166,7 @@ def trust_region_update(
     kept_scale = untouched / max(len(kept), 1)
     new_versions = [p.new for p in pairs if p.new is not None]
     removed = [p.old for p in pairs if p.new is None]
-    token_config = TokenizationConfig(max_length=max_length)
+    token_config = TokenizationConfig(max_length=max_length, loss_scope=loss_scope)
     kept_items = tokenize_examples(tokenizer, kept, token_config)
     new_items = tokenize_examples(tokenizer, new_versions, token_config)
     pad = tokenizer.pad_token_id
@@ -177,10 +178,10 @@ def trust_region_update(
 
     def observe(theta: Tensor) -> _State:
         params.assign(theta)
-        predictions = response_predictions(model, tokenizer, kept, theta, max_length, batch_size)
-        new_losses = _losses(model, tokenizer, new_versions, theta, max_length, batch_size)
-        removed_losses = _losses(model, tokenizer, removed, theta, max_length, batch_size)
-        heldout_losses = _losses(model, tokenizer, heldout, theta, max_length, batch_size) if heldout else None
+        predictions = response_predictions(model, tokenizer, kept, theta, max_length, batch_size, loss_scope)
+        new_losses = _losses(model, tokenizer, new_versions, theta, max_length, batch_size, loss_scope)
+        removed_losses = _losses(model, tokenizer, removed, theta, max_length, batch_size, loss_scope)
+        heldout_losses = _losses(model, tokenizer, heldout, theta, max_length, batch_size, loss_scope) if heldout else None
         return _State(theta, predictions, new_losses, removed_losses, heldout_losses)
 
     try:
@@ -312,8 +313,8 @@ def trust_region_update(
 
 
 def _losses(model: Any, tokenizer: Any, examples: Sequence[Example] | None, theta: Tensor, max_length: int,
-            batch_size: int) -> np.ndarray:
+            batch_size: int, loss_scope: str = "response") -> np.ndarray:
     """Per-example mean response NLL under θ, shape (n,) (empty for no examples)."""
     if not examples:
         return np.zeros(0)
-    return response_predictions(model, tokenizer, examples, theta, max_length, batch_size).losses()
+    return response_predictions(model, tokenizer, examples, theta, max_length, batch_size, loss_scope).losses()
