@@ -59,8 +59,8 @@ def merged_weight(layer: Any) -> Tensor:
 def quantised_merged(model: Any, bits: int | None) -> Iterator[Any]:
     """While active, ``model`` (a PEFT model) computes with each adapted module's merged weight rounded at
     ``bits`` bits (``bits=None``: merged, not rounded) and its adapter switched off; on exit every base weight
-    is restored bit-exactly and the adapter switched back on, with each parameter's ``requires_grad`` as before.
-    Changing θ inside has no effect on the outputs (the merge is taken on entry)."""
+    is restored bit-exactly and the adapter switched back on; each parameter's ``requires_grad`` stays as it was,
+    inside too. Changing θ inside has no effect on the outputs (the merge is taken on entry)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to merge")
@@ -71,7 +71,9 @@ def quantised_merged(model: Any, bits: int | None) -> Iterator[Any]:
             for (_, layer), (weight, _) in zip(layers, saved):
                 merged = merged_weight(layer)
                 weight.copy_(merged if bits is None else quantise_rows(merged, bits))
-        with model.disable_adapter():
+        with model.disable_adapter():  # PEFT freezes the adapter here: θ stays trainable (``AdapterParameters``)
+            for parameter, flag in grad_flags:
+                parameter.requires_grad_(flag)
             yield model
     finally:
         with torch.no_grad():
