@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -245,3 +246,38 @@ def test_bench_on_a_rating_directory_with_chosen_methods(tmp_path) -> None:
     assert results["config"]["data"] == str(directory) and results["config"]["format"] == "movielens"
     bad = cli("bench", "--task", "removal", "--quick", "--methods", "finetune", "--out", tmp_path / "x")
     assert bad.code == 3 and "finetune" in bad.err and not (tmp_path / "x").exists()
+
+
+def test_bench_quick_next_item(tmp_path) -> None:
+    out = tmp_path / "bench"
+    result = cli("bench", "--task", "next-item", "--quick", "--out", out)
+    assert result.code == 0, result.err
+    results = json.loads((out / "results.json").read_text())
+    assert {row["method"] for row in results["rows"]} == {"original", "retrain", "llmeraser", "llmeraser_cached",
+                                                          "llmeraser_tr", "finetune", "sisa"}
+    for row in results["rows"]:
+        assert 0 <= row["hr1"] <= row["valid_ratio"] <= 1 and np.isfinite(row["loss_new"]) and np.isfinite(row["loss_old"])
+    assert all(row["kl_test"] == pytest.approx(0.0, abs=1e-9) for row in results["rows"] if row["method"] == "retrain")
+    assert results["requests"] == {"0.1": 2} and results["config"]["n_candidates"] == 5
+    assert_attacks(results, extract=False)
+    assert any("HR@1 gain" in t["target"] for t in results["targets"])
+    assert "HR@1" in (out / "results.md").read_text()
+
+
+def test_next_item_sets_are_aligned() -> None:
+    from llmeraser.bench.protocol import next_item_config
+    from llmeraser.recsys.nextitem import candidate_titles_of
+
+    config = dataclasses.replace(next_item_config(quick=True), n_candidates=20)
+    task, sets = prepare_ratio(config, 0.2)
+    assert len(task.train) == config.n_train and len(sets.test) == config.n_test
+    assert {e.id for e in task.train}.isdisjoint(e.id for e in sets.nonmembers)
+    assert len(sets.old) == len(sets.new) == len(task.requests) == 4
+    assert all(o.response == n.response and o.prompt != n.prompt for o, n in zip(sets.old, sets.new))
+    for example in sets.test:
+        titles = candidate_titles_of(example.prompt)
+        assert len(titles) == 20 and titles.count(example.response.strip()) == 1
+    assert sets.relearn and {e.id for e in sets.relearn}.isdisjoint(r.id for r in task.requests)
+    delete = dataclasses.replace(config, query_mode="delete", history_length=3)  # a deletion leaves ≥ 1 item
+    task, sets = prepare_ratio(delete, 0.2)
+    assert all(len(n.prompt.splitlines()) == len(o.prompt.splitlines()) - 1 for o, n in zip(sets.old, sets.new))

@@ -49,6 +49,11 @@ PII_METRICS: tuple[tuple[str, str, str], ...] = (
     ("seconds", "time (s)", ".1f"),
     ("peak_rss_mib", "peak RSS (MiB)", ".0f"),
 )
+NEXT_ITEM_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("hr1", "HR@1", ".4f"),
+    ("valid_ratio", "valid answers", ".3f"),
+    *(c for c in METRICS if c[0] not in ("test_auc", "accuracy_new")),
+)
 ATTACK_METRICS: tuple[tuple[str, str, str], ...] = (
     ("loss_old", "loss forgotten", ".4f"),
     ("loss_removed_q8", "loss q8", ".4f"),
@@ -84,10 +89,11 @@ MIA_TOLERANCE = 0.05
 # the metrics whose removal effect the yardstick measures (``bench.yardstick``), per kind of task
 EFFECT_METRICS = ("loss_old", "loss_new", "test_auc", "loss_test", "mia_auc", "accuracy_new")
 PII_EFFECT_METRICS = ("loglik_removed", "extract_removed", "mia_auc", "loss_test", "extract_kept")
+NEXT_ITEM_EFFECT_METRICS = ("loss_old", "loss_new", "hr1", "loss_test", "mia_auc")
 
 
 def effect_metrics(task: str) -> tuple[str, ...]:
-    return PII_EFFECT_METRICS if task == "pii" else EFFECT_METRICS
+    return {"pii": PII_EFFECT_METRICS, "next-item": NEXT_ITEM_EFFECT_METRICS}.get(task, EFFECT_METRICS)
 
 
 def metric_columns(task: str) -> tuple[tuple[str, str, str], ...]:
@@ -98,7 +104,9 @@ def metric_columns(task: str) -> tuple[tuple[str, str, str], ...]:
 
 def table_columns(task: str) -> tuple[tuple[tuple[str, str, str], ...], tuple[tuple[str, str, str], ...]]:
     """The columns of the main table and of the attacks' table ("is it really forgotten?") for ``task``."""
-    return (PII_METRICS, PII_ATTACK_METRICS) if task == "pii" else (METRICS, ATTACK_METRICS)
+    if task == "pii":
+        return PII_METRICS, PII_ATTACK_METRICS
+    return (NEXT_ITEM_METRICS if task == "next-item" else METRICS), ATTACK_METRICS
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
@@ -192,11 +200,12 @@ def check_targets(task: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
                 targets.append({"ratio": ratio, "target": f"{name}: test AUC within 0.01 of Retrain", "value": gap,
                                 "met": bool(gap <= 0.01)})
             else:
-                gain = retrain["test_auc"] - original["test_auc"]
-                recovered = (eraser["test_auc"] - original["test_auc"]) / gain if gain > 0 else float("nan")
-                targets.append({"ratio": ratio, "target": f"{name}: recovers ≥ 80 % of Retrain's AUC gain over the corrupted model",
+                key, what = ("hr1", "HR@1") if task == "next-item" else ("test_auc", "AUC")
+                gain = retrain[key] - original[key]
+                recovered = (eraser[key] - original[key]) / gain if gain > 0 else float("nan")
+                targets.append({"ratio": ratio, "target": f"{name}: recovers ≥ 80 % of Retrain's {what} gain over the corrupted model",
                                 "value": recovered, "met": bool(gain > 0 and recovered >= 0.8),
-                                "note": "" if gain > 0 else f"Retrain does not gain AUC over the corrupted model ({gain:+.4f})"})
+                                "note": "" if gain > 0 else f"Retrain does not gain {what} over the corrupted model ({gain:+.4f})"})
             targets.append({"ratio": ratio, "target": f"{name}: KL to Retrain (test) ≤ retrain-vs-retrain spread",
                             "value": eraser["kl_test"], "threshold": spread,
                             "met": bool(not math.isnan(spread) and eraser["kl_test"] <= spread)})

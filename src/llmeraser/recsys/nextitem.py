@@ -241,3 +241,12 @@ def hit_ratio_at_1(outputs: Sequence[str], candidates: Sequence[Sequence[str]], 
     choices = [parse_choice(o, c) for o, c in zip(outputs, candidates)]
     hits = [k is not None and c[k] == t for k, c, t in zip(choices, candidates, targets)]
     return {"hr1": sum(hits) / len(outputs), "valid_ratio": sum(k is not None for k in choices) / len(outputs)}
+
+
+def candidate_titles_of(prompt: str) -> list[str]:
+    """The candidate titles listed in a prompt rendered by ``render_prompt`` (the lines after "Choose")."""
+    lines = prompt.splitlines()
+    start = next((k for k, line in enumerate(lines) if line.startswith("Which ") and "Choose exactly one" in line), None)
+    if start is None:
+        raise InputError("not a next-item prompt: no candidate list")
+    return [line[3:-1] for line in lines[start + 1 :] if line.startswith('- "') and line.endswith('"')]
