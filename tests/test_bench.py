@@ -144,12 +144,53 @@ def test_summary_and_targets() -> None:
     assert not judged["llmeraser: KL to Retrain (test) ≤ retrain-vs-retrain spread"]["met"]
 
 
+def test_attack_targets_compare_with_the_retrained_models() -> None:
+    results = _rows("removal")
+    attacked = {("retrain", 0): (1.0, 0.60, 1.5), ("retrain", 1): (1.2, 0.60, 1.7),
+                ("llmeraser", 0): (0.9, 0.64, 1.6), ("llmeraser", 1): (0.9, 0.62, 1.6),
+                ("original", 0): (0.5, 0.9, 0.5), ("original", 1): (0.5, 0.9, 0.5)}
+    for row in results["rows"]:
+        loss_q4, mia_q4, loss_relearn = attacked[row["method"], row["seed"]]
+        row.update(loss_removed_q4=loss_q4, mia_q4=mia_q4, loss_removed_relearn=loss_relearn, mia_relearn=0.5)
+    summary = summarise(results)
+    assert summary["0.05"]["attack_range"]["loss_removed_q4"] == {"min": 1.0, "max": 1.2, "mean": pytest.approx(1.1)}
+    targets = {t["target"]: t for t in check_targets("removal", summary)}
+    # quantisation: the loss (0.9) is below the lowest retrained model's (1.0); the MIA mean 0.63 is not above 0.60 + 0.05
+    quantised = targets["llmeraser: the quantisation attack finds no more than on Retrain (checks that find more)"]
+    assert quantised["value"] == 1.0 and not quantised["met"] and "loss_removed_q4 0.900" in quantised["note"]
+    relearned = targets["llmeraser: the relearning attack finds no more than on Retrain (checks that find more)"]
+    assert relearned["value"] == 0.0 and relearned["met"]
+    for row in results["rows"]:
+        if row["method"] == "llmeraser":
+            row["mia_q4"] = 0.70
+    again = {t["target"]: t for t in check_targets("removal", summarise(results))}
+    assert again["llmeraser: the quantisation attack finds no more than on Retrain (checks that find more)"]["value"] == 2.0
+
+
 def test_bench_config_rejects_bad_methods() -> None:
     with pytest.raises(ValueError, match="finetune"):
         BenchConfig(task="removal", methods=("finetune",)).validate()
     with pytest.raises(ValueError, match="unknown method"):
         BenchConfig(task="query", methods=("magic",)).validate()
     assert "retrain" in BenchConfig(task="query", methods=("llmeraser",)).chosen_methods()
+    with pytest.raises(ValueError, match="quantise_bits"):
+        BenchConfig(task="query", quantise_bits=(1,)).validate()
+
+
+def assert_attacks(results: dict, extract: bool) -> None:
+    """Every method, the retrained model included, carries finite quantisation and relearning metrics, and
+    each eraser gets one target per attack."""
+    keys = [f"{m}_{a}" for m in ("loss_removed", "mia", *(("extract_removed",) if extract else ())) for a in ("q8", "q4", "relearn")]
+    for row in results["rows"]:
+        assert all(np.isfinite(row[k]) for k in keys), (row["method"], {k: row.get(k) for k in keys})
+    assert {row["method"] for row in results["rows"] if "loss_removed_q4" in row} >= {"original", "retrain"}
+    if extract:
+        assert all(0 <= row["extract_removed_q4"] <= 1 for row in results["rows"])
+    block = next(iter(results["summary"].values()))
+    assert set(block["attack_range"]) == set(keys) and all(np.isfinite(block["attack_range"][k]["min"]) for k in keys)
+    targets = [t["target"] for t in results["targets"]]
+    for attack in ("quantisation", "relearning"):
+        assert any(t.startswith("llmeraser_tr:") and f"the {attack} attack" in t for t in targets)
 
 
 @pytest.mark.parametrize("task", ["response", "pii"])
@@ -182,6 +223,8 @@ def test_bench_quick_end_to_end(tmp_path, task: str) -> None:
         assert any(t["target"].startswith("llmeraser_cached:") for t in results["targets"])
     cached = [row for row in results["rows"] if row["method"] == "llmeraser_cached"]
     assert all(row["kl_test"] < 10 for row in cached) and len(results["caches"]) == 2
+    assert_attacks(results, extract=task == "pii")
+    assert "is it really forgotten" in (out / "results.md").read_text()
     assert all(c["fit"]["seconds"] > 0 and c["step_length"] > 0 for c in results["caches"])
 
 
@@ -198,10 +241,46 @@ def test_bench_on_a_rating_directory_with_chosen_methods(tmp_path) -> None:
     assert {c["method"] for c in results["caches"]} == {"datainf"}
     assert sorted({row["ratio"] for row in results["rows"]}) == [0.1, 0.2]
     assert results["requests"] == {"0.1": 2, "0.2": 4} and results["spread"] == []
+    assert all(np.isfinite(row["loss_removed_q4"]) and np.isfinite(row["mia_relearn"]) for row in results["rows"])
     assert (out / "metrics_vs_ratio.png").stat().st_size > 0  # two ratios
     assert results["config"]["data"] == str(directory) and results["config"]["format"] == "movielens"
     bad = cli("bench", "--task", "removal", "--quick", "--methods", "finetune", "--out", tmp_path / "x")
     assert bad.code == 3 and "finetune" in bad.err and not (tmp_path / "x").exists()
+
+
+def test_bench_quick_next_item(tmp_path) -> None:
+    out = tmp_path / "bench"
+    result = cli("bench", "--task", "next-item", "--quick", "--out", out)
+    assert result.code == 0, result.err
+    results = json.loads((out / "results.json").read_text())
+    assert {row["method"] for row in results["rows"]} == {"original", "retrain", "llmeraser", "llmeraser_cached",
+                                                          "llmeraser_tr", "finetune", "sisa"}
+    for row in results["rows"]:
+        assert 0 <= row["hr1"] <= row["valid_ratio"] <= 1 and np.isfinite(row["loss_new"]) and np.isfinite(row["loss_old"])
+    assert all(row["kl_test"] == pytest.approx(0.0, abs=1e-9) for row in results["rows"] if row["method"] == "retrain")
+    assert results["requests"] == {"0.1": 2} and results["config"]["n_candidates"] == 5
+    assert_attacks(results, extract=False)
+    assert any("HR@1 gain" in t["target"] for t in results["targets"])
+    assert "HR@1" in (out / "results.md").read_text()
+
+
+def test_next_item_sets_are_aligned() -> None:
+    from llmeraser.bench.protocol import next_item_config
+    from llmeraser.recsys.nextitem import candidate_titles_of
+
+    config = dataclasses.replace(next_item_config(quick=True), n_candidates=20)
+    task, sets = prepare_ratio(config, 0.2)
+    assert len(task.train) == config.n_train and len(sets.test) == config.n_test
+    assert {e.id for e in task.train}.isdisjoint(e.id for e in sets.nonmembers)
+    assert len(sets.old) == len(sets.new) == len(task.requests) == 4
+    assert all(o.response == n.response and o.prompt != n.prompt for o, n in zip(sets.old, sets.new))
+    for example in sets.test:
+        titles = candidate_titles_of(example.prompt)
+        assert len(titles) == 20 and titles.count(example.response.strip()) == 1
+    assert sets.relearn and {e.id for e in sets.relearn}.isdisjoint(r.id for r in task.requests)
+    delete = dataclasses.replace(config, query_mode="delete", history_length=3)  # a deletion leaves ≥ 1 item
+    task, sets = prepare_ratio(delete, 0.2)
+    assert all(len(n.prompt.splitlines()) == len(o.prompt.splitlines()) - 1 for o, n in zip(sets.old, sets.new))
 
 
 def test_bench_checkpoints_after_every_seed(tmp_path) -> None:

@@ -38,10 +38,12 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ct
 
 def _bench(args: argparse.Namespace) -> None:
     from llmeraser.bench import BenchConfig, finish, quick_config, render_text, run_bench, write_results
-    from llmeraser.bench.protocol import pii_config
+    from llmeraser.bench.protocol import next_item_config, pii_config
 
     if args.task == "pii":
         config = pii_config(quick=args.quick)
+    elif args.task == "next-item":
+        config = next_item_config(quick=args.quick)
     else:
         config = quick_config(args.task) if args.quick else BenchConfig(task=args.task)
     eraser = replace(config.eraser, **{k: v for k, v in {
@@ -53,7 +55,9 @@ def _bench(args: argparse.Namespace) -> None:
         "seeds": tuple(range(args.seeds)) if args.seeds else None,
         "methods": tuple(args.methods) if args.methods else None,
         "n_train": args.n_train, "n_test": args.n_test, "cache_method": args.cache_method,
-        "removal_unit": args.removal_unit, "trust_region_steps": args.trust_region_steps}.items() if v is not None})
+        "removal_unit": args.removal_unit, "trust_region_steps": args.trust_region_steps, "query_mode": args.query_mode,
+        "relearn_steps": args.relearn_steps,
+        "quantise_bits": tuple(args.quantise_bits) if args.quantise_bits is not None else None}.items() if v is not None})
     try:
         config.validate()
     except ValueError as error:
@@ -776,7 +780,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = command("bench", "the paper's protocol on rating data: corrupt, train, undo by LLMEraser and baselines, "
                     "compare with retraining; prints a table, writes results.json, results.md and plots")
-    bench.add_argument("--task", required=True, choices=["removal", "query", "response", "pii"],
+    bench.add_argument("--task", required=True, choices=["removal", "query", "response", "pii", "next-item"],
                        help="removal / query (noisy prompts restored) / response (flipped labels corrected) on TALLRec "
                        "data; pii: the generated people-attributes question-answer scenario")
     bench.add_argument("--data", default="ml-100k", help="ml-100k (the copy in the recbole package) or a rating-data directory")
@@ -799,6 +803,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--removal-unit", default=None, choices=["example", "user"],
                        help="removal task: remove --ratio of the examples, or every example of --ratio of the users")
     bench.add_argument("--trust-region-steps", type=int, default=None, help="llmeraser_tr's steps at most (default 5)")
+    bench.add_argument("--query-mode", default=None, choices=["replace", "delete"],
+                       help="next-item task: noisy history items restored (replace, default) or history items deleted (delete)")
+    bench.add_argument("--relearn-steps", type=int, default=None, help="steps of the relearning attack (default 5; 0: not run)")
+    bench.add_argument("--quantise-bits", type=int, nargs="*", default=None,
+                       help="bit widths of the quantisation check (default 8 4; none given: not run)")
     bench.add_argument("--quick", action="store_true", help="the tiny random-init model and a few dozen examples (seconds)")
     bench.add_argument("--out", required=True, help="output directory for results.json, results.md and the PNG plots")
     bench.set_defaults(run=_bench)

@@ -1,7 +1,9 @@
 """``llmeraser bench``: the paper's experiments on TALLRec rating data, against retraining and baselines.
 
 ``protocol`` runs methods per ratio and seed, ``baselines`` holds the compared methods, ``metrics`` scores
-them, ``report`` aggregates and writes the results, ``resources`` measures time and memory.
+them (``pii`` and ``nextitem``: the generative tasks' scores), ``attacks`` holds the membership attacks and
+``robustness`` the quantisation check (``quantise``) and the relearning attack, ``report`` aggregates and
+writes the results, ``resources`` measures time and memory.
 """
 
 from llmeraser.bench.protocol import DEFAULT_METHODS, METHODS, BenchConfig, quick_config, run_bench

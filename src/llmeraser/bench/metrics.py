@@ -39,13 +39,15 @@ class EvalSets:
     """``test``: held-out examples; ``old``/``new``: the edited examples before and after their requests
     (``new`` is empty for removals); ``nonmembers``: training-distribution examples no model trained on (the
     membership-inference attack's); ``holdout``: further never-trained examples that the trust-region erase
-    may look at (its held-out check and never-seen level), kept apart from everything that is scored."""
+    may look at (its held-out check and never-seen level), kept apart from everything that is scored;
+    ``relearn``: kept training examples the relearning attack fine-tunes on (``bench.robustness``)."""
 
     test: list[Example]
     old: list[Example]
     new: list[Example]
     nonmembers: list[Example]
     holdout: list[Example] = field(default_factory=list)
+    relearn: list[Example] = field(default_factory=list)
 
     @property
     def edited(self) -> list[Example]:

@@ -15,8 +15,11 @@ the requests that undo the damage. Then, for each training seed (LoRA initialisa
 - ``gradient_ascent`` (removal), ``finetune`` (continued fine-tuning on the corrected examples), ``sisa``
   (K shard adapters; only affected shards retrained): see ``bench.baselines``.
 
-Every method is scored on the same sets (``bench.metrics``); the spread between the retrained models of
-two different seeds is the yardstick for "as close to retraining as retraining is to itself".
+Every method is scored on the same sets (``bench.metrics``), and attacked the same way (``bench.robustness``:
+the merged adapter rounded to ``quantise_bits``, and ``relearn_steps`` of fine-tuning on ``relearn_examples``
+kept examples of the forgotten examples' users or people), the retrained model included; the spread between
+the retrained models of two different seeds is the yardstick for "as close to retraining as retraining is to
+itself".
 """
 
 from __future__ import annotations
@@ -33,13 +36,16 @@ from torch import Tensor
 
 from llmeraser.bench.baselines import continued_finetuning, gradient_ascent, train_sisa, unlearn_sisa
 from llmeraser.bench.metrics import EvalSets, SetPredictions, predict_sets, score_method
+from llmeraser.bench.nextitem import score_next_item
 from llmeraser.bench.pii import pii_task, score_pii
 from llmeraser.bench.resources import machine, measured
-from llmeraser.data import TokenizationConfig, tokenize_examples
+from llmeraser.bench.robustness import attack_metrics, relearn_set
+from llmeraser.data import Example, TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase
 from llmeraser.kfac import fit_cached_curvature
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
 from llmeraser.recsys.corruption import TASKS, make_task
+from llmeraser.recsys.nextitem import NEXT_ITEM_MODES, next_item_query_task, sample_next_item
 from llmeraser.recsys.tallrec import sample_tallrec
 from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
@@ -66,8 +72,9 @@ DEFAULT_METHODS = {
     "query": ("original", "retrain", "llmeraser_cached", "llmeraser_tr", "finetune", "sisa"),
     "response": ("original", "retrain", "llmeraser_cached", "llmeraser_tr", "finetune", "sisa"),
     "pii": ("original", "retrain", "llmeraser_cached", "llmeraser_tr", "gradient_ascent"),
+    "next-item": ("original", "retrain", "llmeraser_cached", "llmeraser_tr", "finetune", "sisa"),
 }
-BENCH_TASKS = (*TASKS, "pii")
+BENCH_TASKS = (*TASKS, "pii", "next-item")
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,12 @@ class BenchConfig:
     directory (``format`` as in ``recsys.ratings.load_ratings``; detected when None). Sizes are examples;
     the defaults keep one task (two seeds) within 30 minutes on 2 CPU cores with SmolLM2-135M. For the
     ``pii`` task ``n_train`` and ``n_nonmembers`` count people (three examples each), ``ratio`` the share
-    of people removed (as many others get one attribute corrected), and ``data`` is not used."""
+    of people removed (as many others get one attribute corrected), and ``data`` is not used.
+    ``quantise_bits`` (the quantisation check's bit widths; empty: not run), ``relearn_steps`` (0: no
+    relearning attack) and ``relearn_examples`` set the attacks of ``bench.robustness``. The ``next-item`` task
+    (``recsys.nextitem``; see ``next_item_config``) shows ``history_length`` items and ``n_candidates``
+    candidates per prompt; its requests are query modifications of ``query_mode`` (``replace``: noisy history
+    items restored; ``delete``: history items deleted)."""
 
     task: str = "removal"
     data: str = "ml-100k"
@@ -97,6 +109,11 @@ class BenchConfig:
     calibration_examples: int = 8
     calibration_directions: int = 4
     trust_region_steps: int = TrustRegionSettings.steps
+    quantise_bits: tuple[int, ...] = (8, 4)
+    relearn_steps: int = 5
+    relearn_examples: int = 8
+    query_mode: str = "replace"
+    n_candidates: int = 20
     lora: LoraSettings = SMOLLM2_LORA
     recipe: TrainConfig = SMOLLM2_RECIPE
     eraser: EraseConfig = field(default_factory=lambda: smollm2_erase_config(auto_damping=True))
@@ -108,6 +125,10 @@ class BenchConfig:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)} (expected: {', '.join(METHODS)})")
+        if any(b < 2 for b in self.quantise_bits) or self.relearn_steps < 0 or self.relearn_examples < 0:
+            raise ValueError("quantise_bits must be ≥ 2, relearn_steps and relearn_examples ≥ 0")
+        if self.task == "next-item" and self.query_mode not in NEXT_ITEM_MODES:
+            raise ValueError(f"unknown query_mode {self.query_mode!r} (expected one of: {', '.join(NEXT_ITEM_MODES)})")
         if self.task == "removal" and "finetune" in methods:
             raise ValueError("finetune needs corrected examples; the removal task has none")
         return tuple(m for m in METHODS if m in methods or m in ("original", "retrain"))
@@ -157,14 +178,49 @@ def pii_config(quick: bool = False) -> BenchConfig:
     )
 
 
+def next_item_config(quick: bool = False) -> BenchConfig:
+    """The next-item task: 10 history items and 20 candidates (LLaRA); prompts of ~300 SmolLM2 tokens and greedy
+    decoding of every test answer, so fewer test examples than the Yes/No tasks. ``quick``: the tiny model with
+    1 history item and 5 candidates (byte-level prompts of ~250 tokens; with 20 candidates, ~800 tokens, the
+    smoke run took ~7 minutes on 2 busy cores)."""
+    if quick:
+        base = quick_config("next-item")
+        return dataclasses.replace(base, n_test=6, history_length=1, n_candidates=5,
+                                   recipe=dataclasses.replace(base.recipe, max_length=512),
+                                   eraser=dataclasses.replace(base.eraser, max_length=512, curvature_examples=8, batch_size=8))
+    return BenchConfig(task="next-item", history_length=10, n_test=128, recipe=dataclasses.replace(SMOLLM2_RECIPE, max_length=512),
+                       eraser=smollm2_erase_config(auto_damping=True, max_length=512))
+
+
 def _data_path(config: BenchConfig) -> str | None:
     return None if config.data == "ml-100k" else config.data
+
+
+def forgotten_examples(task: str, sets: EvalSets) -> list[Example]:
+    """What must be forgotten: the removed people's examples (``pii``; not the corrected ones), else the
+    edited examples' training-set versions (removed examples, noisy prompts, flipped labels)."""
+    if task != "pii":
+        return list(sets.old)
+    corrected = {e.id for e in sets.new}
+    return [e for e in sets.old if e.id not in corrected]
+
+
+def with_relearn_set(config: BenchConfig, task: Any, sets: EvalSets) -> EvalSets:
+    """``sets`` with the relearning attack's set: ``relearn_examples`` kept (never edited) examples of the
+    training set, of the forgotten examples' users or people first (``bench.robustness.relearn_set``)."""
+    edited = {r.id for r in task.requests}
+    kept = [e for e in task.target if e.id not in edited]
+    forgotten = forgotten_examples(config.task, sets)
+    return dataclasses.replace(sets, relearn=relearn_set(kept, forgotten, config.relearn_examples, config.data_seed))
 
 
 def prepare_ratio(config: BenchConfig, ratio: float) -> tuple[Any, EvalSets]:
     """The corrupted task and the evaluation sets for one ratio (drawn with ``data_seed``)."""
     if config.task == "pii":
-        return pii_task(config.n_train, config.n_nonmembers, ratio, config.data_seed, config.n_holdout)
+        task, sets = pii_task(config.n_train, config.n_nonmembers, ratio, config.data_seed, config.n_holdout)
+        return task, with_relearn_set(config, task, sets)
+    if config.task == "next-item":
+        return _prepare_next_item(config, ratio)
     splits = sample_tallrec(
         config.n_train + config.n_nonmembers + config.n_holdout, config.n_test, config.history_length,
         config.data_seed, path=_data_path(config), format=config.format, n_valid=0,
@@ -185,7 +241,22 @@ def prepare_ratio(config: BenchConfig, ratio: float) -> tuple[Any, EvalSets]:
         nonmembers=nonmembers,
         holdout=holdout,
     )
-    return task, sets
+    return task, with_relearn_set(config, task, sets)
+
+
+def _prepare_next_item(config: BenchConfig, ratio: float) -> tuple[Any, EvalSets]:
+    splits = sample_next_item(config.n_train + config.n_nonmembers + config.n_holdout, config.n_test, config.history_length,
+                              config.data_seed, n_candidates=config.n_candidates, path=_data_path(config), format=config.format)
+    pool = list(splits.train)
+    drawn = random.Random(f"{config.data_seed}:nonmembers").sample(range(len(pool)), config.n_nonmembers + config.n_holdout)
+    nonmember_at, holdout_at = set(drawn[: config.n_nonmembers]), set(drawn[config.n_nonmembers :])
+    train = [e for k, e in enumerate(pool) if k not in nonmember_at | holdout_at]
+    task = next_item_query_task(splits, ratio, config.data_seed, mode=config.query_mode, train=train)
+    pairs = resolve(task.requests, task.train)
+    sets = EvalSets(test=list(splits.test), old=[p.old for p in pairs], new=[p.new for p in pairs if p.new is not None],
+                    nonmembers=[e for k, e in enumerate(pool) if k in nonmember_at],
+                    holdout=[e for k, e in enumerate(pool) if k in holdout_at])
+    return task, with_relearn_set(config, task, sets)
 
 
 def run_seed(
@@ -277,13 +348,18 @@ def run_seed(
         extras["sisa_initial"] = cost["sisa_initial"]
 
     log(f"  seed {seed}: scoring {len(thetas)} methods")
-    score = score_pii if config.task == "pii" else score_method
+    score = {"pii": score_pii, "next-item": score_next_item}.get(config.task, score_method)
     max_length = config.recipe.max_length
     reference = predict_sets(model, tokenizer, thetas["retrain"], sets, max_length)
+    forgotten = forgotten_examples(config.task, sets)
     rows = []
     for method in methods:
         predictions = reference if method == "retrain" else predict_sets(model, tokenizer, thetas[method], sets, max_length)
         metrics = score(model, tokenizer, thetas[method], sets, predictions, reference, max_length)
+        log(f"  seed {seed}: attacking {method} (quantised to {', '.join(map(str, config.quantise_bits)) or 'no'} bits, "
+            f"{config.relearn_steps} relearning steps on {len(sets.relearn)} kept examples)")
+        metrics.update(attack_metrics(model, tokenizer, thetas[method], forgotten, sets.nonmembers, sets.relearn, recipe,
+                                      bits=config.quantise_bits, steps=config.relearn_steps, extract=config.task == "pii"))
         rows.append({"method": method, "seed": seed, **metrics, **cost[method]})
     params.assign(theta_original)
     extras["reference"] = reference

@@ -49,20 +49,64 @@ PII_METRICS: tuple[tuple[str, str, str], ...] = (
     ("seconds", "time (s)", ".1f"),
     ("peak_rss_mib", "peak RSS (MiB)", ".0f"),
 )
+NEXT_ITEM_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("hr1", "HR@1", ".4f"),
+    ("valid_ratio", "valid answers", ".3f"),
+    *(c for c in METRICS if c[0] not in ("test_auc", "accuracy_new")),
+)
+ATTACK_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("loss_old", "loss forgotten", ".4f"),
+    ("loss_removed_q8", "loss q8", ".4f"),
+    ("loss_removed_q4", "loss q4", ".4f"),
+    ("loss_removed_relearn", "loss relearn", ".4f"),
+    ("mia_auc", "MIA", ".3f"),
+    ("mia_q8", "MIA q8", ".3f"),
+    ("mia_q4", "MIA q4", ".3f"),
+    ("mia_relearn", "MIA relearn", ".3f"),
+)
+PII_ATTACK_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("loglik_removed", "log-lik. removed", ".3f"),
+    ("loss_removed_q8", "loss q8", ".4f"),
+    ("loss_removed_q4", "loss q4", ".4f"),
+    ("loss_removed_relearn", "loss relearn", ".4f"),
+    ("mia_auc", "MIA", ".3f"),
+    ("mia_q8", "MIA q8", ".3f"),
+    ("mia_q4", "MIA q4", ".3f"),
+    ("mia_relearn", "MIA relearn", ".3f"),
+    ("extract_removed", "extraction", ".3f"),
+    ("extract_removed_q8", "extraction q8", ".3f"),
+    ("extract_removed_q4", "extraction q4", ".3f"),
+    ("extract_removed_relearn", "extraction relearn", ".3f"),
+)
+# per attack (``bench.robustness``): its metrics; "finds more than on Retrain" is a lower loss than the lowest
+# retrained model's, an extraction rate above the highest one's, or a MIA AUC above Retrain's mean + 0.05
+ATTACKS = {"quantisation": ("q8", "q4"), "relearning": ("relearn",)}
+ATTACK_KEYS = tuple(key for prefix in ("loss_removed", "mia", "extract_removed")
+                    for suffixes in ATTACKS.values() for suffix in suffixes for key in [f"{prefix}_{suffix}"])
+MIA_TOLERANCE = 0.05
 
 
 # the metrics whose removal effect the yardstick measures (``bench.yardstick``), per kind of task
 EFFECT_METRICS = ("loss_old", "loss_new", "test_auc", "loss_test", "mia_auc", "accuracy_new")
 PII_EFFECT_METRICS = ("loglik_removed", "extract_removed", "mia_auc", "loss_test", "extract_kept")
+NEXT_ITEM_EFFECT_METRICS = ("loss_old", "loss_new", "hr1", "loss_test", "mia_auc")
 
 
 def effect_metrics(task: str) -> tuple[str, ...]:
-    return PII_EFFECT_METRICS if task == "pii" else EFFECT_METRICS
+    return {"pii": PII_EFFECT_METRICS, "next-item": NEXT_ITEM_EFFECT_METRICS}.get(task, EFFECT_METRICS)
 
 
 def metric_columns(task: str) -> tuple[tuple[str, str, str], ...]:
-    """(key, title, format) of the table's metric columns for ``task``."""
-    return PII_METRICS if task == "pii" else METRICS
+    """(key, title, format) of every metric summarised for ``task`` (the main table's, then the attacks')."""
+    main, attacks = table_columns(task)
+    return (*main, *(c for c in attacks if c[0] not in {k for k, _, _ in main}))
+
+
+def table_columns(task: str) -> tuple[tuple[tuple[str, str, str], ...], tuple[tuple[str, str, str], ...]]:
+    """The columns of the main table and of the attacks' table ("is it really forgotten?") for ``task``."""
+    if task == "pii":
+        return PII_METRICS, PII_ATTACK_METRICS
+    return (NEXT_ITEM_METRICS if task == "next-item" else METRICS), ATTACK_METRICS
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
@@ -99,7 +143,10 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             methods[method] = {key: _mean_std([row.get(key, float("nan")) for row in mine]) for key, _, _ in columns}
         spread_rows = [row for row in results["spread"] if row["ratio"] == ratio]
         spread = {key: _mean_std([row[key] for row in spread_rows]) for key in ("kl_test", "kl_edited")}
-        summary[str(ratio)] = {"methods": methods, "spread": spread,
+        seeds = sorted({row["seed"] for row in rows})
+        attack_range = {key: retrain_range(_by_seed(rows, "retrain", key, seeds)) for key in ATTACK_KEYS
+                        if any(key in row for row in rows)}
+        summary[str(ratio)] = {"methods": methods, "spread": spread, "attack_range": attack_range,
                                **yardstick_summary(rows, effect_metrics(results["config"]["task"]))}
     return summary
 
@@ -153,11 +200,12 @@ def check_targets(task: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
                 targets.append({"ratio": ratio, "target": f"{name}: test AUC within 0.01 of Retrain", "value": gap,
                                 "met": bool(gap <= 0.01)})
             else:
-                gain = retrain["test_auc"] - original["test_auc"]
-                recovered = (eraser["test_auc"] - original["test_auc"]) / gain if gain > 0 else float("nan")
-                targets.append({"ratio": ratio, "target": f"{name}: recovers ≥ 80 % of Retrain's AUC gain over the corrupted model",
+                key, what = ("hr1", "HR@1") if task == "next-item" else ("test_auc", "AUC")
+                gain = retrain[key] - original[key]
+                recovered = (eraser[key] - original[key]) / gain if gain > 0 else float("nan")
+                targets.append({"ratio": ratio, "target": f"{name}: recovers ≥ 80 % of Retrain's {what} gain over the corrupted model",
                                 "value": recovered, "met": bool(gain > 0 and recovered >= 0.8),
-                                "note": "" if gain > 0 else f"Retrain does not gain AUC over the corrupted model ({gain:+.4f})"})
+                                "note": "" if gain > 0 else f"Retrain does not gain {what} over the corrupted model ({gain:+.4f})"})
             targets.append({"ratio": ratio, "target": f"{name}: KL to Retrain (test) ≤ retrain-vs-retrain spread",
                             "value": eraser["kl_test"], "threshold": spread,
                             "met": bool(not math.isnan(spread) and eraser["kl_test"] <= spread)})
@@ -194,11 +242,42 @@ def _yardstick_targets(task: str, ratio: str, block: dict[str, Any], mean: dict[
             targets.append({"ratio": ratio, "target": f"{name}: no membership attack finds more than on Retrain (+0.05)",
                             "value": excess, "met": bool(excess <= 0.05), "note": ", ".join(
                                 f"{k} {mean[name][k]:.3f} vs {mean['retrain'][k]:.3f}" for k in attacks)})
+        targets += _attack_targets(ratio, name, mean, block.get("attack_range", {}))
         if "loss_test" in effects[name] and "loss_test" in ranges:
             span = ranges["loss_test"]
             targets.append({"ratio": ratio, "target": f"{name}: {'kept' if task == 'pii' else 'test'} loss inside the retrained models' range",
                             "value": mean[name]["loss_test"], "met": effects[name]["loss_test"]["inside_retrain_range"],
                             "note": f"retrained {span['min']:.4f}–{span['max']:.4f}"})
+    return targets
+
+
+def _attack_targets(ratio: str, name: str, mean: dict[str, dict[str, float]],
+                    ranges: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Per attack (quantisation, relearning): met when none of its checks (``ATTACKS``) finds more on the method
+    than on Retrain; the value is the number of checks that do."""
+    targets = []
+    mine, retrain = mean.get(name, {}), mean.get("retrain", {})
+    for attack, suffixes in ATTACKS.items():
+        checks = []  # (what, method's value, Retrain's bound, finds more)
+        for suffix in suffixes:
+            for prefix in ("loss_removed", "mia", "extract_removed"):
+                key = f"{prefix}_{suffix}"
+                value = mine.get(key, float("nan"))
+                if not math.isfinite(value) or key not in ranges or not math.isfinite(ranges[key]["mean"]):
+                    continue
+                if prefix == "mia":
+                    bound = retrain[key] + MIA_TOLERANCE
+                    checks.append((key, value, bound, value > bound))
+                elif prefix == "loss_removed":
+                    checks.append((key, value, ranges[key]["min"], value < ranges[key]["min"]))
+                else:
+                    checks.append((key, value, ranges[key]["max"], value > ranges[key]["max"]))
+        if checks:
+            failed = sum(fails for *_, fails in checks)
+            targets.append({"ratio": ratio, "target": f"{name}: the {attack} attack finds no more than on Retrain (checks that find more)",
+                            "value": float(failed), "met": failed == 0, "note": ", ".join(
+                                f"{key} {value:.3f} (Retrain's bound {bound:.3f}{': finds more' if fails else ''})"
+                                for key, value, bound, fails in checks)})
     return targets
 
 
@@ -209,14 +288,17 @@ def _cell(stats: dict[str, float], fmt: str) -> str:
     return f"{text} ± {format(stats['std'], fmt)}" if stats["n"] > 1 else text
 
 
-def summary_rows(summary: dict[str, Any], columns: Sequence[tuple[str, str, str]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Per ratio, the table rows (one per method, then the retrain-vs-retrain spread) as formatted text."""
+def summary_rows(
+    summary: dict[str, Any], columns: Sequence[tuple[str, str, str]], spread_row: bool = True
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Per ratio, the table rows (one per method, then the retrain-vs-retrain spread unless not
+    ``spread_row``) as formatted text."""
     tables = []
     for ratio, block in summary.items():
         rows = [{"method": method, **{key: _cell(stats[key], fmt) for key, _, fmt in columns}}
                 for method, stats in block["methods"].items()]
         spread = block["spread"]
-        if spread["kl_test"]["n"]:
+        if spread_row and spread["kl_test"]["n"]:
             rows.append({"method": "retrain vs retrain (seeds)", **{key: "" for key, _, _ in columns},
                          "kl_test": _cell(spread["kl_test"], ".2e"), "kl_edited": _cell(spread["kl_edited"], ".2e")})
         tables.append((ratio, rows))
@@ -225,13 +307,14 @@ def summary_rows(summary: dict[str, Any], columns: Sequence[tuple[str, str, str]
 
 def render_text(results: dict[str, Any]) -> str:
     """The paper-style table(s) and the targets, as printed on the terminal."""
-    metrics = metric_columns(results["config"]["task"])
-    columns = [("method", "method", ""), *metrics]
     lines = []
-    for ratio, rows in summary_rows(results["summary"], metrics):
-        present = [c for c in columns if any(row.get(c[0]) not in ("", "–") for row in rows)]
-        lines += [f"task {results['config']['task']}, ratio {ratio} ({results['requests'][ratio]} requests), "
-                  f"mean ± std over {len(results['config']['seeds'])} seed(s)", format_table(rows, present), ""]
+    for group, (metrics, title) in enumerate(zip(table_columns(results["config"]["task"]), ("", " — attacks: is it really forgotten?"))):
+        columns = [("method", "method", ""), *metrics]
+        for ratio, rows in summary_rows(results["summary"], metrics, spread_row=group == 0):
+            present = [c for c in columns if any(row.get(c[0]) not in ("", "–") for row in rows)]
+            if len(present) > 1:
+                lines += [f"task {results['config']['task']}, ratio {ratio} ({results['requests'][ratio]} requests), "
+                          f"mean ± std over {len(results['config']['seeds'])} seed(s){title}", format_table(rows, present), ""]
     for ratio, block in results["summary"].items():
         lines += _effects_markdown(ratio, block)
     for target in results["targets"]:
@@ -243,8 +326,7 @@ def render_text(results: dict[str, Any]) -> str:
 
 def render_markdown(results: dict[str, Any]) -> str:
     """results.md: command, machine, the table per ratio, targets, and what each column means."""
-    metrics = metric_columns(results["config"]["task"])
-    columns = [("method", "method"), *((key, title) for key, title, _ in metrics)]
+    main, attacks = table_columns(results["config"]["task"])
     out = [f"# llmeraser bench — task `{results['config']['task']}`", "",
            f"Command: `{results['command']}`", "",
            "Machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), "",
@@ -255,15 +337,19 @@ def render_markdown(results: dict[str, Any]) -> str:
         done = ", ".join(f"{d['seed']} (ratio {d['ratio']})" for d in results.get("seeds_done", []))
         out += [f"**Partial run** (written after each seed; interrupted or still running): seeds done {done}, of "
                 f"{', '.join(map(str, results['config']['seeds']))}; every figure below is over the seeds done.", ""]
-    for ratio, rows in summary_rows(results["summary"], metrics):
-        seeds = sorted({r["seed"] for r in results["rows"] if str(r["ratio"]) == ratio})
-        present = [c for c in columns if any(row.get(c[0]) not in ("", "–") for row in rows)]
-        out += [f"## ratio {ratio} ({results['requests'][ratio]} requests; mean ± std over seeds "
-                f"{', '.join(map(str, seeds))})", "",
-                "| " + " | ".join(title for _, title in present) + " |",
-                "|" + "---|" * len(present)]
-        out += ["| " + " | ".join(str(row.get(key, "")) for key, _ in present) + " |" for row in rows]
-        out.append("")
+    for group, (metrics, heading) in enumerate(((main, "##"), (attacks, "### attacks, is it really forgotten? —"))):
+        columns = [("method", "method"), *((key, title) for key, title, _ in metrics)]
+        for ratio, rows in summary_rows(results["summary"], metrics, spread_row=group == 0):
+            present = [c for c in columns if any(row.get(c[0]) not in ("", "–") for row in rows)]
+            if len(present) < 2:
+                continue
+            seeds = sorted({r["seed"] for r in results["rows"] if str(r["ratio"]) == ratio})
+            out += [f"{heading} ratio {ratio} ({results['requests'][ratio]} requests; mean ± std over seeds "
+                    f"{', '.join(map(str, seeds))})", "",
+                    "| " + " | ".join(title for _, title in present) + " |",
+                    "|" + "---|" * len(present)]
+            out += ["| " + " | ".join(str(row.get(key, "")) for key, _ in present) + " |" for row in rows]
+            out.append("")
     for ratio, block in results["summary"].items():
         out += _effects_markdown(ratio, block)
     out += ["## Targets", ""]
@@ -284,7 +370,14 @@ def render_markdown(results: dict[str, Any]) -> str:
             "memory during it. KL→retrain is KL(retrain ‖ method) per response token; the last row is the same "
             "distance between the retrained models of two seeds. MIA AUC: loss-based membership inference of "
             "the edited examples' old versions against never-trained examples (0.5 = indistinguishable); Min-K%++, zlib "
-            "and ref. (the retrained model as the reference) are the stronger attacks of `bench.attacks`.", ""]
+            "and ref. (the retrained model as the reference) are the stronger attacks of `bench.attacks`. Attacks "
+            "(`bench.robustness`), each also run on the retrained model: q8 / q4, the adapter merged into the adapted "
+            "modules' base weights and each matrix rounded per output channel to 8 / 4 bits (symmetric "
+            "round-to-nearest); relearn, a few full-batch fine-tuning steps at the recipe's lr on a small set of kept "
+            "examples of the same users or people. Loss and MIA are those of the examples to be forgotten (removed "
+            "examples; for query and response tasks the edited examples' training-set versions) under the attacked "
+            "model; an attack finds more than on Retrain when the loss is below the lowest retrained model's, the "
+            "extraction rate above the highest one's, or the MIA AUC above Retrain's mean + 0.05.", ""]
     return "\n".join(out)
 
 

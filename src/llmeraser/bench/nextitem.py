@@ -1,0 +1,82 @@
+"""Scoring the next-item task (``recsys.nextitem``; ``llmeraser bench --task next-item``).
+
+Per method: ``hr1`` and ``valid_ratio`` by greedy decoding on the test prompts (the answer rule of
+``recsys.nextitem``; an ensemble decodes greedily from the mixture of its members' next-token distributions),
+and, as for the other tasks, ``loss_old`` / ``loss_new`` (the edited prompts' training-set and corrected
+versions), ``loss_test``, the membership attacks on the old versions, and ``kl_test`` / ``kl_edited`` to the
+retrained model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmeraser.bench.attacks import membership_attacks
+from llmeraser.bench.metrics import EvalSets, SetPredictions
+from llmeraser.bench.pii import greedy_answers
+from llmeraser.evaluate import membership_auc
+from llmeraser.model import AdapterParameters
+from llmeraser.recsys.nextitem import candidate_titles_of, hit_ratio_at_1
+
+
+@torch.no_grad()
+def mixture_greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], thetas: Sequence[Tensor],
+                           max_new_tokens: int) -> list[str]:
+    """Greedy continuations under the equal-weight mixture of the model under each θ (one θ: ``generate``);
+    decoding stops at EOS. The model's own θ is restored."""
+    params = AdapterParameters.of(model)
+    original = params.flat()
+    try:
+        if len(thetas) == 1:
+            params.assign(thetas[0])
+            return greedy_answers(model, tokenizer, prompts, max_new_tokens)
+        answers = []
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
+            start = ids.shape[1]
+            for _ in range(max_new_tokens):
+                parts = []
+                for theta in thetas:
+                    params.assign(theta)
+                    parts.append(torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), dim=-1))
+                token = int(torch.logsumexp(torch.stack(parts), dim=0).argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            answers.append(tokenizer.decode(ids[0, start:], skip_special_tokens=True))
+        return answers
+    finally:
+        params.assign(original)
+
+
+def answer_budget(tokenizer: Any, candidates: Sequence[Sequence[str]]) -> int:
+    """New tokens enough for the longest candidate title (with its leading space) and one more."""
+    return 1 + max(len(tokenizer(" " + title, add_special_tokens=False)["input_ids"]) for titles in candidates for title in titles)
+
+
+def score_next_item(
+    model: Any, tokenizer: Any, thetas: Sequence[Tensor], sets: EvalSets, predictions: SetPredictions,
+    reference: SetPredictions, max_length: int,
+) -> dict[str, float]:
+    """The metrics of the module docstring."""
+    candidates = [candidate_titles_of(e.prompt) for e in sets.test]
+    outputs = mixture_greedy_answers(model, tokenizer, [e.prompt for e in sets.test], thetas, answer_budget(tokenizer, candidates))
+    n_old = len(sets.old)
+    edited_losses = predictions.edited.losses()
+    metrics = {
+        **hit_ratio_at_1(outputs, candidates, [e.response.strip() for e in sets.test]),
+        "loss_old": float(edited_losses[:n_old].mean()),
+        "loss_test": float(predictions.test.losses().mean()),
+        "mia_auc": membership_auc(edited_losses[:n_old], predictions.nonmembers.losses()),
+        **membership_attacks(predictions.edited.subset(range(n_old)), sets.old, predictions.nonmembers, sets.nonmembers,
+                             reference.edited.subset(range(n_old)), reference.nonmembers),
+        "kl_test": float(reference.test.kl_to(predictions.test).mean()),
+        "kl_edited": float(reference.edited.kl_to(predictions.edited).mean()),
+    }
+    if sets.new:
+        metrics["loss_new"] = float(edited_losses[n_old:].mean())
+    return metrics
