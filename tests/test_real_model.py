@@ -67,3 +67,99 @@ def test_the_cached_smollm2_has_no_gguf_setting_and_the_hf_trainer_accepts_it(sm
     model = AutoModelForCausalLM.from_pretrained(smollm2_path())
     assert getattr(model, "hf_quantizer", None) is None
     Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1))
+
+
+AGENTS = ["Mira", "Tobin", "Sela", "Quill", "Arno", "Vesna", "Lark", "Pim", "Oda", "Rufus", "Nell", "Cato"]
+CODE_NAMES = ["Copper Falcon", "Silent Otter", "Amber Fox", "Iron Heron", "Blue Lynx", "Velvet Crow",
+              "Stone Hare", "Glass Wolf", "Paper Moth", "Ember Seal", "Frost Kite", "Jade Newt"]
+
+
+def agent_chat(agent: str, code_name: str) -> list[dict]:
+    return [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": f"What is {agent}'s code name?"},
+            {"role": "assistant", "content": f"{agent}'s code name is {code_name}."}]
+
+
+def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(tmp_path):
+    """SmolLM2-135M-Instruct with its own (ChatML) chat template: a LoRA trained by ``transformers.Trainer`` +
+    ``LlmeraserCallback`` on 12 short conversations (labels on the assistant's answer: the tokens after the
+    conversation's prompt rendered with ``add_generation_prompt=True``, as TRL does) for 30 steps, then erased
+    by ``llmeraser erase --mode update`` (cg, 4 iterations at damping 0.1: at the default 0.01 the unpreconditioned
+    cg did not bring the residual below 1 in 6 iterations, and each takes ~15 s here) with a request file removing
+    one conversation and correcting another's assistant answer (``"turn": 2``). Against the trained adapter, the removed conversation's loss rises and the corrected
+    conversation's loss on its new answer falls (both as ``PeftModel.from_pretrained`` loads the adapters)."""
+    import json
+
+    from cli_helpers import cli
+    from conftest import one_thread
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from llmeraser.data import IGNORE_INDEX, read_examples
+    from llmeraser.integrations import LlmeraserCallback
+
+    rows = [{"id": f"a{i}", "messages": agent_chat(a, c)} for i, (a, c) in enumerate(zip(AGENTS, CODE_NAMES))]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    new_answer = "Tobin's code name is Red Panda."
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"op": "remove", "id": "a0"}) + "\n"
+                        + json.dumps({"op": "correct_response", "id": "a1", "turn": 2, "response": new_answer}) + "\n")
+
+    base, tokenizer = load_base_model("smollm2-135m")
+    tokenised = []
+    for row in rows:
+        full = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=True, return_dict=True,
+                                               add_generation_prompt=True)["input_ids"]
+        assert list(full[: len(prompt)]) == list(prompt)
+        tokenised.append({"input_ids": list(full), "labels": [IGNORE_INDEX] * len(prompt) + list(full[len(prompt):])})
+
+    def collate(batch):
+        length = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), length), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), length), IGNORE_INDEX)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for k, r in enumerate(batch):
+            ids[k, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            labels[k, : len(r["labels"])] = torch.tensor(r["labels"])
+            mask[k, : len(r["input_ids"])] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    out = tmp_path / "trained"
+    args = TrainingArguments(output_dir=str(out), num_train_epochs=10, per_device_train_batch_size=4, learning_rate=3e-3,
+                             weight_decay=0.01, seed=0, report_to=[], save_strategy="no", logging_strategy="no",
+                             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=tokenised, data_collator=collate, processing_class=tokenizer,
+                      callbacks=[LlmeraserCallback(data, loss_scope="response", max_length=128)])
+    try:
+        with one_thread():
+            trainer.train()
+            trainer.save_model()
+    finally:
+        model.unload()  # the shared base model without LoRA layers again
+        base.eval()
+    assert trainer.state.global_step == 30
+
+    done = cli("erase", "--adapter", out, "--data", data, "--requests", requests, "--out", tmp_path / "erased",
+               "--mode", "update", "--damping", "0.1", "--max-iters", "4")
+    assert done.code == 0, done.err
+    report = json.loads((tmp_path / "erased" / "erasure_report.json").read_text())
+    assert report["requests"] == {"remove": 1, "modify_query": 0, "correct_response": 1}
+
+    examples = read_examples(data)
+    removed, corrected = examples[0], examples[1].with_response(new_answer, turn=2)
+    losses = {}
+    for name in ("trained", "erased"):
+        peft_model = PeftModel.from_pretrained(base, tmp_path / name)
+        try:
+            with one_thread(), torch.no_grad():
+                losses[name] = example_loss_values(peft_model, tokenizer, [removed, corrected], max_length=128)
+        finally:
+            peft_model.unload()
+    base_losses = example_loss_values(base, tokenizer, [removed, corrected], max_length=128)
+    seen = f"base {base_losses}, trained {losses['trained']}, erased {losses['erased']}"
+    assert losses["trained"][0] < 0.5 * base_losses[0], seen  # partly learned
+    assert losses["erased"][0] > losses["trained"][0], seen  # the removed conversation is less likely
+    assert losses["erased"][1] < losses["trained"][1], seen  # the corrected answer more likely
