@@ -80,14 +80,15 @@ def agent_chat(agent: str, code_name: str) -> list[dict]:
             {"role": "assistant", "content": f"{agent}'s code name is {code_name}."}]
 
 
-def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(tmp_path):
+def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(smollm2, tmp_path):
     """SmolLM2-135M-Instruct with its own (ChatML) chat template: a LoRA trained by ``transformers.Trainer`` +
     ``LlmeraserCallback`` on 12 short conversations (labels on the assistant's answer: the tokens after the
     conversation's prompt rendered with ``add_generation_prompt=True``, as TRL does) for 30 steps, then erased
     by ``llmeraser erase --mode update`` (cg, 4 iterations at damping 0.1: at the default 0.01 the unpreconditioned
     cg did not bring the residual below 1 in 6 iterations, and each takes ~15 s here) with a request file removing
-    one conversation and correcting another's assistant answer (``"turn": 2``). Against the trained adapter, the removed conversation's loss rises and the corrected
-    conversation's loss on its new answer falls (both as ``PeftModel.from_pretrained`` loads the adapters)."""
+    one conversation and correcting another's assistant answer (``"turn": 2``). Against the trained adapter, the
+    removed conversation's loss rises and the corrected conversation's loss on its new answer falls (both as
+    ``PeftModel.from_pretrained`` loads the adapters)."""
     import json
 
     from cli_helpers import cli
@@ -106,7 +107,7 @@ def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(tmp_path)
     requests.write_text(json.dumps({"op": "remove", "id": "a0"}) + "\n"
                         + json.dumps({"op": "correct_response", "id": "a1", "turn": 2, "response": new_answer}) + "\n")
 
-    base, tokenizer = load_base_model("smollm2-135m")
+    base, tokenizer = smollm2
     tokenised = []
     for row in rows:
         full = tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
@@ -126,13 +127,15 @@ def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(tmp_path)
             mask[k, : len(r["input_ids"])] = 1
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    model = get_peft_model(base, lora)
     out = tmp_path / "trained"
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=10, per_device_train_batch_size=4, learning_rate=3e-3,
-                             weight_decay=0.01, seed=0, report_to=[], save_strategy="no", logging_strategy="no",
-                             disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=tokenised, data_collator=collate, processing_class=tokenizer,
-                      callbacks=[LlmeraserCallback(data, loss_scope="response", max_length=128)])
+    args = TrainingArguments(output_dir=str(out), num_train_epochs=10, per_device_train_batch_size=4,
+                             learning_rate=3e-3, weight_decay=0.01, seed=0, report_to=[], save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    callback = LlmeraserCallback(data, loss_scope="response", max_length=128)
+    trainer = Trainer(model=model, args=args, train_dataset=tokenised, data_collator=collate,
+                      processing_class=tokenizer, callbacks=[callback])
     try:
         with one_thread():
             trainer.train()
