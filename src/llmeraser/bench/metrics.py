@@ -90,6 +90,23 @@ def ensemble_scores(
     return total / len(thetas)
 
 
+def shared_metrics(sets: EvalSets, predictions: SetPredictions, reference: SetPredictions) -> dict[str, float]:
+    """What every TALLRec-style task reports: the edited examples' old versions' loss (``loss_old``), the
+    test loss, the membership attacks on the old versions against the non-members, and KL(retrain ‖ method)
+    per token on the test and edited sets."""
+    n_old = len(sets.old)
+    edited_losses = predictions.edited.losses()
+    return {
+        "loss_old": float(edited_losses[:n_old].mean()),
+        "loss_test": float(predictions.test.losses().mean()),
+        "mia_auc": membership_auc(edited_losses[:n_old], predictions.nonmembers.losses()),
+        **membership_attacks(predictions.edited.subset(range(n_old)), sets.old, predictions.nonmembers, sets.nonmembers,
+                             reference.edited.subset(range(n_old)), reference.nonmembers),
+        "kl_test": float(reference.test.kl_to(predictions.test).mean()),
+        "kl_edited": float(reference.edited.kl_to(predictions.edited).mean()),
+    }
+
+
 def score_method(
     model: Any, tokenizer: Any, thetas: Sequence[Tensor], sets: EvalSets, predictions: SetPredictions,
     reference: SetPredictions, max_length: int,
@@ -99,16 +116,7 @@ def score_method(
     n_old = len(sets.old)
     edited_losses = predictions.edited.losses()
     scores = ensemble_scores(model, tokenizer, sets.test, thetas, max_length, predictions.test)
-    metrics = {
-        "test_auc": auc(binary_labels(sets.test), scores),
-        "loss_old": float(edited_losses[:n_old].mean()),
-        "loss_test": float(predictions.test.losses().mean()),
-        "mia_auc": membership_auc(edited_losses[:n_old], predictions.nonmembers.losses()),
-        **membership_attacks(predictions.edited.subset(range(n_old)), sets.old, predictions.nonmembers, sets.nonmembers,
-                             reference.edited.subset(range(n_old)), reference.nonmembers),
-        "kl_test": float(reference.test.kl_to(predictions.test).mean()),
-        "kl_edited": float(reference.edited.kl_to(predictions.edited).mean()),
-    }
+    metrics = {"test_auc": auc(binary_labels(sets.test), scores), **shared_metrics(sets, predictions, reference)}
     if sets.new:
         new_predictions = predictions.edited.subset(range(n_old, len(sets.edited)))
         new_scores = ensemble_scores(model, tokenizer, sets.new, thetas, max_length, new_predictions)

@@ -15,10 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmeraser.bench.attacks import membership_attacks
-from llmeraser.bench.metrics import EvalSets, SetPredictions
+from llmeraser.bench.metrics import EvalSets, SetPredictions, shared_metrics
 from llmeraser.bench.pii import greedy_answers
-from llmeraser.evaluate import membership_auc
 from llmeraser.model import AdapterParameters
 from llmeraser.recsys.nextitem import candidate_titles_of, hit_ratio_at_1
 
@@ -67,16 +65,8 @@ def score_next_item(
     outputs = mixture_greedy_answers(model, tokenizer, [e.prompt for e in sets.test], thetas, answer_budget(tokenizer, candidates))
     n_old = len(sets.old)
     edited_losses = predictions.edited.losses()
-    metrics = {
-        **hit_ratio_at_1(outputs, candidates, [e.response.strip() for e in sets.test]),
-        "loss_old": float(edited_losses[:n_old].mean()),
-        "loss_test": float(predictions.test.losses().mean()),
-        "mia_auc": membership_auc(edited_losses[:n_old], predictions.nonmembers.losses()),
-        **membership_attacks(predictions.edited.subset(range(n_old)), sets.old, predictions.nonmembers, sets.nonmembers,
-                             reference.edited.subset(range(n_old)), reference.nonmembers),
-        "kl_test": float(reference.test.kl_to(predictions.test).mean()),
-        "kl_edited": float(reference.edited.kl_to(predictions.edited).mean()),
-    }
+    metrics = {**hit_ratio_at_1(outputs, candidates, [e.response.strip() for e in sets.test]),
+               **shared_metrics(sets, predictions, reference)}
     if sets.new:
         metrics["loss_new"] = float(edited_losses[n_old:].mean())
     return metrics

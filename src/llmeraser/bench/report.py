@@ -54,8 +54,7 @@ NEXT_ITEM_METRICS: tuple[tuple[str, str, str], ...] = (
     ("valid_ratio", "valid answers", ".3f"),
     *(c for c in METRICS if c[0] not in ("test_auc", "accuracy_new")),
 )
-ATTACK_METRICS: tuple[tuple[str, str, str], ...] = (
-    ("loss_old", "loss forgotten", ".4f"),
+_ATTACKED_LOSS_AND_MIA: tuple[tuple[str, str, str], ...] = (
     ("loss_removed_q8", "loss q8", ".4f"),
     ("loss_removed_q4", "loss q4", ".4f"),
     ("loss_removed_relearn", "loss relearn", ".4f"),
@@ -64,15 +63,10 @@ ATTACK_METRICS: tuple[tuple[str, str, str], ...] = (
     ("mia_q4", "MIA q4", ".3f"),
     ("mia_relearn", "MIA relearn", ".3f"),
 )
+ATTACK_METRICS: tuple[tuple[str, str, str], ...] = (("loss_old", "loss forgotten", ".4f"), *_ATTACKED_LOSS_AND_MIA)
 PII_ATTACK_METRICS: tuple[tuple[str, str, str], ...] = (
     ("loglik_removed", "log-lik. removed", ".3f"),
-    ("loss_removed_q8", "loss q8", ".4f"),
-    ("loss_removed_q4", "loss q4", ".4f"),
-    ("loss_removed_relearn", "loss relearn", ".4f"),
-    ("mia_auc", "MIA", ".3f"),
-    ("mia_q8", "MIA q8", ".3f"),
-    ("mia_q4", "MIA q4", ".3f"),
-    ("mia_relearn", "MIA relearn", ".3f"),
+    *_ATTACKED_LOSS_AND_MIA,
     ("extract_removed", "extraction", ".3f"),
     ("extract_removed_q8", "extraction q8", ".3f"),
     ("extract_removed_q4", "extraction q4", ".3f"),
