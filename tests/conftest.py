@@ -98,3 +98,17 @@ def perturbed_model(target_modules, r, seed=0, scale=0.5, freeze_lora_a=False):
     generator = torch.Generator().manual_seed(100 + seed)
     params.assign(scale * torch.randn(params.dim, generator=generator, dtype=torch.float64))
     return model, tokenizer, params
+
+
+def pad_rows(rows: list[dict], pad: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids`` / ``labels`` rows into a batch: the data collator the tests give an HF
+    ``Trainer`` (written without llmeraser, as a user's own would be; labels padded with -100)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), length), pad)
+    labels = torch.full((len(rows), length), -100)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for k, row in enumerate(rows):
+        ids[k, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+        labels[k, : len(row["labels"])] = torch.tensor(row["labels"])
+        mask[k, : len(row["input_ids"])] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from cli_helpers import cli
-from conftest import one_thread, toy_examples
+from conftest import one_thread, pad_rows, toy_examples
 
 from llmeraser.data import IGNORE_INDEX, TokenizationConfig, tokenize_examples, write_examples
 from llmeraser.integrations import LlmeraserCallback, effective_l2
@@ -22,18 +21,6 @@ def trainer_rows(tokenizer, examples, max_length):
         labels = [IGNORE_INDEX] * item.prompt_length + list(item.input_ids[item.prompt_length:])
         rows.append({"input_ids": list(item.input_ids), "labels": labels})
     return rows
-
-
-def collate(rows, pad):
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), length), pad)
-    labels = torch.full((len(rows), length), IGNORE_INDEX)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for k, row in enumerate(rows):
-        ids[k, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
-        labels[k, : len(row["labels"])] = torch.tensor(row["labels"])
-        mask[k, : len(row["input_ids"])] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def test_trainer_run_with_the_callback_is_erased_with_no_extra_flags(tmp_path, monkeypatch):
@@ -55,7 +42,7 @@ def test_trainer_run_with_the_callback_is_erased_with_no_extra_flags(tmp_path, m
                              disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
     callback = LlmeraserCallback(data, loss_scope="response", max_length=128, fit_curvature=True)
     trainer = Trainer(model=model, args=args, train_dataset=trainer_rows(tokenizer, examples, 128),
-                      data_collator=lambda rows: collate(rows, tokenizer.pad_token_id), processing_class=tokenizer,
+                      data_collator=lambda rows: pad_rows(rows, tokenizer.pad_token_id), processing_class=tokenizer,
                       callbacks=[callback])
     with one_thread():
         trainer.train()

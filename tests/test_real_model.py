@@ -92,7 +92,7 @@ def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(smollm2, 
     import json
 
     from cli_helpers import cli
-    from conftest import one_thread
+    from conftest import one_thread, pad_rows
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import Trainer, TrainingArguments
 
@@ -116,17 +116,6 @@ def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(smollm2, 
         assert list(full[: len(prompt)]) == list(prompt)
         tokenised.append({"input_ids": list(full), "labels": [IGNORE_INDEX] * len(prompt) + list(full[len(prompt):])})
 
-    def collate(batch):
-        length = max(len(r["input_ids"]) for r in batch)
-        ids = torch.full((len(batch), length), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), length), IGNORE_INDEX)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for k, r in enumerate(batch):
-            ids[k, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            labels[k, : len(r["labels"])] = torch.tensor(r["labels"])
-            mask[k, : len(r["input_ids"])] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
     out = tmp_path / "trained"
@@ -134,7 +123,8 @@ def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(smollm2, 
                              learning_rate=3e-3, weight_decay=0.01, seed=0, report_to=[], save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
     callback = LlmeraserCallback(data, loss_scope="response", max_length=128)
-    trainer = Trainer(model=model, args=args, train_dataset=tokenised, data_collator=collate,
+    trainer = Trainer(model=model, args=args, train_dataset=tokenised,
+                      data_collator=lambda rows: pad_rows(rows, tokenizer.pad_token_id),
                       processing_class=tokenizer, callbacks=[callback])
     try:
         with one_thread():

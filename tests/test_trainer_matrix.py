@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import cli
-from conftest import exact_float64_llama, one_thread, toy_examples
+from conftest import exact_float64_llama, one_thread, pad_rows, toy_examples
 
 import llmeraser
 from llmeraser.data import IGNORE_INDEX, TokenizationConfig, collate, example_losses, read_examples, tokenize_examples
@@ -92,19 +92,6 @@ def chat_base(tmp_path_factory) -> str:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return str(directory)
-
-
-def pad_rows(rows: list[dict], pad: int) -> dict[str, torch.Tensor]:
-    """Right-pad ``input_ids`` / ``labels`` rows into a batch (the collator given to the HF Trainer)."""
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), length), pad)
-    labels = torch.full((len(rows), length), IGNORE_INDEX)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for k, row in enumerate(rows):
-        ids[k, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
-        labels[k, : len(row["labels"])] = torch.tensor(row["labels"])
-        mask[k, : len(row["input_ids"])] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def hf_rows(tokenizer, rows: list[dict], kind: str) -> list[dict]:
