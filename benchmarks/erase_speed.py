@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmeraser.bench.resources import machine, measured
+from llmeraser_bench.resources import machine, measured
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
@@ -40,7 +40,7 @@ from llmeraser.evaluate import answer_scores, auc, binary_labels
 from llmeraser.gradients import summed_gradient
 from llmeraser.kfac import calibrate_step_length, fit_and_time, load_calibration, load_kfac, save_kfac
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
-from llmeraser.recsys.tallrec import movielens_demo_examples
+from llmeraser_bench.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import Remove, edited_training_set, resolve
 from llmeraser.solvers import relative_residual
 from llmeraser.train import TrainConfig, train_adapter

@@ -13,16 +13,16 @@ import torch
 
 from cli_helpers import cli
 from conftest import tiny_lora_model, toy_examples
-from llmeraser.bench.baselines import (
+from llmeraser_bench.baselines import (
     continued_finetuning,
     gradient_ascent,
     shard_assignment,
     train_sisa,
     unlearn_sisa,
 )
-from llmeraser.bench.pii import generate_people, pii_task
-from llmeraser.bench.protocol import BenchConfig, prepare_ratio, quick_config
-from llmeraser.bench.report import check_targets, summarise
+from llmeraser_bench.pii import generate_people, pii_task
+from llmeraser_bench.protocol import BenchConfig, prepare_ratio, quick_config
+from llmeraser_bench.report import check_targets, summarise
 from llmeraser.evaluate import example_loss_values
 from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove, edited_training_set, resolve
@@ -265,8 +265,8 @@ def test_bench_quick_next_item(tmp_path) -> None:
 
 
 def test_next_item_sets_are_aligned() -> None:
-    from llmeraser.bench.protocol import next_item_config
-    from llmeraser.recsys.nextitem import candidate_titles_of
+    from llmeraser_bench.protocol import next_item_config
+    from llmeraser_bench.recsys.nextitem import candidate_titles_of
 
     config = dataclasses.replace(next_item_config(quick=True), n_candidates=20)
     task, sets = prepare_ratio(config, 0.2)
@@ -286,9 +286,9 @@ def test_next_item_sets_are_aligned() -> None:
 def test_bench_checkpoints_after_every_seed(tmp_path) -> None:
     """An interrupted run leaves what it measured: after each seed the results so far are handed over,
     marked incomplete with the seeds done, and render as a partial run."""
-    from llmeraser.bench import finish, run_bench
-    from llmeraser.bench.report import render_markdown
-    from llmeraser.bench.protocol import pii_config
+    from llmeraser_bench import finish, run_bench
+    from llmeraser_bench.report import render_markdown
+    from llmeraser_bench.protocol import pii_config
 
     config = dataclasses.replace(pii_config(quick=True), methods=("original", "retrain"))
     snapshots: list[dict] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from llmeraser.demo import run_demo, tiny_demo_config
+from llmeraser_bench.demo import run_demo, tiny_demo_config
 
 
 def test_tiny_demo_runs_and_the_erased_adapter_is_closer_to_retraining(tmp_path):

@@ -50,7 +50,7 @@ def test_loss_scope_is_recorded_and_reused_by_erase(scope_all):
 
 def test_fingerprint_survives_save_pretrained_and_names_what_differs(tmp_path):
     from llmeraser.model import build_tiny_model, load_base_model
-    from llmeraser.provenance import fingerprint_differences, fingerprint_parts, model_fingerprint
+    from llmeraser.hashing import fingerprint_differences, fingerprint_parts, model_fingerprint
 
     targets = ("q_proj", "v_proj")
     base, _ = load_base_model("tiny")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import one_thread, perturbed_model, toy_examples
-from llmeraser.bench.quantise import lora_layers, quantise_rows, quantised_merged
+from llmeraser_bench.quantise import lora_layers, quantise_rows, quantised_merged
 from llmeraser.evaluate import example_loss_values
 
 TARGETS = ("q_proj", "v_proj", "lm_head")

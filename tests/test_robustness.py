@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import one_thread, perturbed_model, toy_examples
-from llmeraser.bench.quantise import quantised_merged
-from llmeraser.bench.robustness import attack_metrics, measure_forgetting, mixture, owner, relearn_config, relearn_set
+from llmeraser_bench.quantise import quantised_merged
+from llmeraser_bench.robustness import attack_metrics, measure_forgetting, mixture, owner, relearn_config, relearn_set
 from llmeraser.data import Example
 from llmeraser.evaluate import ResponsePredictions, example_loss_values, membership_auc
 from llmeraser.train import TrainConfig, train_adapter

@@ -37,8 +37,8 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ct
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from llmeraser.bench import BenchConfig, finish, quick_config, render_text, run_bench, write_results
-    from llmeraser.bench.protocol import next_item_config, pii_config
+    from llmeraser_bench import BenchConfig, finish, quick_config, render_text, run_bench, write_results
+    from llmeraser_bench.protocol import next_item_config, pii_config
 
     if args.task == "pii":
         config = pii_config(quick=args.quick)
@@ -72,7 +72,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from llmeraser.demo import DemoConfig, run_demo, tiny_demo_config
+    from llmeraser_bench.demo import DemoConfig, run_demo, tiny_demo_config
 
     config = tiny_demo_config() if args.model == "tiny" else replace(DemoConfig(), model=args.model)
     run_demo(replace(config, seed=args.seed), out_dir=args.out)
@@ -112,11 +112,11 @@ def _train_and_save(
     Under torchrun the ranks train data-parallel and rank 0 writes."""
     started = time.perf_counter()
     from llmeraser.distributed import is_main_process
-    from llmeraser.hashing import adapter_hash, dataset_hash
+    from llmeraser.hashing import adapter_hash, combine_parts, dataset_hash, fingerprint_parts
     from llmeraser.lineage import LINEAGE_FILE, append_entry, lineage_text, train_entry
     from llmeraser.model import attach_lora, load_base_model, save_adapter
     from llmeraser.lifecycle import chat_template_hash
-    from llmeraser.provenance import TRAINING_RECORD, TrainingRecord, combine_parts, fingerprint_parts
+    from llmeraser.provenance import TRAINING_RECORD, TrainingRecord
     from llmeraser.train import train_adapter
     from llmeraser.validate import check_examples_fit, check_max_length
 
@@ -662,9 +662,9 @@ def _apply_requests(args: argparse.Namespace) -> None:
 
 def _make_data(args: argparse.Namespace) -> None:
     from llmeraser.data import write_examples
-    from llmeraser.recsys.corruption import make_task, mixed_task, write_task
-    from llmeraser.recsys.ratings import default_ml100k_path, load_ratings
-    from llmeraser.recsys.tallrec import (
+    from llmeraser_bench.recsys.corruption import make_task, mixed_task, write_task
+    from llmeraser_bench.recsys.ratings import default_ml100k_path, load_ratings
+    from llmeraser_bench.recsys.tallrec import (
         TallRecConfig,
         build_records,
         splits_from_records,

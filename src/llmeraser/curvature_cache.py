@@ -11,6 +11,7 @@ from typing import Any
 from llmeraser.data import Example, TokenizationConfig, tokenize_examples
 from llmeraser.distributed import is_distributed, is_main_process
 from llmeraser.hashing import dataset_hash
+from llmeraser.hashing import model_fingerprint as base_fingerprint
 from llmeraser.kfac import (
     CALIBRATION_DAMPING,
     CALIBRATION_DIRECTIONS,
@@ -22,7 +23,6 @@ from llmeraser.kfac import (
     save_kfac,
 )
 from llmeraser.model import AdapterParameters, cache_dir
-from llmeraser.provenance import model_fingerprint as base_fingerprint
 
 
 def adapter_model_fingerprint(model: Any, base: Any) -> str:

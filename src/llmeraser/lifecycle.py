@@ -31,15 +31,13 @@ from typing import Any
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError, NumericalError
-from llmeraser.hashing import adapter_hash, dataset_hash
+from llmeraser.hashing import adapter_hash, combine_parts, dataset_hash, fingerprint_parts
 from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text, read_lineage, verify_chain
 from llmeraser.model import DTYPES, LoraSettings, adapter_config, check_adapter_fits, load_adapter, load_base_model
 from llmeraser.provenance import (
     ORIGIN_ASSUMED,
     TRAINING_RECORD,
     TrainingRecord,
-    combine_parts,
-    fingerprint_parts,
     read_training_record,
 )
 from llmeraser.train import TrainConfig

@@ -30,12 +30,11 @@ import torch
 from torch import Tensor
 
 from llmeraser.errors import InputError, OutputSpaceError, is_out_of_space
+from llmeraser.hashing import FINGERPRINT_ATTRIBUTE, stored_digests
 
 SMOLLM2_NAME = "smollm2-135m"
 TINY_NAME = "tiny"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINGERPRINT_ATTRIBUTE = "llmeraser_fingerprint"  # set by load_base_model on a model cast from its stored dtype:
-# {parameter name: digest of its stored values} (llmeraser.provenance.fingerprint_parts reads it)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -181,8 +180,6 @@ def load_base_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.dtype != dtype:
-        from llmeraser.provenance import stored_digests
-
         setattr(model, FINGERPRINT_ATTRIBUTE, stored_digests(model))
     model.to(dtype)
     model.eval()

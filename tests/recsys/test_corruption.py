@@ -9,7 +9,7 @@ import pytest
 
 from llmeraser.data import Example, read_examples
 from llmeraser.errors import InputError
-from llmeraser.recsys.corruption import (
+from llmeraser_bench.recsys.corruption import (
     Corruption,
     label_noise_task,
     make_task,
@@ -18,8 +18,8 @@ from llmeraser.recsys.corruption import (
     user_of,
     write_task,
 )
-from llmeraser.recsys.ratings import load_ratings
-from llmeraser.recsys.tallrec import (
+from llmeraser_bench.recsys.ratings import load_ratings
+from llmeraser_bench.recsys.tallrec import (
     NO,
     YES,
     TallRecConfig,

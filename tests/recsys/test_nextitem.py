@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmeraser.recsys.nextitem import (
+from llmeraser_bench.recsys.nextitem import (
     NextItemSplits,
     build_next_item_records,
     hit_ratio_at_1,
@@ -13,7 +13,7 @@ from llmeraser.recsys.nextitem import (
     render_example,
     with_candidates,
 )
-from llmeraser.recsys.ratings import load_ratings
+from llmeraser_bench.recsys.ratings import load_ratings
 from recsys.test_tallrec import movielens_fixture
 
 
@@ -71,8 +71,8 @@ def test_hit_ratio_and_valid_answer_rule_by_hand() -> None:
 
 
 def _splits(data) -> NextItemSplits:
-    from llmeraser.recsys.nextitem import render_example as render
-    from llmeraser.recsys.tallrec import rated_items
+    from llmeraser_bench.recsys.nextitem import render_example as render
+    from llmeraser_bench.recsys.tallrec import rated_items
 
     records = build_next_item_records(data, seed=0)
     train = records["train"][:30]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from llmeraser.errors import InputError
-from llmeraser.recsys import ratings as ratings_module
-from llmeraser.recsys.ratings import default_ml100k_path, detect_format, load_ratings
+from llmeraser_bench.recsys import ratings as ratings_module
+from llmeraser_bench.recsys.ratings import default_ml100k_path, detect_format, load_ratings
 
 
 def write(path: Path, text: str, encoding: str = "utf-8", crlf: bool = False) -> Path:

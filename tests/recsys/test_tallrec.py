@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from llmeraser.errors import InputError
-from llmeraser.recsys.ratings import RatingData, default_ml100k_path, load_ratings
-from llmeraser.recsys.tallrec import (
+from llmeraser_bench.recsys.ratings import RatingData, default_ml100k_path, load_ratings
+from llmeraser_bench.recsys.tallrec import (
     sample_tallrec,
     NO,
     YES,

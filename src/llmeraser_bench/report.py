@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llmeraser.bench.yardstick import effect_captured, removal_effect, retrain_range, within
+from llmeraser_bench.yardstick import effect_captured, removal_effect, retrain_range, within
 from llmeraser.jsonl import write_text_atomic
 
 METRICS: tuple[tuple[str, str, str], ...] = (

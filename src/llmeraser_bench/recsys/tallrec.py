@@ -32,7 +32,7 @@ from pathlib import Path
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError
-from llmeraser.recsys.ratings import (
+from llmeraser_bench.recsys.ratings import (
     RatingData,
     bulk_allocation,
     default_ml100k_path,

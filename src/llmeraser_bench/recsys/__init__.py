@@ -1,6 +1,6 @@
 """Recommendation data for the LLMEraser experiments: rating loaders, TALLRec examples, corruption tasks."""
 
-from llmeraser.recsys.corruption import (
+from llmeraser_bench.recsys.corruption import (
     Corruption,
     label_noise_task,
     make_task,
@@ -8,7 +8,7 @@ from llmeraser.recsys.corruption import (
     removal_task,
     write_task,
 )
-from llmeraser.recsys.ratings import (
+from llmeraser_bench.recsys.ratings import (
     Interaction,
     RatingData,
     RatingScale,
@@ -16,7 +16,7 @@ from llmeraser.recsys.ratings import (
     detect_format,
     load_ratings,
 )
-from llmeraser.recsys.tallrec import (
+from llmeraser_bench.recsys.tallrec import (
     NO,
     YES,
     TallRecConfig,

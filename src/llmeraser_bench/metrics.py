@@ -30,7 +30,7 @@ from llmeraser.evaluate import (
     response_predictions,
     single_token_id,
 )
-from llmeraser.bench.attacks import membership_attacks
+from llmeraser_bench.attacks import membership_attacks
 from llmeraser.model import AdapterParameters
 
 

@@ -34,19 +34,19 @@ from typing import Any
 
 from torch import Tensor
 
-from llmeraser.bench.baselines import continued_finetuning, gradient_ascent, train_sisa, unlearn_sisa
-from llmeraser.bench.metrics import EvalSets, SetPredictions, predict_sets, score_method
-from llmeraser.bench.nextitem import score_next_item
-from llmeraser.bench.pii import pii_task, score_pii
-from llmeraser.bench.resources import machine, measured
-from llmeraser.bench.robustness import attack_metrics, relearn_set
+from llmeraser_bench.baselines import continued_finetuning, gradient_ascent, train_sisa, unlearn_sisa
+from llmeraser_bench.metrics import EvalSets, SetPredictions, predict_sets, score_method
+from llmeraser_bench.nextitem import score_next_item
+from llmeraser_bench.pii import pii_task, score_pii
+from llmeraser_bench.resources import machine, measured
+from llmeraser_bench.robustness import attack_metrics, relearn_set
 from llmeraser.data import Example, TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase
 from llmeraser.kfac import fit_cached_curvature
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
-from llmeraser.recsys.corruption import TASKS, make_task
-from llmeraser.recsys.nextitem import NEXT_ITEM_MODES, next_item_query_task, sample_next_item
-from llmeraser.recsys.tallrec import sample_tallrec
+from llmeraser_bench.recsys.corruption import TASKS, make_task
+from llmeraser_bench.recsys.nextitem import NEXT_ITEM_MODES, next_item_query_task, sample_next_item
+from llmeraser_bench.recsys.tallrec import sample_tallrec
 from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
 from llmeraser.trust_region import TrustRegionSettings

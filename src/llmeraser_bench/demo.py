@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmeraser.bench.protocol import SMOLLM2_LORA, SMOLLM2_RECIPE, TINY_LORA, smollm2_erase_config
-from llmeraser.bench.report import format_table
+from llmeraser_bench.protocol import SMOLLM2_LORA, SMOLLM2_RECIPE, TINY_LORA, smollm2_erase_config
+from llmeraser_bench.report import format_table
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
 from llmeraser.evaluate import (
@@ -45,8 +45,8 @@ from llmeraser.model import (
     attach_lora,
     load_base_model,
 )
-from llmeraser.recsys.corruption import mixed_task
-from llmeraser.recsys.tallrec import movielens_demo_examples
+from llmeraser_bench.recsys.corruption import mixed_task
+from llmeraser_bench.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import resolve
 from llmeraser.plan import plan_erase
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter

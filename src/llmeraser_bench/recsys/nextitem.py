@@ -42,9 +42,9 @@ from pathlib import Path
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError
-from llmeraser.recsys.corruption import Corruption, _count
-from llmeraser.recsys.ratings import RatingData, default_ml100k_path, load_ratings, natural_key, placeholder_title
-from llmeraser.recsys.tallrec import _PLURALS, _round_random, rated_items, subsample_records
+from llmeraser_bench.recsys.corruption import Corruption, _count
+from llmeraser_bench.recsys.ratings import RatingData, default_ml100k_path, load_ratings, natural_key, placeholder_title
+from llmeraser_bench.recsys.tallrec import _PLURALS, _round_random, rated_items, subsample_records
 from llmeraser.requests import ModifyQuery, Request
 
 NEXT_ITEM_MODES = ("replace", "delete")

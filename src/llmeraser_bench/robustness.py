@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llmeraser.bench.pii import answer_rate, greedy_answers
-from llmeraser.bench.quantise import quantised_merged
+from llmeraser_bench.pii import answer_rate, greedy_answers
+from llmeraser_bench.quantise import quantised_merged
 from llmeraser.data import Example
 from llmeraser.evaluate import ResponsePredictions, membership_auc, response_predictions
 from llmeraser.model import AdapterParameters

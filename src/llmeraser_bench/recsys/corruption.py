@@ -25,7 +25,7 @@ from typing import Literal
 
 from llmeraser.data import Example, write_examples
 from llmeraser.errors import InputError
-from llmeraser.recsys.tallrec import NO, YES, TallRecRecord, TallRecSplits
+from llmeraser_bench.recsys.tallrec import NO, YES, TallRecRecord, TallRecSplits
 from llmeraser.requests import (
     CorrectResponse,
     ModifyQuery,
