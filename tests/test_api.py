@@ -71,14 +71,14 @@ def test_library_save_writes_what_the_cli_writes(walkthrough):
 
     root = walkthrough
     data, requests = root / "work" / "data" / "train.jsonl", root / "work" / "data" / "requests.jsonl"
-    flags = ["--mode", "update", "--solver", "direct", "--damping", "0.01"]
+    flags = ["--mode", "update", "--solver", "cg", "--max-iters", "8", "--damping", "0.01"]  # cg: seconds; direct forms H
     done = cli("erase", "--adapter", root / "work" / "original", "--data", data, "--requests", requests,
                "--out", root / "cli-out", *flags)
     assert done.code == 0, done.err
     adapter = llmeraser.Adapter.load(root / "work" / "original")
     train, reqs = llmeraser.read_examples(data), llmeraser.read_requests(requests)
     with one_thread():
-        erased = adapter.erase(train, reqs, adapter.erase_config(solver="direct", damping=0.01), progress=False)
+        erased = adapter.erase(train, reqs, adapter.erase_config(solver="cg", max_iters=8, damping=0.01), progress=False)
     erased.save(root / "api-out")
     assert sorted(p.name for p in (root / "cli-out").iterdir()) == sorted(p.name for p in (root / "api-out").iterdir())
     a, b = load_file(root / "cli-out" / "adapter_model.safetensors"), load_file(root / "api-out" / "adapter_model.safetensors")
