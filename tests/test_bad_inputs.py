@@ -1,6 +1,6 @@
 """Every kind of bad input, through the command line: what the user sees and the exit code (2 usage,
 3 input, 4 numerical), and that nothing is written. ``python tests/test_bad_inputs.py`` prints the table
-of the README's "Bad input and failures" section from a real run of these cases."""
+of docs/failures.md ("What the user sees for each bad input") from a real run of these cases."""
 
 from __future__ import annotations
 
@@ -307,7 +307,7 @@ def user_message(done, case: Case) -> str:
     return message.replace("|", "\\|")
 
 
-if __name__ == "__main__":  # the README table from a real run
+if __name__ == "__main__":  # the table of docs/failures.md from a real run
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,7 +38,7 @@ def workflow(tmp_path_factory):
 
     The recipe trains to convergence with enough weight decay that the model does not interpolate its
     training data: the regime where the influence (Newton) step is accurate. (Trained to ~0 loss, the
-    Gauss–Newton curvature vanishes and the step overshoots; see the README.)"""
+    Gauss–Newton curvature vanishes and the step overshoots; see docs/method.md.)"""
     root = tmp_path_factory.mktemp("cli")
     data = root / "train.jsonl"
     examples = toy_examples(16, seed=3)
