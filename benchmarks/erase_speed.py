@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmeraser_bench.resources import machine, measured
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
@@ -40,10 +39,11 @@ from llmeraser.evaluate import answer_scores, auc, binary_labels
 from llmeraser.gradients import summed_gradient
 from llmeraser.kfac import calibrate_step_length, fit_and_time, load_calibration, load_kfac, save_kfac
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
-from llmeraser_bench.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import Remove, edited_training_set, resolve
 from llmeraser.solvers import relative_residual
 from llmeraser.train import TrainConfig, train_adapter
+from llmeraser_bench.recsys.tallrec import movielens_demo_examples
+from llmeraser_bench.resources import machine, measured
 
 
 def main() -> None:
@@ -101,7 +101,8 @@ def main() -> None:
 
     results["auc_original"] = test_auc(theta)
     rng = np.random.default_rng(args.seed)
-    kfac_items = tokenize_examples(tokenizer, [train[i] for i in sorted(rng.permutation(len(train))[: args.kfac_examples])], config)
+    kfac_subset = sorted(rng.permutation(len(train))[: args.kfac_examples])
+    kfac_items = tokenize_examples(tokenizer, [train[i] for i in kfac_subset], config)
     caches = {}
     for method in args.curvature_methods:
         print(f"fit {method} on {len(kfac_items)} examples + calibrate its step length", flush=True)
@@ -115,8 +116,10 @@ def main() -> None:
         stages[f"calibrate_{method}"]["step_length"] = calibration.step_length
         stages[f"calibrate_{method}"]["residuals"] = list(calibration.residuals)
         caches[method] = (factors, calibration)
-    probe_items = tokenize_examples(tokenizer, [train[i] for i in sorted(rng.permutation(len(train))[: args.probe_examples])], config)
-    probe = CurvatureOperator(model, params, probe_items, tokenizer.pad_token_id, "gauss-newton", args.damping, recipe.weight_decay)
+    probe_subset = sorted(rng.permutation(len(train))[: args.probe_examples])
+    probe_items = tokenize_examples(tokenizer, [train[i] for i in probe_subset], config)
+    probe = CurvatureOperator(model, params, probe_items, tokenizer.pad_token_id, "gauss-newton", args.damping,
+                              recipe.weight_decay)
 
     erase_config = EraseConfig(solver="cg", curvature="gauss-newton", damping=args.damping, weight_decay=recipe.weight_decay,
                                max_iters=args.cg_iters, tol=1e-6, curvature_examples=args.curvature_examples, seed=args.seed)
@@ -188,8 +191,9 @@ def load_model(args: argparse.Namespace) -> tuple:
 def stage_peak_memory(stage: str, work: str) -> dict:
     """Run ``stage`` in a fresh process of this script (the same arguments) and return its
     ``{"seconds", "peak_rss_mib"}``: the process's peak resident memory over its whole life (model loading
-    included; ``eraser.peak_memory_mb``, the measure erasure_report.json records), so that stages are compared as the separate commands a user runs, not inside one long
-    process whose resident memory keeps what earlier stages allocated."""
+    included; ``eraser.peak_memory_mb``, the measure erasure_report.json records), so that stages are compared
+    as the separate commands a user runs, not inside one long process whose resident memory keeps what earlier
+    stages allocated."""
     command = [sys.executable, *sys.argv, "--memory-stage", stage, "--memory-dir", work]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -228,9 +232,11 @@ def render(results: dict) -> str:
         "",
         f"- train ({results['settings']['n_train']} examples, {results['settings']['epochs']} epoch): "
         f"{stages['train']['seconds']:.0f} s, peak RSS {stages['train']['peak_rss_mib']:.0f} MiB",
-        f"- one training step (batch 8): {stages['one_train_step']['seconds']:.1f} s, peak RSS {stages['one_train_step']['peak_rss_mib']:.0f} MiB",
+        f"- one training step (batch 8): {stages['one_train_step']['seconds']:.1f} s, "
+        f"peak RSS {stages['one_train_step']['peak_rss_mib']:.0f} MiB",
         *(f"- fit {m} ({results['settings']['kfac_examples']} examples): {stages['fit_' + m]['seconds']:.0f} s; "
-          f"step-length calibration {stages['calibrate_' + m]['seconds']:.0f} s (α = {stages['calibrate_' + m]['step_length']:.3g})"
+          f"step-length calibration {stages['calibrate_' + m]['seconds']:.0f} s "
+          f"(α = {stages['calibrate_' + m]['step_length']:.3g})"
           for m in results["settings"]["curvature_methods"]),
         f"- test AUC of the original adapter: {results['auc_original']:.4f}",
         "",

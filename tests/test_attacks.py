@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from llmeraser_bench.attacks import attack_auc, membership_attacks, min_k_plus_plus, reference_scores, zlib_scores
 from llmeraser.data import Example
 from llmeraser.evaluate import ResponsePredictions
+from llmeraser_bench.attacks import attack_auc, membership_attacks, min_k_plus_plus, reference_scores, zlib_scores
 
 
 def fixture() -> ResponsePredictions:

@@ -130,7 +130,8 @@ def peft_adapter(root: Path) -> str:
 
 CASES = [
     # request files
-    Case("malformed JSON", with_request_line('{"op": "remove", "id": "ex1"'), 3, "req.jsonl:2: malformed JSON: Expecting ',' delimiter (column 29)"),
+    Case("malformed JSON", with_request_line('{"op": "remove", "id": "ex1"'), 3,
+         "req.jsonl:2: malformed JSON: Expecting ',' delimiter (column 29)"),
     Case("a line that is not an object", with_request_line('["remove", "ex1"]'), 3,
          "req.jsonl:2: expected a JSON object, got list"),
     Case("wrong type (id is a list)", with_request_line('{"op": "remove", "id": ["ex1"]}'), 3,
@@ -167,7 +168,8 @@ CASES = [
     Case("very large request file (400,000 lines, 12 MB) with an error on line 2", big_file, 3,
          "big.jsonl:2: malformed JSON"),
     Case("UTF-8 BOM and CRLF line ends (accepted)",
-         lambda root: erase(requests_file(root, b'\xef\xbb\xbf{"op": "remove", "id": "ex0"}\r\n{"op": "remove", "id": "ex1"}\r\n'),
+         lambda root: erase(requests_file(root, b'\xef\xbb\xbf{"op": "remove", "id": "ex0"}\r\n'
+                                                 b'{"op": "remove", "id": "ex1"}\r\n'),
                             out="bom-out"), 0, "erased adapter written to bom-out"),
     # training data
     Case("training data: duplicate id", lambda root: erase(requests_file(root, GOOD), data=data_file(
@@ -180,8 +182,9 @@ CASES = [
             root, "".join(json.dumps({"id": f"ex{i}", "prompt": "p", "response": " r" * (70 if i == 3 else 1)}) + "\n"
                           for i in range(5)))), 3,
         "bad-train.jsonl:4: example 'ex3': response is 141 tokens, max_length is 128"),
-    Case("training data: a CSV row with more fields than the header", lambda root: erase(requests_file(root, GOOD), data=data_file(
-        root, "id,prompt,response\nex0,p, r\nex1,p, r, and more\n", "bad-train.csv")), 3,
+    Case("training data: a CSV row with more fields than the header", lambda root: erase(
+        requests_file(root, GOOD),
+        data=data_file(root, "id,prompt,response\nex0,p, r\nex1,p, r, and more\n", "bad-train.csv")), 3,
         "bad-train.csv:3: expected 3 fields (as the header: id, prompt, response), got 4"),
     Case("training data: a CSV conversation whose messages cell is not JSON", lambda root: erase(
         requests_file(root, GOOD), data=data_file(root, f"id,messages\nex0,{CHAT_CELL}\nex1,[{{role: user}}]\n",

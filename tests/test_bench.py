@@ -10,9 +10,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from cli_helpers import cli
 from conftest import tiny_lora_model, toy_examples
+
+from llmeraser.evaluate import example_loss_values
+from llmeraser.model import AdapterParameters
+from llmeraser.requests import CorrectResponse, Remove, edited_training_set, resolve
+from llmeraser.train import TrainConfig, train_adapter
 from llmeraser_bench.baselines import (
     continued_finetuning,
     gradient_ascent,
@@ -23,10 +27,6 @@ from llmeraser_bench.baselines import (
 from llmeraser_bench.pii import generate_people, pii_task
 from llmeraser_bench.protocol import BenchConfig, prepare_ratio, quick_config
 from llmeraser_bench.report import check_targets, summarise
-from llmeraser.evaluate import example_loss_values
-from llmeraser.model import AdapterParameters
-from llmeraser.requests import CorrectResponse, Remove, edited_training_set, resolve
-from llmeraser.train import TrainConfig, train_adapter
 
 RECIPE = TrainConfig(epochs=2, lr=1e-2, batch_size=4, max_length=64)
 
@@ -180,7 +180,8 @@ def test_bench_config_rejects_bad_methods() -> None:
 def assert_attacks(results: dict, extract: bool) -> None:
     """Every method, the retrained model included, carries finite quantisation and relearning metrics, and
     each eraser gets one target per attack."""
-    keys = [f"{m}_{a}" for m in ("loss_removed", "mia", *(("extract_removed",) if extract else ())) for a in ("q8", "q4", "relearn")]
+    measures = ("loss_removed", "mia", *(("extract_removed",) if extract else ()))
+    keys = [f"{m}_{a}" for m in measures for a in ("q8", "q4", "relearn")]
     for row in results["rows"]:
         assert all(np.isfinite(row[k]) for k in keys), (row["method"], {k: row.get(k) for k in keys})
     assert {row["method"] for row in results["rows"] if "loss_removed_q4" in row} >= {"original", "retrain"}
@@ -234,7 +235,8 @@ def test_bench_on_a_rating_directory_with_chosen_methods(tmp_path) -> None:
     directory = movielens_fixture(tmp_path, n_users=10, per_user=16)
     out = tmp_path / "bench"
     result = cli("bench", "--task", "removal", "--quick", "--data", directory, "--format", "movielens",
-                 "--methods", "llmeraser_cached", "gradient_ascent", "--seeds", "1", "--cache-method", "datainf", "--ratio", "0.1", "0.2", "--out", out)
+                 "--methods", "llmeraser_cached", "gradient_ascent", "--seeds", "1", "--cache-method", "datainf",
+                 "--ratio", "0.1", "0.2", "--out", out)
     assert result.code == 0, result.err
     results = json.loads((out / "results.json").read_text())
     assert {row["method"] for row in results["rows"]} == {"original", "retrain", "llmeraser_cached", "gradient_ascent"}
@@ -287,8 +289,8 @@ def test_bench_checkpoints_after_every_seed(tmp_path) -> None:
     """An interrupted run leaves what it measured: after each seed the results so far are handed over,
     marked incomplete with the seeds done, and render as a partial run."""
     from llmeraser_bench import finish, run_bench
-    from llmeraser_bench.report import render_markdown
     from llmeraser_bench.protocol import pii_config
+    from llmeraser_bench.report import render_markdown
 
     config = dataclasses.replace(pii_config(quick=True), methods=("original", "retrain"))
     snapshots: list[dict] = []

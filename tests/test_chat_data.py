@@ -8,9 +8,9 @@ import logging
 
 import pytest
 import torch
+from conftest import exact_float64_llama, one_thread, tiny_lora_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import exact_float64_llama, one_thread, tiny_lora_model
 
 from llmeraser.chat import Message
 from llmeraser.data import (

@@ -241,8 +241,9 @@ def test_full_disk_while_writing_is_one_line_exit_5_and_nothing_left(setup, monk
 
 
 def test_full_disk_during_erase_names_the_output_and_the_weights_it_needed(setup, monkeypatch, tmp_path):
-    import llmeraser.model
     from safetensors.torch import load_file
+
+    import llmeraser.model
 
     real_write = Path.write_text
 
@@ -286,7 +287,8 @@ def test_full_disk_in_the_rust_weights_writer_is_recognised(setup, monkeypatch, 
     from safetensors import SafetensorError
 
     def full(tensors, filename, metadata=None):
-        open(filename, "wb").write(b"partial")  # a partial file, as the real writer leaves
+        with open(filename, "wb") as out:
+            out.write(b"partial")  # a partial file, as the real writer leaves
         raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error {errno.ENOSPC})")
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", full)

@@ -60,7 +60,8 @@ def model_and_tokenizer():
 
 
 def test_read_prompt_response(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [dumps(id="a", prompt="P1", response="R1"), dumps(id="b", prompt="P2", response="R2")])
+    path = write_lines(tmp_path / "d.jsonl",
+                       [dumps(id="a", prompt="P1", response="R1"), dumps(id="b", prompt="P2", response="R2")])
     assert read_examples(path) == [Example("a", "P1", "R1"), Example("b", "P2", "R2")]
 
 
@@ -192,7 +193,8 @@ def test_response_longer_than_max_length_raises(tokenizer):
 
 
 def test_collate_masks_prompt_and_padding(tokenizer):
-    items = tokenize_examples(tokenizer, [Example("a", "Long prompt here", " Yes"), Example("b", "Hi", " No")], TokenizationConfig(64))
+    items = tokenize_examples(tokenizer, [Example("a", "Long prompt here", " Yes"), Example("b", "Hi", " No")],
+                              TokenizationConfig(64))
     batch = collate(items, tokenizer.pad_token_id)
     lengths = [len(i.input_ids) for i in items]
     assert batch["input_ids"].shape == (2, max(lengths))

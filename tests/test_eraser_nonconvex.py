@@ -79,7 +79,9 @@ def test_removal_moves_towards_retraining(trained):
     assert retrained.mean() > original.mean()  # retraining forgets: the removed examples get less likely
     assert erased.mean() - original.mean() >= 0.4 * (retrained.mean() - original.mean())
 
-    rest_original, rest_erased, rest_retrained = (losses_at(model, tokenizer, t, rest) for t in (theta, result.theta_new, theta_retrain))
+    rest_original, rest_erased, rest_retrained = (
+        losses_at(model, tokenizer, t, rest) for t in (theta, result.theta_new, theta_retrain)
+    )
     assert abs(rest_erased.mean() - rest_original.mean()) < abs(rest_retrained.mean() - rest_original.mean())
 
 

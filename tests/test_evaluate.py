@@ -33,7 +33,8 @@ def test_single_token_answer_scores_equal_the_two_pass_difference(tiny_model) ->
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
     # multi-token answers take the two-pass path
     multi = answer_scores(model, tokenizer, examples, positive=" Yes", negative=" No")
-    expected = answer_log_likelihoods(model, tokenizer, prompts, " Yes") - answer_log_likelihoods(model, tokenizer, prompts, " No")
+    expected = (answer_log_likelihoods(model, tokenizer, prompts, " Yes")
+                - answer_log_likelihoods(model, tokenizer, prompts, " No"))
     np.testing.assert_allclose(multi, expected, rtol=1e-6)
 
 

@@ -91,9 +91,8 @@ def render(objects: list[dict], layout: dict) -> tuple[bytes, list[int]]:
 
 
 def write(data: bytes) -> Path:
-    handle = tempfile.NamedTemporaryFile(prefix="hyp-", suffix=".jsonl", delete=False)
-    handle.write(data)
-    handle.close()
+    with tempfile.NamedTemporaryFile(prefix="hyp-", suffix=".jsonl", delete=False) as handle:
+        handle.write(data)
     return Path(handle.name)
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import FAST_TRAIN, cli
 from conftest import exact_float64_llama, one_thread, perturbed_model, tiny_lora_model, toy_examples
+
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import TokenizationConfig, tokenize_examples, write_examples
 from llmeraser.eraser import erase
-from llmeraser.gradients import per_example_gradients
 from llmeraser.errors import InputError
+from llmeraser.gradients import per_example_gradients
 from llmeraser.kfac import (
     DataInfLayer,
     KfacInverse,

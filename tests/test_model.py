@@ -56,7 +56,8 @@ def test_adapter_parameters_flat_split_assign_round_trip(lora):
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert params.names == [n for n, _ in trainable]
     assert all("lora_" in n for n in params.names)
-    assert params.dim == sum(p.numel() for _, p in trainable) == 2 * (2 * 32 + 32 * 2 + 2 * 32 + 16 * 2)  # layers × (q: A, B; v: A, B)
+    # layers × (q: A, B; v: A, B)
+    assert params.dim == sum(p.numel() for _, p in trainable) == 2 * (2 * 32 + 32 * 2 + 2 * 32 + 16 * 2)
     flat = params.flat()
     assert flat.shape == (params.dim,)
     pieces = params.split(flat)
@@ -156,7 +157,8 @@ def test_save_adapter_makes_no_hub_lookup(tmp_path, lora, monkeypatch):
     monkeypatch.setattr(save_and_load, "check_file_exists_on_hf_hub", no_network)
     model, _, params = lora
     out = save_adapter(model, tmp_path / "adapter")
-    assert torch.equal(AdapterParameters.of(load_adapter(load_base_model("tiny", dtype=torch.float64)[0], out)).flat(), params.flat())
+    reloaded = load_adapter(load_base_model("tiny", dtype=torch.float64)[0], out)
+    assert torch.equal(AdapterParameters.of(reloaded).flat(), params.flat())
 
 
 GGUF_SETTING = {"dequantize": False, "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "quant_method": "gguf"}

@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from llmeraser.data import write_examples
 from llmeraser.eraser import EraseConfig, erase
-from llmeraser.model import AdapterParameters, load_adapter, load_base_model, save_adapter
 from llmeraser.hashing import model_fingerprint
+from llmeraser.model import AdapterParameters, load_adapter, load_base_model, save_adapter
 from llmeraser.requests import CorrectResponse, Remove
 from llmeraser.train import TrainConfig, train_adapter
 

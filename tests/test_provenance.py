@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 import pytest
+import torch
 from cli_helpers import FAST_TRAIN, cli
 from conftest import toy_examples
 
@@ -49,8 +48,8 @@ def test_loss_scope_is_recorded_and_reused_by_erase(scope_all):
 
 
 def test_fingerprint_survives_save_pretrained_and_names_what_differs(tmp_path):
-    from llmeraser.model import build_tiny_model, load_base_model
     from llmeraser.hashing import fingerprint_differences, fingerprint_parts, model_fingerprint
+    from llmeraser.model import build_tiny_model, load_base_model
 
     targets = ("q_proj", "v_proj")
     base, _ = load_base_model("tiny")

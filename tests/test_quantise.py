@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import one_thread, perturbed_model, toy_examples
-from llmeraser_bench.quantise import lora_layers, quantise_rows, quantised_merged
+
 from llmeraser.evaluate import example_loss_values
+from llmeraser_bench.quantise import lora_layers, quantise_rows, quantised_merged
 
 TARGETS = ("q_proj", "v_proj", "lm_head")
 

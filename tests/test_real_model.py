@@ -8,9 +8,9 @@ import torch
 
 from llmeraser.evaluate import example_loss_values
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
-from llmeraser_bench.recsys.tallrec import movielens_demo_examples
 from llmeraser.requests import Remove
 from llmeraser.train import TrainConfig, train_adapter
+from llmeraser_bench.recsys.tallrec import movielens_demo_examples
 
 pytestmark = pytest.mark.real_model
 

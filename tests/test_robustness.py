@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import one_thread, perturbed_model, toy_examples
-from llmeraser_bench.quantise import quantised_merged
-from llmeraser_bench.robustness import attack_metrics, measure_forgetting, mixture, owner, relearn_config, relearn_set
+
 from llmeraser.data import Example
 from llmeraser.evaluate import ResponsePredictions, example_loss_values, membership_auc
 from llmeraser.train import TrainConfig, train_adapter
+from llmeraser_bench.quantise import quantised_merged
+from llmeraser_bench.robustness import attack_metrics, measure_forgetting, mixture, owner, relearn_config, relearn_set
 
 RECIPE = TrainConfig(epochs=2, lr=1e-2, batch_size=4, weight_decay=1e-2, max_length=64)
 
@@ -27,7 +27,8 @@ def test_relearn_set_prefers_the_same_owners_and_is_seeded() -> None:
     assert {owner(e.id) for e in chosen[:6]} == {"u1", "u3"}  # all 6 related examples first, then 2 others
     assert {owner(e.id) for e in chosen[6:]} <= {"u0", "u2", "u4"}
     assert chosen == relearn_set(kept, forgotten, 8, seed=0) and chosen != relearn_set(kept, forgotten, 8, seed=1)
-    assert len(relearn_set(kept, forgotten, 4, seed=0)) == 4 and all(owner(e.id) in {"u1", "u3"} for e in relearn_set(kept, forgotten, 4))
+    assert len(relearn_set(kept, forgotten, 4, seed=0)) == 4
+    assert all(owner(e.id) in {"u1", "u3"} for e in relearn_set(kept, forgotten, 4))
     assert len(relearn_set(kept[:2], forgotten, 8)) == 2  # fewer kept than asked for
     assert owner("p003-phone") == "p003"
     config = relearn_config(RECIPE, 5, 6)

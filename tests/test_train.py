@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import tiny_lora_model, toy_examples
+
 from llmeraser.data import TokenizationConfig, tokenize_example
 from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove, edited_training_set, resolve

@@ -113,9 +113,9 @@ def _train_and_save(
     started = time.perf_counter()
     from llmeraser.distributed import is_main_process
     from llmeraser.hashing import adapter_hash, combine_parts, dataset_hash, fingerprint_parts
+    from llmeraser.lifecycle import chat_template_hash
     from llmeraser.lineage import LINEAGE_FILE, append_entry, lineage_text, train_entry
     from llmeraser.model import attach_lora, load_base_model, save_adapter
-    from llmeraser.lifecycle import chat_template_hash
     from llmeraser.provenance import TRAINING_RECORD, TrainingRecord
     from llmeraser.train import train_adapter
     from llmeraser.validate import check_examples_fit, check_max_length
@@ -620,9 +620,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _history(args: argparse.Namespace) -> None:
     """Print an adapter's lineage and verify its chain; a broken chain is an input error (exit 3)."""
-    from llmeraser.lineage import LINEAGE_FILE, describe, verify_adapter
-
     from llmeraser.lifecycle import require_adapter
+    from llmeraser.lineage import LINEAGE_FILE, describe, verify_adapter
 
     require_adapter(args.adapter)
     if not (Path(args.adapter) / LINEAGE_FILE).is_file():

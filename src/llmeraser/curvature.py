@@ -23,9 +23,9 @@ from torch import Tensor
 
 from llmeraser.data import (
     TokenizedExample,
+    aligned_labels,
     example_losses,
     iter_batches,
-    aligned_labels,
     model_inputs,
     shifted_targets,
 )

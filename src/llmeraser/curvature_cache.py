@@ -84,8 +84,8 @@ def fit_curvature_cache(
     model_fingerprint: str | None = None,
 ) -> tuple[CachedCurvature, dict[str, Any]]:
     """Fit ``method`` on ``curvature_examples`` random training examples (all when None), calibrate its step
-    length on all of them (``CurvatureFitConfig`` says what each setting means), and write it to ``out`` (atomically; rank 0 only; None: not written). Returns
-    the cache and the metadata stored beside it (``curvature.json``)."""
+    length on all of them (``CurvatureFitConfig`` says what each setting means), and write it to ``out``
+    (atomically; rank 0 only; None: not written). Returns the cache and the metadata stored beside it (``curvature.json``)."""
     from llmeraser.eraser import library_versions
 
     tokenization = TokenizationConfig(max_length=max_length, loss_scope=loss_scope)

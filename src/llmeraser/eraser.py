@@ -38,6 +38,7 @@ from llmeraser.distributed import is_distributed, shard, world_size
 from llmeraser.errors import NumericalError
 from llmeraser.gradients import influence_rhs
 from llmeraser.hashing import adapter_hash
+from llmeraser.kfac import CurvatureLayer, KfacInverse, StepCalibration, cache_method, step_length
 from llmeraser.model import AdapterParameters, save_adapter
 from llmeraser.requests import (
     EditPair,
@@ -48,7 +49,6 @@ from llmeraser.requests import (
     edited_training_set,
     resolve,
 )
-from llmeraser.kfac import CurvatureLayer, KfacInverse, StepCalibration, cache_method, step_length
 from llmeraser.solvers import SolverResult, solve
 from llmeraser.trust_region import TrustRegionSettings, trust_region_update
 
@@ -401,8 +401,8 @@ def erase(
     ``train`` is the training set the adapter was trained on; ``kfac``: a fitted curvature (K-FAC, EK-FAC
     or DataInf, ``llmeraser.kfac``), used as ``config.curvature_use`` says; ``calibration``: its step length
     fitted at fit time (``llmeraser.kfac.load_calibration``), used by ``curvature_use="direct"`` when its
-    damping + weight decay equal the erasure's (the report's ``solver.step_length_source`` says); ``overrides`` replace fields of ``config``
-    (e.g. ``solver="cg", curvature="hessian", damping=1e-2``); ``progress`` shows a progress bar of
+    damping + weight decay equal the erasure's (the report's ``solver.step_length_source`` says); ``overrides``
+    replace fields of ``config`` (e.g. ``solver="cg", curvature="hessian", damping=1e-2``); ``progress`` shows a progress bar of
     the solver's iterations. ``heldout``: examples the adapter never saw, for ``config.trust_region``'s
     held-out check and never-seen level. The model's weights are left unchanged.
     """

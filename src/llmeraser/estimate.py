@@ -453,7 +453,8 @@ def _estimate_solve(
     options = config.solver_options
     count = len(curvature_items)
     generator = torch.Generator().manual_seed(config.seed)  # the probe subset of ``eraser._solver_options``
-    probe_indices = sorted(torch.randperm(count, generator=generator)[: min(config.probe_examples or DEFAULT_PROBE_EXAMPLES, count)].tolist())
+    n_probe = min(config.probe_examples or DEFAULT_PROBE_EXAMPLES, count)
+    probe_indices = sorted(torch.randperm(count, generator=generator)[:n_probe].tolist())
     probe_batches = chunks([curvature_items[i] for i in probe_indices], config.batch_size)
     preconditioned_sgd = kfac is not None and config.curvature_use == "precondition" and config.solver == "sgd"
     if kfac is not None and not preconditioned_sgd:

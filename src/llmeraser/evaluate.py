@@ -24,8 +24,8 @@ from torch import Tensor
 from llmeraser.data import (
     Example,
     TokenizationConfig,
-    iter_batches,
     forward_logits,
+    iter_batches,
     response_nll,
     shifted_targets,
     tokenize_examples,
@@ -120,7 +120,9 @@ def _as_list(thetas: Thetas) -> list[Tensor]:
     return [thetas] if isinstance(thetas, Tensor) else list(thetas)
 
 
-def _mixture_log_probs(model: Any, params: AdapterParameters, batch: dict[str, Tensor], thetas: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _mixture_log_probs(
+    model: Any, params: AdapterParameters, batch: dict[str, Tensor], thetas: list[Tensor]
+) -> tuple[Tensor, Tensor]:
     """Next-token log-probabilities (B, L'-1, V, float64) of the equal-weight mixture of the model under each
     θ in ``thetas`` (one θ: the model itself), and the aligned labels (B, L')."""
     parts = []

@@ -78,7 +78,7 @@ def per_example_gradients(
         fixed = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
 
         def loss(theta: dict[str, Tensor], ids: Tensor, mask: Tensor, target: Tensor) -> Tensor:
-            kwargs = {"input_ids": ids[None], "attention_mask": mask[None], **fixed}
+            kwargs = {"input_ids": ids[None], "attention_mask": mask[None], **fixed}  # noqa: B023 (called in this iteration only)
             logits = functional_call(model, theta, args=(), kwargs=kwargs, strict=False).logits
             return response_nll(logits, target[None])[0]
 

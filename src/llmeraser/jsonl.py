@@ -38,7 +38,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if not path.is_file():
         raise InputError("file not found", path)
     try:
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 (entered below: an open error is reported apart from a read error)
     except OSError as err:
         raise InputError(f"cannot read file: {err.strerror}", path) from None
     with handle:

@@ -173,7 +173,9 @@ def _sampled_passes(
     for name, module in layers.items():
         handles.append(module.register_forward_hook(forward_hook(name)))
         handles.append(module.register_full_backward_hook(backward_hook(name)))
-    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+    warnings.filterwarnings(
+        "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
+    )
     loss_positions = 0
     try:
         for batch, generator in _sampling_batches(items, batch_size, pad_token_id, seed, distributed):

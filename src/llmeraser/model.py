@@ -100,10 +100,10 @@ def smollm2_path() -> Path:
     """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file on first use."""
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        try:  # a cache converted before the GGUF setting was dropped: drop it now (a small JSON rewrite)
+        # a cache converted before the GGUF setting was dropped: drop it now (a small JSON rewrite);
+        # a read-only cache still loads (only the HF Trainer refuses it)
+        with contextlib.suppress(OSError):
             drop_gguf_quantization_config(target)
-        except OSError:  # a read-only cache still loads; only the HF Trainer refuses it
-            pass
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -248,7 +248,10 @@ def adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         raise InputError(f"unreadable adapter config ({err})", path) from None
 
 
-_LORA_FACTOR = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?(?:\.weight)?$")
+_LORA_FACTOR = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.[^.]+)?(?:\.weight)?$"
+)
 
 
 def check_adapter_fits(base: Any, adapter_dir: str | Path) -> None:
@@ -258,7 +261,7 @@ def check_adapter_fits(base: Any, adapter_dir: str | Path) -> None:
 
     factors: dict[str, dict[str, tuple[int, ...]]] = {}
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as handle:
-        for key in handle.keys():
+        for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             match = _LORA_FACTOR.match(key)
             if match is not None:
                 factors.setdefault(match["module"], {})[match["factor"]] = tuple(handle.get_slice(key).get_shape())

@@ -15,7 +15,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 from llmeraser.data import Example
 from llmeraser.errors import InputError
 from llmeraser.hashing import combine_parts, dataset_hash, fingerprint_differences, fingerprint_parts

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError
@@ -94,7 +94,7 @@ class CorrectResponse:
         return {"op": self.op, "id": self.id, "response": self.response, **turn}
 
 
-Request = Union[Remove, ModifyQuery, CorrectResponse]
+Request = Remove | ModifyQuery | CorrectResponse
 REQUEST_KINDS: dict[str, type] = {"remove": Remove, "modify_query": ModifyQuery, "correct_response": CorrectResponse}
 
 
@@ -117,7 +117,9 @@ def request_from_json(obj: dict[str, Any], path: str | Path | None = None, line:
         raise InputError(f"unknown op {op!r} (expected one of: {', '.join(REQUEST_KINDS)})", path, line)
     source = Source(str(path) if path is not None else None, line)
     request_id = require_str(obj, "id", path or "<requests>", line or 0, allow_int=True)
-    allowed = {"op", "id"} | ({"prompt", "turn"} if op == "modify_query" else {"response", "turn"} if op == "correct_response" else set())
+    allowed = {"op", "id"} | (
+        {"prompt", "turn"} if op == "modify_query" else {"response", "turn"} if op == "correct_response" else set()
+    )
     unknown = sorted(set(obj) - allowed)
     if unknown:
         raise InputError(f"unexpected field(s) for op '{op}': {', '.join(unknown)}", path, line)

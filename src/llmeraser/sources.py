@@ -90,7 +90,7 @@ def iter_csv_rows(path: str | Path) -> Iterator[Row]:
     _check_file(path, "CSV")
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        handle = open(path, encoding="utf-8-sig", newline="")
+        handle = open(path, encoding="utf-8-sig", newline="")  # noqa: SIM115 (entered below, as in jsonl.py)
     except OSError as err:
         raise InputError(f"cannot read file: {err.strerror}", path) from None
     with handle:

@@ -15,8 +15,8 @@ from typing import Any
 
 from llmeraser.data import ID_COLUMNS, Example, FitError, TokenizationConfig, row_id, tokenize_example
 from llmeraser.errors import InputError
-from llmeraser.sources import iter_rows
 from llmeraser.requests import CorrectResponse, Request
+from llmeraser.sources import iter_rows
 
 
 def context_limit(model: Any) -> int | None:
@@ -110,7 +110,8 @@ def check_examples_fit(
         try:
             truncated += tokenize_example(tokenizer, example, config).truncated
         except InputError as err:
-            message = err.message if example.is_conversation and not isinstance(err, FitError) else _fit_error(err, max_length, limit)
+            message = (err.message if example.is_conversation and not isinstance(err, FitError)
+                       else _fit_error(err, max_length, limit))
             raise _data_error(message, data_path, example.id) from None
     return truncated
 

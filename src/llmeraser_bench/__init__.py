@@ -16,7 +16,8 @@ if _missing:
                       f"(missing: {', '.join(_missing)})")
 
 
-from llmeraser_bench.protocol import DEFAULT_METHODS, METHODS, BenchConfig, quick_config, run_bench
-from llmeraser_bench.report import finish, render_text, write_results
+# after the check above, so that a missing extra is named rather than failing inside an import
+from llmeraser_bench.protocol import DEFAULT_METHODS, METHODS, BenchConfig, quick_config, run_bench  # noqa: E402
+from llmeraser_bench.report import finish, render_text, write_results  # noqa: E402
 
 __all__ = ["BenchConfig", "DEFAULT_METHODS", "METHODS", "finish", "quick_config", "render_text", "run_bench", "write_results"]

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import time
 from collections.abc import Callable
@@ -27,8 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmeraser_bench.protocol import SMOLLM2_LORA, SMOLLM2_RECIPE, TINY_LORA, smollm2_erase_config
-from llmeraser_bench.report import format_table
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
 from llmeraser.evaluate import (
@@ -45,12 +42,14 @@ from llmeraser.model import (
     attach_lora,
     load_base_model,
 )
-from llmeraser_bench.recsys.corruption import mixed_task
-from llmeraser_bench.recsys.tallrec import movielens_demo_examples
-from llmeraser.requests import resolve
 from llmeraser.plan import plan_erase
+from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
 from llmeraser.trust_region import TrustRegionSettings
+from llmeraser_bench.protocol import SMOLLM2_LORA, SMOLLM2_RECIPE, TINY_LORA, smollm2_erase_config
+from llmeraser_bench.recsys.corruption import mixed_task
+from llmeraser_bench.recsys.tallrec import movielens_demo_examples
+from llmeraser_bench.report import format_table
 
 
 @dataclass(frozen=True)

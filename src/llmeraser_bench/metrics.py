@@ -30,8 +30,8 @@ from llmeraser.evaluate import (
     response_predictions,
     single_token_id,
 )
-from llmeraser_bench.attacks import membership_attacks
 from llmeraser.model import AdapterParameters
+from llmeraser_bench.attacks import membership_attacks
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmeraser.model import AdapterParameters
 from llmeraser_bench.metrics import EvalSets, SetPredictions, shared_metrics
 from llmeraser_bench.pii import greedy_answers
-from llmeraser.model import AdapterParameters
 from llmeraser_bench.recsys.nextitem import candidate_titles_of, hit_ratio_at_1
 
 
@@ -53,7 +53,8 @@ def mixture_greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], t
 
 def answer_budget(tokenizer: Any, candidates: Sequence[Sequence[str]]) -> int:
     """New tokens enough for the longest candidate title (with its leading space) and one more."""
-    return 1 + max(len(tokenizer(" " + title, add_special_tokens=False)["input_ids"]) for titles in candidates for title in titles)
+    return 1 + max(len(tokenizer(" " + title, add_special_tokens=False)["input_ids"])
+                   for titles in candidates for title in titles)
 
 
 def score_next_item(
@@ -62,7 +63,8 @@ def score_next_item(
 ) -> dict[str, float]:
     """The metrics of the module docstring."""
     candidates = [candidate_titles_of(e.prompt) for e in sets.test]
-    outputs = mixture_greedy_answers(model, tokenizer, [e.prompt for e in sets.test], thetas, answer_budget(tokenizer, candidates))
+    outputs = mixture_greedy_answers(model, tokenizer, [e.prompt for e in sets.test], thetas,
+                                     answer_budget(tokenizer, candidates))
     n_old = len(sets.old)
     edited_losses = predictions.edited.losses()
     metrics = {**hit_ratio_at_1(outputs, candidates, [e.response.strip() for e in sets.test]),

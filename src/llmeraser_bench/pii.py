@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llmeraser_bench.attacks import membership_attacks
-from llmeraser_bench.metrics import EvalSets, SetPredictions
 from llmeraser.data import Example
 from llmeraser.evaluate import membership_auc
 from llmeraser.model import AdapterParameters
-from llmeraser_bench.recsys.corruption import Corruption
 from llmeraser.requests import CorrectResponse, Remove, Request
+from llmeraser_bench.attacks import membership_attacks
+from llmeraser_bench.metrics import EvalSets, SetPredictions
+from llmeraser_bench.recsys.corruption import Corruption
 
 FIRST = ("Ada Bram Cleo Dov Esme Fenn Gil Hedda Ivo Juno Kit Lior Mira Nils Odile Pim Quin Rhea Sten Tove "
          "Ulla Vero Wim Xeno Yara Zeb").split()

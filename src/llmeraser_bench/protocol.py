@@ -34,22 +34,22 @@ from typing import Any
 
 from torch import Tensor
 
-from llmeraser_bench.baselines import continued_finetuning, gradient_ascent, train_sisa, unlearn_sisa
-from llmeraser_bench.metrics import EvalSets, SetPredictions, predict_sets, score_method
-from llmeraser_bench.nextitem import score_next_item
-from llmeraser_bench.pii import pii_task, score_pii
-from llmeraser_bench.resources import machine, measured
-from llmeraser_bench.robustness import attack_metrics, relearn_set
 from llmeraser.data import Example, TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase
 from llmeraser.kfac import fit_cached_curvature
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
-from llmeraser_bench.recsys.corruption import TASKS, make_task
-from llmeraser_bench.recsys.nextitem import NEXT_ITEM_MODES, next_item_query_task, sample_next_item
-from llmeraser_bench.recsys.tallrec import sample_tallrec
 from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
 from llmeraser.trust_region import TrustRegionSettings
+from llmeraser_bench.baselines import continued_finetuning, gradient_ascent, train_sisa, unlearn_sisa
+from llmeraser_bench.metrics import EvalSets, SetPredictions, predict_sets, score_method
+from llmeraser_bench.nextitem import score_next_item
+from llmeraser_bench.pii import pii_task, score_pii
+from llmeraser_bench.recsys.corruption import TASKS, make_task
+from llmeraser_bench.recsys.nextitem import NEXT_ITEM_MODES, next_item_query_task, sample_next_item
+from llmeraser_bench.recsys.tallrec import sample_tallrec
+from llmeraser_bench.resources import machine, measured
+from llmeraser_bench.robustness import attack_metrics, relearn_set
 
 # The SmolLM2 recipe and erase settings shared by the demo and ``llmeraser bench``.
 SMOLLM2_LORA = LoraSettings(r=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
@@ -188,7 +188,8 @@ def next_item_config(quick: bool = False) -> BenchConfig:
         return dataclasses.replace(base, n_test=6, history_length=1, n_candidates=5,
                                    recipe=dataclasses.replace(base.recipe, max_length=512),
                                    eraser=dataclasses.replace(base.eraser, max_length=512, curvature_examples=8, batch_size=8))
-    return BenchConfig(task="next-item", history_length=10, n_test=128, recipe=dataclasses.replace(SMOLLM2_RECIPE, max_length=512),
+    return BenchConfig(task="next-item", history_length=10, n_test=128,
+                       recipe=dataclasses.replace(SMOLLM2_RECIPE, max_length=512),
                        eraser=smollm2_erase_config(auto_damping=True, max_length=512))
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from llmeraser_bench.yardstick import effect_captured, removal_effect, retrain_range, within
 from llmeraser.jsonl import write_text_atomic
+from llmeraser_bench.yardstick import effect_captured, removal_effect, retrain_range, within
 
 METRICS: tuple[tuple[str, str, str], ...] = (
     ("test_auc", "test AUC", ".4f"),
@@ -197,9 +197,11 @@ def check_targets(task: str, summary: dict[str, Any]) -> list[dict[str, Any]]:
                 key, what = ("hr1", "HR@1") if task == "next-item" else ("test_auc", "AUC")
                 gain = retrain[key] - original[key]
                 recovered = (eraser[key] - original[key]) / gain if gain > 0 else float("nan")
-                targets.append({"ratio": ratio, "target": f"{name}: recovers ≥ 80 % of Retrain's {what} gain over the corrupted model",
+                targets.append({"ratio": ratio,
+                                "target": f"{name}: recovers ≥ 80 % of Retrain's {what} gain over the corrupted model",
                                 "value": recovered, "met": bool(gain > 0 and recovered >= 0.8),
-                                "note": "" if gain > 0 else f"Retrain does not gain {what} over the corrupted model ({gain:+.4f})"})
+                                "note": "" if gain > 0
+                                else f"Retrain does not gain {what} over the corrupted model ({gain:+.4f})"})
             targets.append({"ratio": ratio, "target": f"{name}: KL to Retrain (test) ≤ retrain-vs-retrain spread",
                             "value": eraser["kl_test"], "threshold": spread,
                             "met": bool(not math.isnan(spread) and eraser["kl_test"] <= spread)})
@@ -239,7 +241,8 @@ def _yardstick_targets(task: str, ratio: str, block: dict[str, Any], mean: dict[
         targets += _attack_targets(ratio, name, mean, block.get("attack_range", {}))
         if "loss_test" in effects[name] and "loss_test" in ranges:
             span = ranges["loss_test"]
-            targets.append({"ratio": ratio, "target": f"{name}: {'kept' if task == 'pii' else 'test'} loss inside the retrained models' range",
+            targets.append({"ratio": ratio,
+                            "target": f"{name}: {'kept' if task == 'pii' else 'test'} loss inside the retrained models' range",
                             "value": mean[name]["loss_test"], "met": effects[name]["loss_test"]["inside_retrain_range"],
                             "note": f"retrained {span['min']:.4f}–{span['max']:.4f}"})
     return targets
@@ -268,7 +271,8 @@ def _attack_targets(ratio: str, name: str, mean: dict[str, dict[str, float]],
                     checks.append((key, value, ranges[key]["max"], value > ranges[key]["max"]))
         if checks:
             failed = sum(fails for *_, fails in checks)
-            targets.append({"ratio": ratio, "target": f"{name}: the {attack} attack finds no more than on Retrain (checks that find more)",
+            targets.append({"ratio": ratio,
+                            "target": f"{name}: the {attack} attack finds no more than on Retrain (checks that find more)",
                             "value": float(failed), "met": failed == 0, "note": ", ".join(
                                 f"{key} {value:.3f} (Retrain's bound {bound:.3f}{': finds more' if fails else ''})"
                                 for key, value, bound, fails in checks)})
@@ -302,7 +306,8 @@ def summary_rows(
 def render_text(results: dict[str, Any]) -> str:
     """The paper-style table(s) and the targets, as printed on the terminal."""
     lines = []
-    for group, (metrics, title) in enumerate(zip(table_columns(results["config"]["task"]), ("", " — attacks: is it really forgotten?"))):
+    titles = ("", " — attacks: is it really forgotten?")
+    for group, (metrics, title) in enumerate(zip(table_columns(results["config"]["task"]), titles)):
         columns = [("method", "method", ""), *metrics]
         for ratio, rows in summary_rows(results["summary"], metrics, spread_row=group == 0):
             present = [c for c in columns if any(row.get(c[0]) not in ("", "–") for row in rows)]
@@ -385,7 +390,8 @@ def _effects_markdown(ratio: str, block: dict[str, Any]) -> list[str]:
     out = [f"### ratio {ratio}: effect captured, (method − original) / (mean retrain − mean original), paired seeds", "",
            "| | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1),
            "| removal's effect (retrain − original), ± 95 % | " + " | ".join(
-               f"{resolution[k]['mean']:+.4f} ± {resolution[k]['half_width']:.4f}" + ("" if resolution[k]["resolved"] else " (not resolved)")
+               f"{resolution[k]['mean']:+.4f} ± {resolution[k]['half_width']:.4f}"
+               + ("" if resolution[k]["resolved"] else " (not resolved)")
                for k in keys) + " |",
            "| retrained models' range | " + " | ".join(
                f"{block['retrain_range'][k]['min']:.4f}–{block['retrain_range'][k]['max']:.4f}" for k in keys) + " |"]
@@ -482,7 +488,8 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     if results["residuals"]:
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for entry in results["residuals"]:
-            ax.semilogy(range(len(entry["history"])), entry["history"], marker=".", label=f"ratio {entry['ratio']}, seed {entry['seed']}")
+            ax.semilogy(range(len(entry["history"])), entry["history"], marker=".",
+                        label=f"ratio {entry['ratio']}, seed {entry['seed']}")
         ax.set_xlabel("solver iteration")
         ax.set_ylabel("relative residual ‖(H+λI)v − b‖/‖b‖")
         ax.legend(fontsize=7)
@@ -490,11 +497,13 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
 
     if len(ratios) > 1:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-        first = ("extract_removed", "extraction rate (removed people)") if results["config"]["task"] == "pii" else ("test_auc", "test AUC")
+        first = (("extract_removed", "extraction rate (removed people)") if results["config"]["task"] == "pii"
+                 else ("test_auc", "test AUC"))
         for ax, (key, title) in zip(axes, (first, ("kl_test", "KL to retrain (test)"), ("mia_auc", "MIA AUC"))):
             for method in methods:
                 stats = [summary[r]["methods"].get(method, {}).get(key, {"mean": float("nan"), "std": 0.0}) for r in summary]
-                ax.errorbar(ratios, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3, label=method)
+                ax.errorbar(ratios, [s["mean"] for s in stats], yerr=[s["std"] for s in stats], marker="o", capsize=3,
+                            label=method)
             if key == "kl_test":
                 spread = [summary[r]["spread"]["kl_test"]["mean"] for r in summary]
                 ax.plot(ratios, spread, "k--", label="retrain vs retrain")

@@ -9,6 +9,14 @@ import pytest
 
 from llmeraser.data import Example, read_examples
 from llmeraser.errors import InputError
+from llmeraser.requests import (
+    CorrectResponse,
+    ModifyQuery,
+    Remove,
+    edited_training_set,
+    read_requests,
+    resolve,
+)
 from llmeraser_bench.recsys.corruption import (
     Corruption,
     label_noise_task,
@@ -25,14 +33,6 @@ from llmeraser_bench.recsys.tallrec import (
     TallRecConfig,
     TallRecSplits,
     build_tallrec,
-)
-from llmeraser.requests import (
-    CorrectResponse,
-    ModifyQuery,
-    Remove,
-    edited_training_set,
-    read_requests,
-    resolve,
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from recsys.test_tallrec import movielens_fixture
 
 from llmeraser_bench.recsys.nextitem import (
     NextItemSplits,
@@ -14,7 +15,6 @@ from llmeraser_bench.recsys.nextitem import (
     with_candidates,
 )
 from llmeraser_bench.recsys.ratings import load_ratings
-from recsys.test_tallrec import movielens_fixture
 
 
 @pytest.fixture

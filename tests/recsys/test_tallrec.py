@@ -11,7 +11,6 @@ import pytest
 from llmeraser.errors import InputError
 from llmeraser_bench.recsys.ratings import RatingData, default_ml100k_path, load_ratings
 from llmeraser_bench.recsys.tallrec import (
-    sample_tallrec,
     NO,
     YES,
     TallRecConfig,
@@ -19,6 +18,7 @@ from llmeraser_bench.recsys.tallrec import (
     build_tallrec,
     movielens_demo_examples,
     render_prompt,
+    sample_tallrec,
 )
 
 

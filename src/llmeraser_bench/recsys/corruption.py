@@ -25,7 +25,6 @@ from typing import Literal
 
 from llmeraser.data import Example, write_examples
 from llmeraser.errors import InputError
-from llmeraser_bench.recsys.tallrec import NO, YES, TallRecRecord, TallRecSplits
 from llmeraser.requests import (
     CorrectResponse,
     ModifyQuery,
@@ -33,6 +32,7 @@ from llmeraser.requests import (
     Request,
     write_requests,
 )
+from llmeraser_bench.recsys.tallrec import NO, YES, TallRecRecord, TallRecSplits
 
 Task = Literal["removal", "query", "response"]
 QueryNoise = Literal["insert", "replace", "flip"]

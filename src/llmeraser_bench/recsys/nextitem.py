@@ -42,10 +42,10 @@ from pathlib import Path
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError
+from llmeraser.requests import ModifyQuery, Request
 from llmeraser_bench.recsys.corruption import Corruption, _count
 from llmeraser_bench.recsys.ratings import RatingData, default_ml100k_path, load_ratings, natural_key, placeholder_title
 from llmeraser_bench.recsys.tallrec import _PLURALS, _round_random, rated_items, subsample_records
-from llmeraser.requests import ModifyQuery, Request
 
 NEXT_ITEM_MODES = ("replace", "delete")
 
@@ -64,7 +64,9 @@ class NextItemRecord:
     split: str
 
 
-def sample_candidates(target: str, rated: set[str], pool: Sequence[str], n_candidates: int, rng: random.Random) -> tuple[str, ...]:
+def sample_candidates(
+    target: str, rated: set[str], pool: Sequence[str], n_candidates: int, rng: random.Random
+) -> tuple[str, ...]:
     """``target`` and ``n_candidates − 1`` distinct items of ``pool`` not in ``rated``, shuffled by ``rng``."""
     unrated = [item for item in pool if item not in rated and item != target]
     if len(unrated) < n_candidates - 1:
@@ -99,7 +101,9 @@ def build_next_item_records(
     return splits
 
 
-def with_candidates(records: Sequence[NextItemRecord], data: RatingData, n_candidates: int = 20, seed: int = 0) -> list[NextItemRecord]:
+def with_candidates(
+    records: Sequence[NextItemRecord], data: RatingData, n_candidates: int = 20, seed: int = 0
+) -> list[NextItemRecord]:
     """The records with their candidates drawn (module docstring: seeded by ``seed``, the user and the position)."""
     pool = rated_items(data)
     rated: dict[str, set[str]] = {}
@@ -114,7 +118,9 @@ def with_candidates(records: Sequence[NextItemRecord], data: RatingData, n_candi
     return out
 
 
-def render_prompt(history: Sequence[str], candidates: Sequence[str], item_titles: Mapping[str, str], item_noun: str = "movie") -> str:
+def render_prompt(
+    history: Sequence[str], candidates: Sequence[str], item_titles: Mapping[str, str], item_noun: str = "movie"
+) -> str:
     """The prompt of the module docstring."""
 
     def title(item_id: str) -> str:
