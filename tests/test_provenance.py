@@ -72,3 +72,15 @@ def test_fingerprint_survives_save_pretrained_and_names_what_differs(tmp_path):
         resaved.model.layers[1].self_attn.v_proj.weight.add_(1.0)
     message = fingerprint_differences(fingerprint_parts(base, targets), fingerprint_parts(resaved, targets))
     assert message.startswith("they differ in the v_proj weights") and "the same: the input embeddings, the q_proj" in message
+
+
+def test_a_regex_target_modules_survives_the_record_round_trip():
+    """PEFT's target_modules may be one regex (a str): the record keeps it a str, not its characters."""
+    from llmeraser.model import LoraSettings
+    from llmeraser.provenance import TrainingRecord
+    from llmeraser.train import TrainConfig
+
+    for targets in (r".*\.(q_proj|v_proj)", ("q_proj", "v_proj")):
+        record = TrainingRecord("tiny", "f" * 64, "d" * 64, 8, TrainConfig(), LoraSettings(target_modules=targets))
+        again = TrainingRecord.from_json(json.loads(json.dumps(record.to_json())))
+        assert again.lora.target_modules == targets

@@ -18,12 +18,15 @@ import math
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as the tomli package
+    import tomli as tomllib
 
 from llmeraser.distributed import init_from_environment, shutdown
 from llmeraser.errors import InputError, NumericalError, OutputSpaceError, is_out_of_space
@@ -570,7 +573,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         edited_old = [p.old for p in pairs]
         edited_new = [p.new for p in pairs if p.new is not None]
         old_losses = example_loss_values(model, tokenizer, edited_old, max_length, args.batch_size, scope)
-        new_losses = example_loss_values(model, tokenizer, edited_new, max_length, args.batch_size, scope) if edited_new else []
+        new_losses: Iterable[float] = (example_loss_values(model, tokenizer, edited_new, max_length, args.batch_size, scope)
+                                       if edited_new else [])
         new_iter = iter(new_losses)
         results["edited_examples"] = [  # loss_old / loss_new: on the example's old and new version, this adapter
             {"id": p.request.id, "id_sha256": example_hash(p.old)[:16], "op": p.request.op, "loss_old": float(old),
@@ -643,14 +647,14 @@ def _history(args: argparse.Namespace) -> None:
 
 def _apply_requests(args: argparse.Namespace) -> None:
     """Write the training set after one or more request files, applied in order (for sequential erasure)."""
-    from llmeraser.data import read_examples, write_examples
+    from llmeraser.data import Example, read_examples, write_examples
     from llmeraser.hashing import dataset_hash
     from llmeraser.requests import edited_training_set, read_requests, resolve
 
     if Path(args.out).exists():
         raise InputError("output file already exists (choose a new one; nothing is overwritten)", args.out)
     examples = read_examples(args.data)
-    current = examples
+    current: list[Example] = examples
     for path in args.requests:
         current = edited_training_set(current, resolve(read_requests(path), current))
     write_examples(args.out, current)

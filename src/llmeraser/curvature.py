@@ -78,8 +78,9 @@ def gauss_newton_vector_product(
         return functional_call(model, theta, args=(), kwargs=kwargs, strict=False).logits
 
     with torch.enable_grad():
-        logits, pullback = vjp(logits_of, primals)
-        _, jv = jvp(logits_of, (primals,), (tangents,))
+        # torch types the results as 2- or 3-tuples (the 3 with has_aux=True, not used here)
+        logits, pullback = vjp(logits_of, primals)  # type: ignore[misc]
+        _, jv = jvp(logits_of, (primals,), (tangents,))  # type: ignore[misc]
         _, weights = shifted_targets(aligned_labels(batch, model))
         probs = torch.softmax(logits[:, :-1].to(torch.float64), dim=-1)
         jv_shift = jv[:, :-1].to(torch.float64)

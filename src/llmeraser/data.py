@@ -171,7 +171,7 @@ def example_from_json(
     conversational lists of messages), the Alpaca layout ``instruction`` [+ ``input``] / ``output``
     (prompt = instruction, a blank line, input), and ``messages`` / ``conversations`` (lists of messages).
     The id is field ``id_key``, or ``row_id`` when ``id_key`` is None."""
-    example_id = require_str(obj, id_key, path, line, allow_int=True) if id_key is not None else str(row_id)  # type: ignore[arg-type]
+    example_id = require_str(obj, id_key, path, line, allow_int=True) if id_key is not None else str(row_id)
     chat_keys = [key for key in ("messages", "conversations") if key in obj]
     if len(chat_keys) == 2:
         raise InputError("both 'messages' and 'conversations' given (ambiguous)", path, line)
@@ -539,18 +539,19 @@ def response_nll(logits: Tensor, labels: Tensor) -> Tensor:
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the (base) causal LM's forward takes ``logits_to_keep`` (most Hugging Face LMs do)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)  # a PeftModel's
+    base = get_base_model() if get_base_model is not None else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def model_inputs(batch: dict[str, Tensor], model: torch.nn.Module) -> dict[str, Tensor]:
+def model_inputs(batch: dict[str, Tensor], model: torch.nn.Module) -> dict[str, Any]:
     """The keyword arguments a causal LM takes from a batch of ``collate``.
 
     Where the model supports it, logits are computed only from position ``logits_start`` on (the last
     prompt token of the shortest prompt): the positions before cannot predict a response token, and the
     vocabulary projection of every position is a large share of the cost for short responses.
     """
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if accepts_logits_to_keep(model):
         start = int(batch["logits_start"])
         inputs["logits_to_keep"] = torch.arange(start, batch["input_ids"].shape[1])

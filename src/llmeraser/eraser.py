@@ -328,6 +328,7 @@ def _solve_with_kfac(
     start = time.perf_counter()
     direction = inverse(b)
     details: dict[str, Any] = {"curvature_cache": f"{method} direct"}
+    fallback: str | None
     if calibration is None:
         fallback = "the curvature cache has no step-length calibration"
     else:

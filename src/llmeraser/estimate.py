@@ -43,6 +43,7 @@ DataInf the n × p per-example gradients before their float32 copy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -227,7 +228,7 @@ def fit_batch_cost(
     points = []
     calls = 1
     for batch in probes:
-        seconds, count = timed(lambda batch=batch: operation(batch), settings)
+        seconds, count = timed(functools.partial(operation, batch), settings)
         points.append((batch_tokens(batch), seconds))
         calls += count
     cost = _fit(points, calls)

@@ -90,7 +90,7 @@ class LlmeraserCallback(TrainerCallback):
         if isinstance(train_data, (str, Path)):
             self.examples: list[Example] = list(read_examples(train_data))
         else:
-            rows = list(train_data)
+            rows: list[Any] = list(train_data)  # Examples, or rows to read as examples
             self.examples = rows if rows and all(isinstance(r, Example) for r in rows) else list(examples_from_rows(rows))
         if loss_scope is not None and loss_scope not in LOSS_SCOPES:
             raise ValueError(f"unknown loss_scope {loss_scope!r} (expected one of: {', '.join(LOSS_SCOPES)})")

@@ -79,7 +79,7 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if is_out_of_space(err):
-            raise OutputSpaceError.from_os_error(err, path) from None  # type: ignore[arg-type]
+            raise OutputSpaceError.from_os_error(err, path) from None
         raise
 
 
@@ -113,5 +113,5 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if is_out_of_space(err):
-            raise OutputSpaceError.from_os_error(err, path, len(text.encode("utf-8"))) from None  # type: ignore[arg-type]
+            raise OutputSpaceError.from_os_error(err, path, len(text.encode("utf-8"))) from None
         raise

@@ -99,7 +99,7 @@ class KroneckerFactors:
 def lora_layers(model: torch.nn.Module, params: AdapterParameters) -> dict[str, torch.nn.Linear]:
     """The LoRA linear layers whose weights are in θ, by θ parameter name (``....lora_A.default.weight``)."""
     modules = dict(model.named_modules())
-    layers = {}
+    layers: dict[str, torch.nn.Linear] = {}
     for name in params.names:
         module = modules.get(name.removesuffix(".weight"))
         if not name.endswith(".weight") or not isinstance(module, torch.nn.Linear) or module.bias is not None:
@@ -113,7 +113,8 @@ def lora_layers(model: torch.nn.Module, params: AdapterParameters) -> dict[str, 
 def output_layer_names(model: torch.nn.Module, params: AdapterParameters) -> set[str]:
     """θ names of LoRA layers on the output projection (``lm_head``): each position's logits depend on
     that position's input only, so these use "K-FAC expand" over the positions that carry a loss."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_base_model = getattr(model, "get_base_model", None)  # a PeftModel's
+    base: Any = get_base_model() if get_base_model is not None else model  # a transformers model
     head = base.get_output_embeddings()
     head_names = {n for n, m in base.named_modules() if m is head or getattr(m, "base_layer", None) is head}
     return {name for name in params.names if any(f"{h}.lora_" in name for h in head_names)}
@@ -160,12 +161,12 @@ def _sampled_passes(
     state: dict[str, Tensor] = {}
     handles = []
 
-    def forward_hook(name: str):
+    def forward_hook(name: str) -> Callable[[torch.nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: torch.nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
             on_input(name, inputs[0].detach().to(torch.float64), state)
         return hook
 
-    def backward_hook(name: str):
+    def backward_hook(name: str) -> Callable[[torch.nn.Module, tuple, tuple[Tensor, ...]], None]:
         def hook(module: torch.nn.Module, grad_input: tuple, grad_output: tuple[Tensor, ...]) -> None:
             on_output_grad(name, grad_output[0].detach().to(torch.float64), state)
         return hook

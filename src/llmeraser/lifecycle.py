@@ -150,7 +150,7 @@ def recipe_for(
     """The recipe an erasure uses: the record's, with the values given here in its place (a value that
     differs from the recorded one is warned about: the record's is the one training minimised). Without a
     record every one of ``RECIPE_FLAGS`` must be given: refused otherwise, naming the flags."""
-    given = {"weight_decay": weight_decay, "max_length": max_length, "loss_scope": loss_scope}
+    given: dict[str, Any] = {"weight_decay": weight_decay, "max_length": max_length, "loss_scope": loss_scope}
     if record is None:
         missing = [name for name in RECIPE_FLAGS if given[name] is None]
         if missing:
@@ -158,7 +158,7 @@ def recipe_for(
                 "the adapter has no llmeraser training record (it was trained outside llmeraser), so the recipe "
                 f"values the erasure depends on are unknown: pass {', '.join(RECIPE_FLAGS[n] for n in missing)} "
                 f"({'; '.join(RECIPE_MEANING[n] for n in missing)})", adapter)
-        return TrainConfig(**{name: value for name, value in given.items()})  # type: ignore[arg-type]
+        return TrainConfig(**{name: value for name, value in given.items()})
     recipe = record.recipe
     for name, value in given.items():
         if value is not None and value != getattr(recipe, name):

@@ -62,7 +62,8 @@ def build_tiny_model(seed: int = 0, hidden_size: int = 32, num_layers: int = 2) 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_byte_tokenizer()
-    config = LlamaConfig(
+    # attn_implementation is taken as an extra keyword (it works); transformers' typed signature leaves it out
+    config = LlamaConfig(  # type: ignore[call-arg]
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -195,7 +196,7 @@ class LoraSettings:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")  # module names, or a PEFT regex (a str)
     seed: int = 0
 
 
@@ -205,9 +206,9 @@ def attach_lora(base: Any, settings: LoraSettings) -> Any:
 
     config = LoraConfig(
         r=settings.r,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int; it is a float scale (alpha / r)
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=settings.target_modules if isinstance(settings.target_modules, str) else list(settings.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -360,7 +361,7 @@ def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
     this host (their process is gone); returns those removed. Live writers and other hosts' are kept."""
     out_dir = Path(out_dir)
     prefix = f"{_temporary_prefix(out_dir)}{socket.gethostname()}-"
-    removed = []
+    removed: list[Path] = []
     if not out_dir.parent.is_dir():
         return removed
     for candidate in out_dir.parent.iterdir():

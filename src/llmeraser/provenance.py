@@ -42,7 +42,9 @@ class TrainingRecord:
     chat_template_sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "lora": {**asdict(self.lora), "target_modules": list(self.lora.target_modules)}}
+        targets = self.lora.target_modules
+        lora = {**asdict(self.lora), "target_modules": targets if isinstance(targets, str) else list(targets)}
+        return {**asdict(self), "lora": lora}
 
     @property
     def reproducible(self) -> bool:
@@ -58,7 +60,8 @@ class TrainingRecord:
             obj["data_sha256"],
             obj["n_examples"],
             TrainConfig(**obj["recipe"]),
-            LoraSettings(**{**lora, "target_modules": tuple(lora["target_modules"])}),
+            LoraSettings(**{**lora, "target_modules": lora["target_modules"] if isinstance(lora["target_modules"], str)
+                            else tuple(lora["target_modules"])}),
             obj.get("model_fingerprint_parts"),
             obj.get("origin", ORIGIN_TRAIN),
             obj.get("chat_template_sha256"),

@@ -136,7 +136,7 @@ def dense_matrix(operator: LinearOperator, dtype: torch.dtype, chunk_size: int =
         basis = torch.zeros(stop - start, dim, dtype=dtype)
         basis[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
         if hasattr(operator, "matmat"):
-            rows.append(operator.matmat(basis))  # type: ignore[attr-defined]
+            rows.append(operator.matmat(basis))
         else:
             rows.append(torch.stack([operator.matvec(e) for e in basis]))
     return torch.cat(rows)
@@ -404,7 +404,7 @@ def solve_sgd(
             return torch.optim.SGD([v], lr=step_size, momentum=momentum)
         return torch.optim.Adam([v], lr=step_size)
 
-    state = {"opt": make_optimizer(lr), "lr": lr}
+    state: dict[str, Any] = {"opt": make_optimizer(lr), "lr": lr}
 
     def step(batch_operator: LinearOperator, step_size: float) -> Tensor:
         if step_size != state["lr"]:

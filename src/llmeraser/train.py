@@ -73,7 +73,8 @@ def l2_penalty(params: AdapterParameters, weight_decay: float) -> torch.Tensor:
     """(λ_wd/2)‖θ‖² on the live tensors (differentiable)."""
     if not weight_decay:
         return torch.zeros((), dtype=params.tensors[0].dtype)
-    return 0.5 * weight_decay * sum((t * t).sum() for t in params.tensors)
+    zero = torch.zeros((), dtype=params.tensors[0].dtype, device=params.tensors[0].device)
+    return 0.5 * weight_decay * sum(((t * t).sum() for t in params.tensors), zero)
 
 
 Schedule = list[list[int]]

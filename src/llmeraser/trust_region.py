@@ -262,8 +262,9 @@ def trust_region_update(
                 break
             accepted, evaluations, last_reason = None, 0, ""
             for attempt in range(2 if adaptive else 1):  # a refused step is retried once at a larger damping
-                use_first = step == 0 and attempt == 0 and first_direction is not None
-                direction = first_direction if use_first else -precondition(gradient, lam)
+                use_first = step == 0 and attempt == 0
+                direction = (first_direction if use_first and first_direction is not None
+                             else -precondition(gradient, lam))
                 slope = float(gradient @ direction)
                 if not slope < 0:
                     last_reason = f"the preconditioned direction is not a descent direction (slope {slope:.3g})"

@@ -155,7 +155,9 @@ def yardstick_summary(rows: Sequence[dict[str, Any]], metrics: Sequence[str]) ->
     range, and per method the effect captured with its interval and whether its mean lies in that range."""
     seeds = sorted({row["seed"] for row in rows})
     methods = [m for m in dict.fromkeys(row["method"] for row in rows) if m not in ("original", "retrain")]
-    resolution, ranges, effects = {}, {}, {}
+    resolution: dict[str, Any] = {}
+    ranges: dict[str, Any] = {}
+    effects: dict[str, Any] = {}
     for key in metrics:
         original, retrain = _by_seed(rows, "original", key, seeds), _by_seed(rows, "retrain", key, seeds)
         if not any(math.isfinite(v) for v in retrain):
@@ -465,7 +467,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         written.append(_save(fig, out / ("effect_captured.png" if len(summary) == 1 else f"effect_captured_{ratio}.png")))
 
-    fit = {}  # the one-off curvature fit, per ratio: drawn as its own part of the cached methods' bars
+    fit: dict[str, list[float]] = {}  # the one-off curvature fit, per ratio: drawn as its own part of the cached methods' bars
     for entry in results.get("caches", []):
         fit.setdefault(str(entry["ratio"]), []).append(entry["fit"]["seconds"])
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(methods) + 2), 4.0))

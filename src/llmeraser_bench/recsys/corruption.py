@@ -204,7 +204,7 @@ def make_task(splits: TallRecSplits, task: Task, fraction: float, seed: int = 0,
     if task == "query":
         return query_noise_task(splits, fraction, seed, **options)  # type: ignore[arg-type]
     if task == "response":
-        return label_noise_task(splits.train, fraction, seed, **options)  # type: ignore[arg-type]
+        return label_noise_task(splits.train, fraction, seed, **options)
     raise InputError(f"unknown task {task!r} (expected one of: {', '.join(TASKS)})")
 
 

@@ -175,13 +175,13 @@ def sample_next_item(
     for name, want in (("train", n_train), ("test", n_test)):
         if want > len(records[name]):
             raise InputError(f"{source}: asked for {want} {name} examples; the data gives {len(records[name])}")
-    chosen = subsample_records(records, {"train": n_train, "valid": 0, "test": n_test}, seed)  # type: ignore[arg-type]
-    chosen = {name: with_candidates(records, data, n_candidates, seed) for name, records in chosen.items()}  # type: ignore[arg-type]
+    chosen = subsample_records(records, {"train": n_train, "valid": 0, "test": n_test}, seed)
+    chosen = {name: with_candidates(records, data, n_candidates, seed) for name, records in chosen.items()}
     noun = "movie" if data.item_noun == "item" else data.item_noun
     by_id = {r.id: r for name in ("train", "test") for r in chosen[name]}
-    return NextItemSplits([render_example(r, data.item_titles, noun) for r in chosen["train"]],  # type: ignore[arg-type]
-                          [render_example(r, data.item_titles, noun) for r in chosen["test"]],  # type: ignore[arg-type]
-                          by_id, data.item_titles, noun, rated_items(data))  # type: ignore[arg-type]
+    return NextItemSplits([render_example(r, data.item_titles, noun) for r in chosen["train"]],
+                          [render_example(r, data.item_titles, noun) for r in chosen["test"]],
+                          by_id, data.item_titles, noun, rated_items(data))
 
 
 def next_item_query_task(

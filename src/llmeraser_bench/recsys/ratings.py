@@ -338,8 +338,8 @@ def _load_recbole(directory: Path, inter: Path | None) -> RatingData:
         elif not candidates:
             raise InputError("missing <name>.inter (recbole format)", directory)
         else:
-            names = ", ".join(p.name for p in candidates)
-            raise InputError(f"several .inter files ({names}); pass the one to load as the path", directory)
+            listed = ", ".join(p.name for p in candidates)
+            raise InputError(f"several .inter files ({listed}); pass the one to load as the path", directory)
     item_file = inter.with_suffix(".item")
     if not item_file.is_file():
         raise InputError(f"missing {item_file.name} (recbole format: item titles)", directory)

@@ -29,6 +29,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError
@@ -286,11 +287,14 @@ def build_tallrec(data: RatingData, config: TallRecConfig = TallRecConfig()) -> 
     return splits_from_records(build_records(data, config), data, config)
 
 
+RecordT = TypeVar("RecordT")  # a TALLRec or a next-item record
+
+
 def subsample_records(
-    records: Mapping[str, Sequence[TallRecRecord]], counts: Mapping[str, int], seed: int = 0
-) -> dict[str, list[TallRecRecord]]:
+    records: Mapping[str, Sequence[RecordT]], counts: Mapping[str, int], seed: int = 0
+) -> dict[str, list[RecordT]]:
     """A seeded random subset of ``counts[split]`` records per split (all when fewer), order kept."""
-    chosen: dict[str, list[TallRecRecord]] = {}
+    chosen: dict[str, list[RecordT]] = {}
     for name in SPLITS:
         pool = list(records.get(name, ()))
         want = counts.get(name, len(pool))
