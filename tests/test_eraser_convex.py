@@ -93,7 +93,7 @@ def test_corrected_response_matches_retraining(trained):
 
 def test_paper_scaling_is_first_order_close(trained):
     """With weight decay, the paper's 1/n form drops a term of the same order as the removal effect
-    (DESIGN.md §1): the default "retrain" scaling must be markedly closer to the retrained change."""
+    (docs/method.md, "The influence update"): the default "retrain" scaling must be markedly closer to the retrained change."""
     model, tokenizer, train = trained
     requests = [Remove("ex3"), Remove("ex7"), Remove("ex20")]
     change = retrained_change(model, tokenizer, train, requests)

@@ -28,7 +28,7 @@ from llmeraser.requests import read_requests, resolve
 TRAIN_FLAGS = ["--lora-r", "4", "--target-modules", "q_proj", "v_proj", "lm_head", "--epochs", "60",
                "--lr", "2e-2", "--weight-decay", "1e-1", "--max-length", "128"]
 ERASE_FLAGS = ["--damping", "0.01", "--tol", "1e-8", "--max-iters", "200"]
-# Tolerances, in function space (LoRA parameters are not identifiable, DESIGN.md §1): the KL between the
+# Tolerances, in function space (LoRA parameters are not identifiable, docs/method.md): the KL between the
 # sequential and the combined adapters at most a quarter of the combined adapter's own KL to retraining;
 # the changes of the edited examples' losses (old and new versions) within 25 % of the combined ones;
 # the sequential adapter's KL to retraining within 1.5 times the combined one's.

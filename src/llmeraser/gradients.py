@@ -1,6 +1,6 @@
 """Gradients of the per-example loss in θ, and the right-hand side b of the influence system.
 
-Sign convention (DESIGN.md §1): for an edit set S that replaces z_i by z'_i (z'_i = ∅ for a removal,
+Sign convention (docs/method.md, "The influence update"): for an edit set S that replaces z_i by z'_i (z'_i = ∅ for a removal,
 whose gradient is 0),
 
     b = c · Σ_{i∈S} [∇ℓ(z_i; θ̂) − ∇ℓ(z'_i; θ̂)]  +  (k / m) λ_wd θ̂   (the last term only for ``scaling="retrain"``)

@@ -1,6 +1,6 @@
 """LoRA fine-tuning with a seeded, reproducible recipe; also the exact "retrain" reference.
 
-Objective (DESIGN.md §1): R(θ) = (1/N) Σ_i ℓ_i(θ) + (λ_wd/2)‖θ‖², ℓ_i the per-example mean response NLL.
+Objective (docs/method.md, "The influence update"): R(θ) = (1/N) Σ_i ℓ_i(θ) + (λ_wd/2)‖θ‖², ℓ_i the per-example mean response NLL.
 The weight decay is an L2 term of the objective (not decoupled AdamW decay), so that the influence
 update and the retrained model target the same minimiser.
 

@@ -2,8 +2,8 @@
 
 One influence step θ̂ + (H + λI)⁻¹ b is a Newton step that assumes θ̂ minimises the training objective.
 Fine-tuned adapters rarely do, and from such a θ̂ one step at small λ overshoots while a heavily damped or
-cached one stops short (DESIGN.md §6). This module takes several steps on the objective that retraining
-minimises, tilted so that θ̂ is its stationary point before the edit:
+cached one stops short (docs/method.md, "What has been measured about faithfulness"). This module takes
+several steps on the objective that retraining minimises, tilted so that θ̂ is its stationary point before the edit:
 
     Φ(θ) = R'(θ) − R'(θ̂) − ∇R'(θ̂)ᵀ(θ − θ̂) − bᵀ(θ − θ̂)
 

@@ -1,4 +1,4 @@
-"""The paper's protocol (DESIGN.md §4) on TALLRec data: corrupt, train, undo by each method, measure.
+"""The paper's protocol (benchmarks/README.md, "`llmeraser bench`") on TALLRec data: corrupt, train, undo by each method, measure.
 
 For each ratio: a TALLRec set is drawn once (``data_seed``): ``n_train`` training examples, ``n_test``
 test examples, and ``n_nonmembers`` further training-distribution examples that no model trains on (the

@@ -1,4 +1,6 @@
-"""Corrupted training sets and the requests that undo them, for the three unlearning tasks (DESIGN.md §4).
+"""Corrupted training sets and the requests that undo them, for the three unlearning tasks.
+
+The protocol that uses them: benchmarks/README.md, "`llmeraser bench`".
 
 Each generator takes the clean training set and returns a :class:`Corruption`: ``train`` is what the
 "corrupted" model is trained on, ``requests`` undo the damage, and ``target`` is the training set after

@@ -1,4 +1,4 @@
-"""TALLRec-style yes/no recommendation examples (DESIGN.md §4) from a :class:`RatingData`.
+"""TALLRec-style yes/no recommendation examples (benchmarks/README.md, "`llmeraser bench`") from a :class:`RatingData`.
 
 For each user, interactions are put in chronological order (file order when the data has no timestamps).
 The example whose target is the user's t-th interaction (0-based) has the id ``u<user>-<t>``, lists the
