@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -37,7 +37,8 @@ from llmeraser.sources import data_format, iter_rows
 IGNORE_INDEX = -100
 
 
-LOSS_SCOPES = ("response", "assistant", "all")
+LossScope = Literal["response", "assistant", "all"]
+LOSS_SCOPES: tuple[str, ...] = get_args(LossScope)
 """Which tokens carry the loss: ``response`` the response (a conversation's last assistant turn, or TRL's
 completion), ``assistant`` every assistant turn, ``all`` every non-pad token."""
 

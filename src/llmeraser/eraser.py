@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import (
+    LossScope,
     Example,
     TokenizationConfig,
     TokenizedExample,
@@ -35,11 +36,12 @@ from llmeraser.data import (
     tokenize_examples,
 )
 from llmeraser.distributed import is_distributed, shard, world_size
-from llmeraser.errors import NumericalError
+from llmeraser.errors import ConfigError, NumericalError
 from llmeraser.gradients import influence_rhs
 from llmeraser.hashing import adapter_hash
 from llmeraser.kfac import CurvatureLayer, KfacInverse, StepCalibration, cache_method, step_length
 from llmeraser.model import AdapterParameters, save_adapter
+from llmeraser.options import option, validate
 from llmeraser.requests import (
     EditPair,
     Request,
@@ -49,8 +51,12 @@ from llmeraser.requests import (
     edited_training_set,
     resolve,
 )
-from llmeraser.solvers import SolverResult, solve
+from llmeraser.solvers import SolverName, SolverResult, solve
 from llmeraser.trust_region import TrustRegionSettings, trust_region_update
+
+CurvatureKind = Literal["gauss-newton", "hessian"]  # llmeraser.curvature.CURVATURE_KINDS
+Scaling = Literal["retrain", "paper"]
+CurvatureUse = Literal["precondition", "direct"]
 
 
 @dataclass(frozen=True)
@@ -80,31 +86,51 @@ class EraseConfig:
       the damping of each step adapts by ``trust_region_damping_factor`` (1: fixed at ``damping``).
     """
 
-    solver: str = "cg"
-    curvature: str = "gauss-newton"
-    damping: float = 1e-2
-    scaling: str = "retrain"
-    weight_decay: float = 0.0
-    max_iters: int = 50
-    tol: float = 1e-4
-    batch_size: int = 8
-    curvature_examples: int | None = None
-    probe_examples: int | None = None
-    max_length: int = 256
-    loss_scope: str = "response"
-    curvature_use: str = "precondition"
-    seed: int = 0
+    solver: SolverName = option("cg", help="inverse-HVP solver")
+    curvature: CurvatureKind = option("gauss-newton", help="curvature matrix H")
+    damping: float = option(1e-2, min=0.0, help="λ added to H (also a trust region for long steps)")
+    scaling: Scaling = option("retrain", help="retrain: Newton step to the retraining objective, 1/(n-k); paper: 1/n")
+    weight_decay: float = option(0.0, min=0.0, help="recipe's λ_wd")
+    max_iters: int = option(50, min=1, help="solver iterations")
+    tol: float = option(1e-4, gt=0.0, help="relative residual ‖(H+λI)v − b‖/‖b‖ to stop at")
+    batch_size: int = option(8, min=1, help="examples per forward pass and stochastic mini-batch")
+    curvature_examples: int | None = option(
+        None, min=1, help="estimate H on a random subset of this many examples (default: all)")
+    probe_examples: int | None = option(
+        None, min=0, help="the probe subset on which curvature_use direct fits α (default 64) and lissa/sgd measure "
+        "residuals; with a calibrated cache, N > 0 measures the calibrated step's residual on N examples "
+        "(default: no exact product)")
+    max_length: int = option(256, min=2, help="max tokens per example")
+    loss_scope: LossScope = option("response", help="tokens that carry the loss")
+    curvature_use: CurvatureUse = option(
+        "precondition", help="precondition: cg or sgd against the exact operator, the cached curvature as "
+        "preconditioner; direct: v = (K + λI)⁻¹ b, no iterations (fast, approximate), with the step length α "
+        "calibrated by fit-curvature when its damping + weight decay equal this erasure's, else fitted on "
+        "probe_examples examples")
+    seed: int = option(0, help="seed of subsets and stochastic solvers")
     solver_options: dict[str, Any] = field(default_factory=dict)
-    diverge_after: int = 5
-    auto_damping: bool = False
-    damping_factor: float = 10.0
-    max_damping_attempts: int = 4
-    trust_region: bool = False
-    trust_region_steps: int = TrustRegionSettings.steps
-    kept_examples: int = TrustRegionSettings.kept_examples
-    heldout_tolerance: float = TrustRegionSettings.heldout_tolerance
-    kl_budget: float | None = TrustRegionSettings.kl_budget
-    trust_region_damping_factor: float = TrustRegionSettings.damping_factor
+    diverge_after: int = option(5, min=1, help="cg stops as diverged when its residual rises this many iterations in a row")
+    auto_damping: bool = option(
+        False, help="when the solve diverges or meets non-positive curvature, retry with 10x the damping "
+        "(up to 4 solves); each attempt is recorded in the report and the lineage")
+    damping_factor: float = option(10.0, gt=0.0, help="auto_damping's factor of λ per retry")
+    max_damping_attempts: int = option(4, min=1, help="auto_damping's solves at most")
+    trust_region: bool = option(False, help="re-linearised steps accepted by their effect in function space")
+    trust_region_steps: int = option(TrustRegionSettings.steps, min=1, help="trust-region steps at most")
+    kept_examples: int = option(
+        TrustRegionSettings.kept_examples, min=1,
+        help="untouched training examples the trust region estimates the objective and the KL on")
+    heldout_tolerance: float = option(
+        TrustRegionSettings.heldout_tolerance, min=0.0,
+        help="relative rise of the held-out loss a trust-region step may cause")
+    kl_budget: float | None = option(
+        TrustRegionSettings.kl_budget, gt=0.0,
+        help="per-token KL(original ‖ erased) allowed on the kept examples (default: not checked)")
+    trust_region_damping_factor: float = option(
+        TrustRegionSettings.damping_factor, gt=0.0, help="the trust region's damping adapts by this factor (1: fixed)")
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,13 +281,13 @@ def _solve_with_damping(
             suggestion = damping * config.damping_factor if damping > 0 else 1e-3
             if not config.auto_damping:
                 raise NumericalError(
-                    f"{err.message}; try a larger damping: --damping {suggestion:g} (or --auto-damping)", stage="solve"
+                    f"{err.message}; try a larger damping: damping={suggestion:g} (or auto_damping=True)", stage="solve"
                 ) from None
             if len(attempts) >= config.max_damping_attempts:
                 tried = ", ".join(f"{a['damping']:g}" for a in attempts)
                 raise NumericalError(
                     f"{err.message}; auto-damping tried λ = {tried} without success "
-                    f"(try --damping {suggestion:g} or more, or --curvature gauss-newton)", stage="solve"
+                    f"(try damping={suggestion:g} or more, or curvature=gauss-newton)", stage="solve"
                 ) from None
             damping = suggestion
             continue
@@ -319,12 +345,13 @@ def _solve_with_kfac(
     method = cache_method(inverse.factors)
     if config.curvature_use == "precondition":
         if config.solver not in ("cg", "sgd"):
-            raise ValueError("a curvature cache preconditions the cg and sgd solvers only (use --solver cg or sgd)")
+            raise ConfigError("solver", "must be cg or sgd with curvature_use=precondition: a curvature cache "
+                              f"preconditions the cg and sgd solvers only, got {config.solver!r}")
         result = solve(config.solver, operator, b, **_solver_options(config, operator, callback), preconditioner=inverse)
         result.details["curvature_cache"] = f"{method} preconditioner"
         return result
     if config.curvature_use != "direct":
-        raise ValueError(f"unknown curvature_use {config.curvature_use!r} (expected 'precondition' or 'direct')")
+        raise ConfigError("curvature_use", f"unknown curvature_use {config.curvature_use!r} (expected 'precondition' or 'direct')")
     start = time.perf_counter()
     direction = inverse(b)
     details: dict[str, Any] = {"curvature_cache": f"{method} direct"}
@@ -449,7 +476,7 @@ def erase(
     trust_region = None
     if config.trust_region:
         if parallel:
-            raise ValueError("trust_region runs in one process (not under torchrun)")
+            raise ConfigError("trust_region", "runs in one process (not under torchrun)")
         start = time.perf_counter()
         trust_region = trust_region_update(
             model, tokenizer, train, pairs, b, _preconditioner(config, operator, operator_with, kfac, result),

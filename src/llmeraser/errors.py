@@ -30,6 +30,24 @@ class InputError(LLMEraserError):
         return f"{self.path}:{self.line}: {self.message}"
 
 
+class ConfigError(LLMEraserError, ValueError):
+    """An option value out of its declared range or choices (a usage error).
+
+    ``field`` names the option as its config dataclass spells it (``damping``, ``trust_region_steps``);
+    ``str(err)`` is ``message`` where it names the field, else ``field message`` (``damping must be >= 0,
+    got -1.0``). A ``ValueError`` too, so that callers catching ``ValueError`` keep working; the CLI shows
+    the field as its flag (``--damping``).
+    """
+
+    def __init__(self, field: str, message: str):
+        import re
+
+        self.field = field
+        self.message = message
+        names_field = re.search(rf"(?<![\w-]){re.escape(field)}(?![\w-])", message) is not None
+        super().__init__(message if names_field else f"{field} {message}")
+
+
 class NumericalError(LLMEraserError):
     """A computation produced NaN/Inf, diverged, or met curvature it cannot handle.
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -68,8 +67,9 @@ from llmeraser.gradients import summed_gradient
 from llmeraser.kfac import StepCalibration, cache_method
 from llmeraser.model import AdapterParameters
 from llmeraser.requests import Request
-from llmeraser.solvers import estimate_largest_eigenvalue, solve_direct, solve_lissa, solve_sgd
-from llmeraser.train import TrainConfig, l2_penalty
+from llmeraser.errors import ConfigError
+from llmeraser.solvers import CHECK_EVERY, DENSE_CHUNK_SIZE, DIRECT_MAX_DIM, POWER_ITERATIONS, SOLVERS, direct_too_large
+from llmeraser.train import LBFGS_MAX_ITER, TrainConfig, l2_penalty
 
 MIB = 2.0**20
 EXACT_EPOCHS = 3  # training orders drawn exactly for this many epochs; later epochs are scaled from them
@@ -291,10 +291,6 @@ def _save_cache_seconds(factors: dict[str, Any], examples: Sequence[Example]) ->
     return time.perf_counter() - start
 
 
-def _default(function: Callable[..., Any], name: str) -> Any:
-    return inspect.signature(function).parameters[name].default
-
-
 # ------------------------------------------------------------------------------------------------ train
 
 
@@ -337,7 +333,7 @@ def estimate_train(
         if config.optimizer == "lbfgs":
             batches = chunks(items, config.batch_size)
             cost = fit_batch_cost(forward_backward, batches, settings)
-            evaluations = config.epochs * (_LBFGS_MAX_ITER + 1)
+            evaluations = config.epochs * (LBFGS_MAX_ITER + 1)
             seconds = evaluations * cost.total([batch_tokens(b) for b in batches]) + cost.first_call_s
             how = (f"L-BFGS: up to {evaluations} full passes of {len(batches)} batches (upper bound; line-search "
                    f"evaluations can add more), {cost.probes} probe passes")
@@ -362,9 +358,6 @@ def estimate_train(
         model.train(was_training)
     stages.append(StageEstimate("save", _save_seconds(params), peak_memory_mb(), "in-memory serialisation + hash"))
     return RunEstimate("train", stages, _sizes(model, params), _notes())
-
-
-_LBFGS_MAX_ITER = 100  # llmeraser.train._train_lbfgs
 
 
 def _notes() -> list[str]:
@@ -471,7 +464,7 @@ def _estimate_solve(
     if config.solver == "direct":
         return _estimate_direct(model, params, batches, pad, config, settings, product, vector)
     if config.solver not in ("lissa", "sgd"):
-        raise ValueError(f"unknown solver {config.solver!r} (expected one of: direct, cg, lissa, sgd)")
+        raise ConfigError("solver", f"unknown solver {config.solver!r} (expected one of: {', '.join(SOLVERS)})")
 
     if count <= config.batch_size:
         sampled = batches
@@ -484,11 +477,10 @@ def _estimate_solve(
     cost = fit_batch_cost(product, [*sampled, *probe_batches], settings)
     step_s = sum(cost(batch_tokens(b)) for b in sampled) / len(sampled)
     probe_s = cost.total([batch_tokens(b) for b in probe_batches])
-    function = solve_lissa if config.solver == "lissa" else solve_sgd
-    check_every = int(options.get("check_every", _default(function, "check_every")))
+    check_every = int(options.get("check_every", CHECK_EVERY))
     checks = config.max_iters // check_every + (1 if config.max_iters % check_every else 0)
     power = 0 if (config.solver == "lissa" and options.get("scale") is not None) else \
-        _default(estimate_largest_eigenvalue, "iterations")
+        POWER_ITERATIONS
     seconds = config.max_iters * step_s + (2 * checks + power) * probe_s + cost.first_call_s
     how = (f"{config.max_iters} mini-batch products + {checks} checks × 2 and {power} power-iteration products "
            f"on the {len(probe_indices)}-example probe subset ({config.curvature}); {cost.probes} probe products")
@@ -530,7 +522,8 @@ def _estimate_kfac(
         return seconds, (f"1 K-FAC inverse + 1 product over the {len(probe_batches)} probe-subset batches; "
                          f"{cost.probes} probe products"), 0.0
     if config.solver != "cg":
-        raise ValueError("a curvature cache preconditions the cg and sgd solvers only (use --solver cg or sgd)")
+        raise ConfigError("solver", "must be cg or sgd with curvature_use=precondition: a curvature cache "
+                          f"preconditions the cg and sgd solvers only, got {config.solver!r}")
     cost = fit_batch_cost(product, batches, settings)
     full = cost.total([batch_tokens(b) for b in batches])
     seconds = config.max_iters * (full + inverse_s + _vector_ops_seconds(params.dim, vector.dtype))
@@ -568,13 +561,10 @@ def _estimate_direct(
     float64 eigendecomposition + Cholesky of the p × p matrix (timed at a smaller size, scaled as p³)."""
     options = config.solver_options
     dim = params.dim
-    max_dim = int(options.get("max_dim", _default(solve_direct, "max_dim")))
+    max_dim = int(options.get("max_dim", DIRECT_MAX_DIM))
     if dim > max_dim:
-        raise ValueError(
-            f"the direct solver forms the {dim}×{dim} matrix; it is limited to {max_dim} parameters "
-            "(use cg, lissa or sgd, or raise max_dim knowingly)"
-        )
-    chunk = min(int(options.get("chunk_size", _default(solve_direct, "chunk_size"))), dim)
+        raise direct_too_large(dim, max_dim)
+    chunk = min(int(options.get("chunk_size", DENSE_CHUNK_SIZE)), dim)
     tokens = [batch_tokens(b) for b in batches]
     single = fit_batch_cost(product, batches, settings)
     if config.curvature == "hessian":  # one batched double-backward per chunk of basis vectors
@@ -647,7 +637,7 @@ def estimate_fit_curvature(
     )
 
     if method not in METHODS:
-        raise ValueError(f"unknown curvature method {method!r} (expected one of: {', '.join(METHODS)})")
+        raise ConfigError("method", f"unknown curvature method {method!r} (expected one of: {', '.join(METHODS)})")
     settings = settings or ProbeSettings()
     model.eval()
     params = AdapterParameters.of(model)

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from llmeraser.errors import InputError, OutputSpaceError, is_out_of_space
 from llmeraser.hashing import FINGERPRINT_ATTRIBUTE, stored_digests
+from llmeraser.options import option, validate
 
 SMOLLM2_NAME = "smollm2-135m"
 TINY_NAME = "tiny"
@@ -193,11 +194,15 @@ def load_base_model(
 class LoraSettings:
     """A new LoRA adapter: rank ``r``, scale ``alpha / r``, dropout (off for all gradient work), targets."""
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")  # module names, or a PEFT regex (a str)
-    seed: int = 0
+    r: int = option(8, min=1, help="LoRA rank")
+    alpha: float = option(16.0, gt=0.0, help="LoRA alpha (scale alpha / r)")
+    dropout: float = option(0.0, min=0.0, help="LoRA dropout (off for all gradient work)")
+    target_modules: str | tuple[str, ...] = option(  # module names, or a PEFT regex (a str)
+        ("q_proj", "v_proj"), help="module names to adapt")
+    seed: int = option(0, help="seed of adapter initialisation")
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def attach_lora(base: Any, settings: LoraSettings) -> Any:

@@ -12,11 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from llmeraser.train import LBFGS_MAX_ITER
 from llmeraser.trust_region import TrustRegionSettings
 
 FORWARD = 1.0 / 3.0  # a forward pass, in example passes
 GAUSS_NEWTON_PRODUCT = 3.0  # one exact Gauss–Newton product per example (jvp + vjp)
-LBFGS_EVALUATIONS = 100  # torch.optim.LBFGS max_iter per outer step (llmeraser.train._train_lbfgs)
+LBFGS_EVALUATIONS = LBFGS_MAX_ITER  # objective evaluations per L-BFGS outer step, as llmeraser.train runs them
 
 # the automatic path's settings: EK-FAC fitted on at most AUTO_CURVATURE_EXAMPLES examples
 AUTO_CACHE_METHOD = "ekfac"

@@ -22,7 +22,22 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from llmeraser.errors import NumericalError
+from llmeraser.errors import ConfigError, NumericalError
+
+SolverName = Literal["direct", "cg", "lissa", "sgd"]
+"""The solvers ``solve`` dispatches to (``SOLVERS``)."""
+
+# defaults of the solvers' keyword arguments, read by the dry run (``llmeraser.estimate``) too
+DIRECT_MAX_DIM = 4096  # solve_direct forms the p × p matrix up to this many parameters
+DENSE_CHUNK_SIZE = 64  # basis vectors per batched product when forming the matrix
+CHECK_EVERY = 10  # lissa / sgd: iterations between residual checks on the probe subset
+POWER_ITERATIONS = 20  # power iterations of estimate_largest_eigenvalue (lissa's scale, sgd's lr)
+
+
+def direct_too_large(dim: int, max_dim: int) -> ConfigError:
+    """The error of a direct solve of ``dim`` parameters beyond ``max_dim``."""
+    return ConfigError("solver", f"'direct' forms the {dim}×{dim} matrix; it is limited to {max_dim} parameters "
+                       "(use cg, lissa or sgd, or raise solver_options max_dim knowingly)")
 
 
 @runtime_checkable
@@ -124,7 +139,7 @@ def _check_finite(tensor: Tensor, what: str) -> None:
         raise NumericalError(f"{what} contains NaN or Inf")
 
 
-def dense_matrix(operator: LinearOperator, dtype: torch.dtype, chunk_size: int = 64) -> Tensor:
+def dense_matrix(operator: LinearOperator, dtype: torch.dtype, chunk_size: int = DENSE_CHUNK_SIZE) -> Tensor:
     """A as an explicit (p, p) matrix, built from products with basis vectors (of ``dtype``) in row chunks.
 
     Uses ``operator.matmat(E)`` for a (k, p) chunk of basis vectors when the operator provides it.
@@ -142,14 +157,13 @@ def dense_matrix(operator: LinearOperator, dtype: torch.dtype, chunk_size: int =
     return torch.cat(rows)
 
 
-def solve_direct(operator: LinearOperator, b: Tensor, max_dim: int = 4096, chunk_size: int = 64) -> SolverResult:
+def solve_direct(
+    operator: LinearOperator, b: Tensor, max_dim: int = DIRECT_MAX_DIM, chunk_size: int = DENSE_CHUNK_SIZE
+) -> SolverResult:
     """Form A (symmetrised) and solve in float64: Cholesky when A is positive definite, LU otherwise."""
     start = time.perf_counter()
     if operator.dim > max_dim:
-        raise ValueError(
-            f"the direct solver forms the {operator.dim}×{operator.dim} matrix; it is limited to {max_dim} "
-            "parameters (use cg, lissa or sgd, or raise max_dim knowingly)"
-        )
+        raise direct_too_large(operator.dim, max_dim)
     matrix = dense_matrix(operator, b.dtype, chunk_size).to(torch.float64)
     matrix = 0.5 * (matrix + matrix.T)
     _check_finite(matrix, "the curvature matrix")
@@ -240,7 +254,7 @@ def solve_cg(
 
 
 def estimate_largest_eigenvalue(
-    operator: LinearOperator, dtype: torch.dtype, iterations: int = 20, seed: int = 0
+    operator: LinearOperator, dtype: torch.dtype, iterations: int = POWER_ITERATIONS, seed: int = 0
 ) -> float:
     """Power-iteration estimate of the largest |eigenvalue| of A (vectors of ``dtype``)."""
     generator = torch.Generator().manual_seed(seed)
@@ -335,7 +349,7 @@ def solve_lissa(
     scale: float | None = None,
     max_iters: int = 1000,
     tol: float = 1e-3,
-    check_every: int = 10,
+    check_every: int = CHECK_EVERY,
     patience: int = 5,
     max_decays: int = 8,
     probe: LinearOperator | None = None,
@@ -374,7 +388,7 @@ def solve_sgd(
     momentum: float = 0.9,
     max_iters: int = 1000,
     tol: float = 1e-3,
-    check_every: int = 10,
+    check_every: int = CHECK_EVERY,
     patience: int = 5,
     max_decays: int = 8,
     probe: LinearOperator | None = None,
@@ -394,7 +408,7 @@ def solve_sgd(
     probe = probe or operator
     top = estimate_largest_eigenvalue(_PreconditionedOperator(probe, preconditioner) if preconditioner else probe, b.dtype)
     if optimizer not in ("sgd", "adam"):
-        raise ValueError(f"unknown optimizer {optimizer!r} (expected 'sgd' or 'adam')")
+        raise ConfigError("optimizer", f"unknown optimizer {optimizer!r} (expected 'sgd' or 'adam')")
     if lr is None:
         lr = (1.0 - momentum) / top if optimizer == "sgd" else 0.1 * float(b.abs().max()) / max(top, 1e-30)
     v = torch.zeros_like(b, requires_grad=True)
@@ -442,7 +456,7 @@ class _PreconditionedOperator:
         return self.preconditioner(self.operator.matvec(vector))
 
 
-SOLVERS: dict[str, Callable[..., SolverResult]] = {
+SOLVERS: dict[str, Callable[..., SolverResult]] = {  # the names of SolverName
     "direct": solve_direct,
     "cg": solve_cg,
     "lissa": solve_lissa,
@@ -453,7 +467,7 @@ SOLVERS: dict[str, Callable[..., SolverResult]] = {
 def solve(name: str, operator: Any, b: Tensor, **options: Any) -> SolverResult:
     """Dispatch to a solver by name; ``options`` are that solver's keyword arguments."""
     if name not in SOLVERS:
-        raise ValueError(f"unknown solver {name!r} (expected one of: {', '.join(SOLVERS)})")
+        raise ConfigError("solver", f"unknown solver {name!r} (expected one of: {', '.join(SOLVERS)})")
     _check_finite(b, "the right-hand side b")
     result = SOLVERS[name](operator, b, **options)
     _check_finite(result.solution, f"the {name} solution v")

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from llmeraser.data import (
     Example,
+    LossScope,
     TokenizationConfig,
     TokenizedExample,
     collate,
@@ -28,7 +29,13 @@ from llmeraser.data import (
     tokenize_examples,
 )
 from llmeraser.distributed import all_reduce_sum, is_distributed, shard
+from llmeraser.errors import ConfigError
 from llmeraser.model import AdapterParameters
+from llmeraser.options import option, validate
+
+LBFGS_MAX_ITER = 100
+"""torch.optim.LBFGS's ``max_iter`` per outer step (epoch) of ``optimizer="lbfgs"``: objective and gradient
+evaluations at most, besides line-search ones (the erase planner and the dry run count them too)."""
 
 
 @dataclass(frozen=True)
@@ -40,21 +47,22 @@ class TrainConfig:
     (``llmeraser.data.LOSS_SCOPES``: ``response``, ``assistant``, ``all``); recorded with the adapter, so that
     every later erase differentiates the loss it was trained on."""
 
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 8
-    weight_decay: float = 0.0
-    seed: int = 0
-    max_length: int = 256
-    optimizer: Literal["adam", "lbfgs"] = "adam"
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    loss_scope: str = "response"
+    epochs: int = option(3, min=1, help="passes over the data")
+    lr: float = option(1e-3, gt=0.0, help="Adam learning rate")
+    batch_size: int = option(8, min=1, help="examples per optimisation step")
+    weight_decay: float = option(0.0, min=0.0, help="λ_wd of the L2 term (λ_wd/2)‖θ‖²")
+    seed: int = option(0, help="seed of adapter initialisation and example order")
+    max_length: int = option(256, min=2, help="max tokens per example (prompt cut from the left)")
+    optimizer: Literal["adam", "lbfgs"] = option(
+        "adam", help="adam: mini-batches of batch_size; lbfgs: full-batch L-BFGS, epochs outer steps")
+    lr_schedule: Literal["constant", "linear"] = option(
+        "constant", help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
+    loss_scope: LossScope = option(
+        "response", help="tokens that carry the loss: response (the response / last assistant turn / completion), "
+        "assistant (every assistant turn), all (every token)")
 
     def __post_init__(self) -> None:
-        from llmeraser.data import LOSS_SCOPES
-
-        if self.loss_scope not in LOSS_SCOPES:
-            raise ValueError(f"unknown loss_scope {self.loss_scope!r} (expected one of: {', '.join(LOSS_SCOPES)})")
+        validate(self)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,7 +154,7 @@ def train_adapter(
                 bar.update(1)
             bar.close()
         else:
-            raise ValueError(f"unknown optimizer {config.optimizer!r} (expected 'adam' or 'lbfgs')")
+            raise ConfigError("optimizer", f"unknown optimizer {config.optimizer!r} (expected 'adam' or 'lbfgs')")
     finally:
         model.train(was_training)
         for tensor in params.tensors:
@@ -161,7 +169,7 @@ def lr_multiplier(schedule: str, total_steps: int) -> Callable[[int], float]:
         return lambda step: 1.0
     if schedule == "linear":
         return lambda step: max(total_steps - step, 0) / max(total_steps, 1)
-    raise ValueError(f"unknown lr_schedule {schedule!r} (expected 'constant' or 'linear')")
+    raise ConfigError("lr_schedule", f"unknown lr_schedule {schedule!r} (expected 'constant' or 'linear')")
 
 
 def objective_and_gradient(
@@ -210,7 +218,7 @@ def _train_lbfgs(
     optimizer = torch.optim.LBFGS(
         params.tensors,
         lr=config.lr,
-        max_iter=100,
+        max_iter=LBFGS_MAX_ITER,
         tolerance_grad=1e-12,
         tolerance_change=1e-15,
         history_size=50,

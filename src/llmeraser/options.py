@@ -1,0 +1,150 @@
+"""One declaration per option: a config dataclass field carries its type (``Literal`` choices), default,
+help text and bounds; ``validate`` checks an instance against them, and the CLI generates its flags from
+the same fields (``llmeraser.cli``).
+
+    @dataclass
+    class MyConfig:
+        solver: Literal["cg", "direct"] = option("cg", help="inverse-HVP solver")
+        damping: float = option(1e-2, help="λ added to H", min=0.0)
+
+        def __post_init__(self) -> None:
+            validate(self)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from llmeraser.errors import ConfigError
+
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def option(
+    default: Any = _NO_DEFAULT,
+    *,
+    help: str,  # noqa: A002 (argparse's name)
+    min: float | None = None,  # noqa: A002
+    gt: float | None = None,
+    default_factory: Any = _NO_DEFAULT,
+) -> Any:
+    """A dataclass field with its help text and bounds: ``min`` (value >= min, finite) or ``gt`` (value > gt,
+    finite); None is always allowed where the type allows it."""
+    metadata = {"help": help, "min": min, "gt": gt}
+    if default_factory is not _NO_DEFAULT:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _strip_optional(hint: Any) -> tuple[Any, bool]:
+    """(the type without ``None``, whether None is allowed)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (args[0] if len(args) == 1 else hint), len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def field_type(cls: type, name: str) -> tuple[Any, tuple[Any, ...] | None, bool]:
+    """(the scalar type, the ``Literal`` choices or None, whether None is allowed) of ``cls``'s field ``name``."""
+    hint, optional = _strip_optional(_hints(cls)[name])
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), choices, optional
+    return hint, None, optional
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    import sys
+
+    module = sys.modules[cls.__module__]
+    return typing.get_type_hints(cls, vars(module))
+
+
+def choices_of(cls: type, name: str) -> tuple[Any, ...]:
+    """The ``Literal`` choices of ``cls``'s field ``name``."""
+    found = field_type(cls, name)[1]
+    if found is None:
+        raise TypeError(f"{cls.__name__}.{name} is not a Literal")
+    return found
+
+
+def declared(cls: type) -> Iterator[dataclasses.Field]:
+    """The fields of ``cls`` declared with ``option`` (those with help text)."""
+    return (f for f in dataclasses.fields(cls) if "help" in f.metadata)
+
+
+def field_help(cls: type, name: str) -> str:
+    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
+
+
+def bounds_text(f: dataclasses.Field) -> str | None:
+    """``>= 0`` / ``> 0`` for a bounded field, else None."""
+    if f.metadata.get("min") is not None:
+        return f">= {f.metadata['min']:g}"
+    if f.metadata.get("gt") is not None:
+        return f"> {f.metadata['gt']:g}"
+    return None
+
+
+def check_field(cls: type, name: str, value: Any) -> None:
+    """Raise ``ConfigError(name, ...)`` unless ``value`` is within ``cls``'s declaration of field ``name``."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    _, choices, optional = field_type(cls, name)
+    if value is None:
+        if optional or choices is None and f.default is None:
+            return
+        raise ConfigError(name, "must be given, got None")
+    if choices is not None and value not in choices:
+        raise ConfigError(name, f"must be one of: {', '.join(map(str, choices))}, got {value!r}")
+    low, above = f.metadata.get("min"), f.metadata.get("gt")
+    if low is None and above is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or (low is not None and value < low) or (above is not None and value <= above):
+        raise ConfigError(name, f"must be {bounds_text(f)}, got {value}")
+
+
+def validate(config: Any) -> None:
+    """``check_field`` on every declared field of the dataclass instance ``config`` (from ``__post_init__``)."""
+    cls = type(config)
+    for f in declared(cls):
+        check_field(cls, f.name, getattr(config, f.name))
+
+
+def to_toml(tables: dict[str, dict[str, Any]]) -> str:
+    """TOML of ``{table: {key: value}}`` whose values are str, int, float, bool or lists of them (None is
+    left out: TOML has no null, and an absent key means the default)."""
+    lines: list[str] = []
+    for table, values in tables.items():
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"not a TOML value: {value!r}")
