@@ -45,7 +45,7 @@ def test_a_diverging_solve_stops_and_names_the_damping_to_try(model, monkeypatch
         eraser.erase(peft_model, tokenizer, TRAIN, REQUESTS, damping=1e-3)
     assert caught.value.stage == "solve"
     assert str(caught.value).startswith("stage 'solve': cg diverged")
-    assert "try a larger damping: --damping 0.01 (or --auto-damping)" in str(caught.value)
+    assert "try a larger damping: `damping=0.01` (or `auto_damping=True`)" in str(caught.value)  # fields, not flags
 
 
 def test_auto_damping_escalates_and_records_every_attempt(model, monkeypatch):

@@ -7,7 +7,11 @@ the flags, with ``-`` or ``_``); flags given on the command line override the fi
 
 Exit codes: 0 success, 2 usage error, 3 bad input (files, ids, mismatched adapters), 4 numerical failure,
 5 no space left for the output (disk full or quota exceeded), 130 interrupted (Ctrl-C). On 3, 4, 5 and 130
-nothing is written.
+nothing is written. Only llmeraser's own errors (``llmeraser.errors``) get these codes: any other exception is
+a bug, shown with its traceback (exit 1).
+
+The flags of the options a config dataclass declares (``EraseConfig``, ``TrainConfig``, ``LoraSettings``)
+are generated from the declaration (``_add_options``); a ``ConfigError`` names the field, shown as its flag.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import sys
 import time
+import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +35,7 @@ else:  # Python 3.10: the same parser, as the tomli package
     import tomli as tomllib
 
 from llmeraser.distributed import init_from_environment, shutdown
-from llmeraser.errors import InputError, NumericalError, OutputSpaceError, is_out_of_space
+from llmeraser.errors import ConfigError, InputError, NumericalError, OutputSpaceError, is_out_of_space
 from llmeraser.model import DTYPES
 
 EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL, EXIT_NO_SPACE = 2, 3, 4, 5
@@ -163,7 +169,7 @@ def _print_truncation(truncated: int, n_examples: int, max_length: int) -> None:
 
     note = truncation_note(truncated, n_examples, max_length)
     if note and is_main_process():
-        print(note)
+        print(_spell(note))
 
 
 def _refuse_existing(out: str) -> None:
@@ -194,7 +200,7 @@ def _print_dry_run(command: str, load_s: float, estimate: Any) -> None:
     result = estimate()
     result.stages.insert(0, loaded)
     result.notes.append(f"this dry run took {load_s + time.perf_counter() - start:.1f} s")
-    print(result.table())
+    print(_spell(result.table()))
 
 
 def _load_for_adapter(
@@ -250,7 +256,6 @@ def _erase(args: argparse.Namespace) -> None:
     from llmeraser.requests import read_requests, resolve
 
     started = time.perf_counter()
-    _check_erase_flags(args)
     requests = read_requests(args.requests)
     examples = read_examples(args.data)
     pairs = resolve(requests, examples)  # unknown or repeated ids, removing everything: refused before any model work
@@ -436,7 +441,7 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     valid_damping = args.damping is None or (args.damping >= 0 and math.isfinite(args.damping))
     if not valid_damping or (args.damping is not None and args.method != "datainf"):
-        raise ValueError(f"--damping applies to --method datainf only and must be >= 0, got {args.damping}")
+        raise ConfigError("damping", f"applies to `method=datainf` only and must be >= 0, got {args.damping}")
     _check_calibration_flags(args)
     examples = read_examples(args.data)
     _refuse_existing(args.out)
@@ -473,38 +478,16 @@ def _fit_curvature(args: argparse.Namespace) -> None:
 
 
 def _check_calibration_flags(args: argparse.Namespace) -> None:
-    """Usage errors (exit 2) in fit-curvature's calibration flags."""
+    """Usage errors (exit 2) in fit-curvature's calibration flags (``CurvatureFitConfig`` declares no bounds)."""
     checks = [
-        ("--calibration-examples", args.calibration_examples, args.calibration_examples >= 0, ">= 0"),
-        ("--calibration-directions", args.calibration_directions, args.calibration_directions >= 1, ">= 1"),
-        ("--calibration-damping", args.calibration_damping,
+        ("calibration_examples", args.calibration_examples, args.calibration_examples >= 0, ">= 0"),
+        ("calibration_directions", args.calibration_directions, args.calibration_directions >= 1, ">= 1"),
+        ("calibration_damping", args.calibration_damping,
          args.calibration_damping >= 0 and math.isfinite(args.calibration_damping), ">= 0"),
-        ("--weight-decay", args.weight_decay, args.weight_decay is None or args.weight_decay >= 0, ">= 0"),
     ]
-    for flag, value, ok, expected in checks:
+    for name, value, ok, expected in checks:
         if not ok:
-            raise ValueError(f"{flag} must be {expected}, got {value}")
-
-
-def _check_erase_flags(args: argparse.Namespace) -> None:
-    """Usage errors (exit 2) in the numbers given to ``erase``, before any file is read."""
-    checks = [
-        ("--damping", args.damping, args.damping >= 0 and math.isfinite(args.damping), ">= 0"),
-        ("--max-iters", args.max_iters, args.max_iters >= 1, ">= 1"),
-        ("--tol", args.tol, args.tol > 0, "> 0"),
-        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
-        ("--curvature-examples", args.curvature_examples, args.curvature_examples is None or args.curvature_examples >= 1, ">= 1"),
-        ("--max-length", args.max_length, args.max_length is None or args.max_length >= 2, ">= 2"),
-        ("--weight-decay", args.weight_decay, args.weight_decay is None or args.weight_decay >= 0, ">= 0"),
-        ("--probe-examples", args.probe_examples, args.probe_examples is None or args.probe_examples >= 0, ">= 0"),
-        ("--steps", args.steps, args.steps is None or args.steps >= 1, ">= 1"),
-        ("--kept-examples", args.kept_examples, args.kept_examples >= 1, ">= 1"),
-        ("--heldout-tolerance", args.heldout_tolerance, args.heldout_tolerance >= 0, ">= 0"),
-        ("--kl-budget", args.kl_budget, args.kl_budget is None or args.kl_budget > 0, "> 0"),
-    ]
-    for flag, value, ok, expected in checks:
-        if not ok:
-            raise ValueError(f"{flag} must be {expected}, got {value}")
+            raise ConfigError(name, f"must be {expected}, got {value}")
 
 
 def _retrain(args: argparse.Namespace) -> None:
@@ -717,37 +700,152 @@ def _add_dtype(parser: argparse.ArgumentParser) -> None:
                         "adapter, gradients, updates and solver state stay float32")
 
 
-LOSS_SCOPE_HELP = ("tokens that carry the loss: response (the response / last assistant turn / completion), "
-                   "assistant (every assistant turn), all (every token)")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default shown once: `` (default: X)`` is appended unless the help already says its default
+    or there is none to show (None, or an off switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+def _add_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    names: Sequence[str],
+    *,
+    prefix: str = "",
+    flags: dict[str, str] | None = None,
+    defaults: dict[str, Any] | None = None,
+    helps: dict[str, str] | None = None,
+) -> None:
+    """Flags for the fields ``names`` of the config dataclass ``cls``, from their declaration
+    (``llmeraser.options``): ``--prefix-name`` (or ``flags[name]``), the type, the ``Literal`` choices, the
+    default and the help (``defaults`` / ``helps`` say where the command's differ, e.g. None: from the
+    adapter's record). Every value given is checked against the declaration before the command runs, and
+    a ``ConfigError`` naming the field is reported with its flag."""
+    from dataclasses import MISSING, fields
+
+    from llmeraser.options import field_type
+
+    declared = {f.name: f for f in fields(cls)}
+    for name in names:
+        f = declared[name]
+        flag = (flags or {}).get(name, "--" + (prefix + name).replace("_", "-"))
+        scalar, choices, _ = field_type(cls, name)
+        default = (defaults or {}).get(name, f.default if f.default is not MISSING else f.default_factory())
+        kwargs: dict[str, Any] = {"default": default, "help": (helps or {}).get(name, f.metadata["help"]).replace("%", "%%")}
+        if scalar is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        elif typing.get_origin(scalar) is tuple:
+            kwargs.update(nargs="+", type=typing.get_args(scalar)[0], default=list(default) if default else default)
+        elif choices is not None:
+            kwargs["choices"] = list(choices)
+        else:
+            kwargs["type"] = scalar
+        action = parser.add_argument(flag, **kwargs)
+        _declared(parser).append((cls, name, action.dest))
+
+
+def _declared(parser: argparse.ArgumentParser) -> list[tuple[type, str, str]]:
+    """(config class, field, dest) of each of ``parser``'s flags generated by ``_add_options``."""
+    if not hasattr(parser, "llmeraser_declared"):
+        parser.llmeraser_declared = []  # type: ignore[attr-defined]
+    return parser.llmeraser_declared  # type: ignore[attr-defined,no-any-return]
+
+
+def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """{field or dest: flag} of a subcommand's parser: how its messages spell an option."""
+    names = {a.dest: next(o for o in a.option_strings if o.startswith("--"))
+             for a in parser._actions if any(o.startswith("--") for o in a.option_strings)}
+    for _, name, dest in _declared(parser):
+        if dest in names:
+            names[name] = names[dest]
+    return names
+
+
+_OPTION = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def _as_flags(text: str, flags: dict[str, str]) -> str:
+    """The options a library message names as fields (`` `damping=0.1` ``, `` `max_length` ``) spelled as this
+    command's flags (``--damping 0.1``, ``--max-length``); an option the command has no flag for keeps its name."""
+
+    def spelled(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        flag = flags.get(name)
+        if flag is None:
+            return match.group(0)[1:-1]
+        if value is None or value == "True":
+            return flag
+        return f"--no-{flag[2:]}" if value == "False" else f"{flag} {value}"
+
+    return _OPTION.sub(spelled, text)
+
+
+def _config_message(err: ConfigError, flags: dict[str, str]) -> str:
+    """A ``ConfigError`` as the command line reads it: its field as the flag."""
+    flag = flags.get(err.field)
+    if flag is None:
+        return _as_flags(str(err), flags)
+    if str(err) == f"{err.field} {err.message}":
+        return f"{flag} {_as_flags(err.message, flags)}"
+    return f"{flag}: {_as_flags(err.message, flags)}"
+
+
+def _check_declared(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Usage errors (exit 2) in the values given to generated flags, before any file is read."""
+    from llmeraser.options import check_field
+
+    for cls, name, dest in _declared(parser):
+        value = getattr(args, dest, None)
+        if value is not None:
+            check_field(cls, name, tuple(value) if isinstance(value, list) else value)
+
+
+_FLAGS: dict[str, str] = {}  # the running command's _flag_names
+
+
+def _spell(text: str) -> str:
+    """``_as_flags`` with the running command's flags (for what the CLI prints of the library's text)."""
+    return _as_flags(text, _FLAGS)
+
+
+_RECORDED = "(default: the adapter's training record's)"
+
+
+def _add_record_recipe(parser: argparse.ArgumentParser, names: Sequence[str], cls: type | None = None) -> None:
+    """The recipe flags of a command that reads an existing adapter: default None (the training record's)."""
+    from llmeraser.train import TrainConfig
+
+    cls = cls or TrainConfig
+    helps = {"weight_decay": "recipe's λ_wd (default: from the training record, else 0)",
+             "max_length": "max tokens per example (default: the recipe's, else 256)",
+             "loss_scope": _field_help(TrainConfig, "loss_scope") + " " + _RECORDED}
+    _add_options(parser, cls, names, defaults=dict.fromkeys(names), helps={n: helps[n] for n in names})
+
+
+def _field_help(cls: type, name: str) -> str:
+    from llmeraser.options import field_help
+
+    return field_help(cls, name)
 
 
 def _add_loss_scope(parser: argparse.ArgumentParser) -> None:
     """``--loss-scope`` of the commands that read an existing adapter: default the training record's."""
-    from llmeraser.data import LOSS_SCOPES
-
-    parser.add_argument("--loss-scope", default=None, choices=list(LOSS_SCOPES),
-                        help=LOSS_SCOPE_HELP + " (default: the adapter's training record's)")
+    _add_record_recipe(parser, ["loss_scope"])
 
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
-    from llmeraser.data import LOSS_SCOPES
     from llmeraser.model import LoraSettings
     from llmeraser.train import TrainConfig
 
-    parser.add_argument("--lora-r", type=int, default=LoraSettings.r, help="LoRA rank")
-    parser.add_argument("--lora-alpha", type=float, default=LoraSettings.alpha, help="LoRA alpha (scale alpha / r)")
-    parser.add_argument("--target-modules", nargs="+", default=list(LoraSettings.target_modules), help="module names to adapt")
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="passes over the data")
-    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="examples per optimisation step")
-    parser.add_argument("--weight-decay", type=float, default=TrainConfig.weight_decay, help="λ_wd of the L2 term (λ_wd/2)‖θ‖²")
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="seed of adapter initialisation and example order")
-    parser.add_argument("--max-length", type=int, default=TrainConfig.max_length, help="max tokens per example (prompt cut from the left)")
-    parser.add_argument("--lr-schedule", default=TrainConfig.lr_schedule, choices=["constant", "linear"],
-                        help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
-    parser.add_argument("--loss-scope", default=TrainConfig.loss_scope, choices=list(LOSS_SCOPES), help=LOSS_SCOPE_HELP)
-    parser.add_argument("--optimizer", default=TrainConfig.optimizer, choices=["adam", "lbfgs"],
-                        help="adam: mini-batches of --batch-size; lbfgs: full-batch L-BFGS, --epochs outer steps")
+    _add_options(parser, LoraSettings, ["r", "alpha"], prefix="lora_")
+    _add_options(parser, LoraSettings, ["target_modules"])
+    _add_options(parser, TrainConfig, ["epochs", "lr", "batch_size", "weight_decay", "seed", "max_length",
+                                       "lr_schedule", "loss_scope", "optimizer"])
 
 
 def _add_dry_run(parser: argparse.ArgumentParser, stages: str) -> None:
@@ -760,10 +858,12 @@ def _add_dry_run(parser: argparse.ArgumentParser, stages: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from llmeraser.curvature_cache import CurvatureFitConfig
     from llmeraser.eraser import EraseConfig  # the flags' defaults are the library's (declared once)
+    from llmeraser.options import choices_of
+    from llmeraser.trust_region import TrustRegionSettings
 
     fit_defaults = CurvatureFitConfig()
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="llmeraser", formatter_class=fmt,
         description="Unlearn training examples from a LoRA adapter by influence functions, without retraining.",
@@ -797,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--n-train", type=int, default=None, help="training examples")
     bench.add_argument("--n-test", type=int, default=None, help="test examples")
     bench.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe")
-    bench.add_argument("--solver", default=None, choices=["direct", "cg", "lissa", "sgd"], help="LLMEraser's solver")
+    bench.add_argument("--solver", default=None, choices=list(choices_of(EraseConfig, "solver")), help="LLMEraser's solver")
     bench.add_argument("--max-iters", type=int, default=None, help="LLMEraser's solver iterations")
     bench.add_argument("--curvature-examples", type=int, default=None, help="examples for LLMEraser's curvature")
     bench.add_argument("--damping", type=float, default=None, help="LLMEraser's damping λ")
@@ -805,7 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="curvature fitted once for llmeraser_cached (default ekfac)")
     bench.add_argument("--removal-unit", default=None, choices=["example", "user"],
                        help="removal task: remove --ratio of the examples, or every example of --ratio of the users")
-    bench.add_argument("--trust-region-steps", type=int, default=None, help="llmeraser_tr's steps at most (default 5)")
+    bench.add_argument("--trust-region-steps", type=int, default=None,
+                       help=f"llmeraser_tr's steps at most (default: the task's, {TrustRegionSettings.steps} in the full protocol)")
     bench.add_argument("--query-mode", default=None, choices=["replace", "delete"],
                        help="next-item task: noisy history items restored (replace, default) or history items deleted (delete)")
     bench.add_argument("--relearn-steps", type=int, default=None, help="steps of the relearning attack (default 5; 0: not run)")
@@ -830,29 +931,14 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--data", required=True, help="the training data the adapter was trained on (JSONL)")
     erase.add_argument("--requests", required=True, help="request file, JSONL: remove / modify_query / correct_response")
     erase.add_argument("--out", required=True, help="new adapter directory (must not exist)")
-    erase.add_argument("--solver", default=EraseConfig.solver, choices=["direct", "cg", "lissa", "sgd"], help="inverse-HVP solver")
-    erase.add_argument("--curvature", default=EraseConfig.curvature, choices=["gauss-newton", "hessian"], help="curvature matrix H")
-    erase.add_argument("--damping", type=float, default=EraseConfig.damping, help="λ added to H (also a trust region for long steps)")
-    erase.add_argument("--scaling", default=EraseConfig.scaling, choices=["retrain", "paper"],
-                       help="retrain: Newton step to the retraining objective, 1/(n-k); paper: 1/n")
-    erase.add_argument("--weight-decay", type=float, default=None, help="recipe's λ_wd (default: from the training record, else 0)")
-    erase.add_argument("--max-iters", type=int, default=EraseConfig.max_iters, help="solver iterations")
-    erase.add_argument("--tol", type=float, default=EraseConfig.tol, help="relative residual ‖(H+λI)v − b‖/‖b‖ to stop at")
-    erase.add_argument("--batch-size", type=int, default=EraseConfig.batch_size, help="examples per forward pass and stochastic mini-batch")
-    erase.add_argument("--curvature-examples", type=int, default=EraseConfig.curvature_examples, help="estimate H on a random subset of this many examples (default: all)")
-    erase.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's, else 256)")
-    _add_loss_scope(erase)
-    erase.add_argument("--seed", type=int, default=EraseConfig.seed, help="seed of subsets and stochastic solvers")
+    _add_options(erase, EraseConfig, ["solver", "curvature", "damping", "scaling"])
+    _add_record_recipe(erase, ["weight_decay"], EraseConfig)
+    _add_options(erase, EraseConfig, ["max_iters", "tol", "batch_size", "curvature_examples"])
+    _add_record_recipe(erase, ["max_length", "loss_scope"], EraseConfig)
+    _add_options(erase, EraseConfig, ["seed"])
     erase.add_argument("--curvature-cache", default=None,
                        help="a fit-curvature directory (K-FAC, EK-FAC or DataInf) for this adapter and data, used as --curvature-use says")
-    erase.add_argument("--curvature-use", default=EraseConfig.curvature_use, choices=["precondition", "direct"],
-                       help="precondition: cg or sgd against the exact operator, the cached curvature as preconditioner; direct: v = (K + λI)⁻¹ b, "
-                       "no iterations (fast, approximate), with the step length α calibrated by fit-curvature when its "
-                       "damping + weight decay equal this erasure's, else fitted on --probe-examples examples")
-    erase.add_argument("--probe-examples", type=int, default=EraseConfig.probe_examples,
-                       help="the probe subset on which --curvature-use direct fits α (default 64) and lissa/sgd measure "
-                       "residuals; with a calibrated cache, N > 0 measures the calibrated step's residual on N examples "
-                       "(default: no exact product)")
+    _add_options(erase, EraseConfig, ["curvature_use", "probe_examples"])
     erase.add_argument("--mode", default="auto", choices=["auto", "update", "retrain"],
                        help="auto: without solver flags, the cheaper of a paired retrain (exact) and the cached "
                        "trust-region update (EK-FAC fitted on first use and kept in the user cache), by predicted "
@@ -864,18 +950,12 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--trust-region", action=argparse.BooleanOptionalAction, default=None,
                        help="re-linearised steps accepted by their effect in function space (default: on in --mode auto, "
                        "off for a configured update)")
-    erase.add_argument("--steps", type=int, default=None,
-                       help=f"trust-region steps at most (default {EraseConfig.trust_region_steps})")
-    erase.add_argument("--kept-examples", type=int, default=EraseConfig.kept_examples,
-                       help="untouched training examples the trust region estimates the objective and the KL on")
-    erase.add_argument("--heldout-tolerance", type=float, default=EraseConfig.heldout_tolerance,
-                       help="relative rise of the held-out loss a trust-region step may cause")
-    erase.add_argument("--kl-budget", type=float, default=None,
-                       help="per-token KL(original ‖ erased) allowed on the kept examples (default: not checked)")
+    _add_options(erase, EraseConfig, ["trust_region_steps"], flags={"trust_region_steps": "--steps"},
+                 defaults={"trust_region_steps": None},
+                 helps={"trust_region_steps": f"trust-region steps at most (default {EraseConfig.trust_region_steps})"})
+    _add_options(erase, EraseConfig, ["kept_examples", "heldout_tolerance", "kl_budget"])
     erase.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
-    erase.add_argument("--auto-damping", action="store_true",
-                       help="when the solve diverges or meets non-positive curvature, retry with 10x the damping "
-                       "(up to 4 solves); each attempt is recorded in the report and the lineage")
+    _add_options(erase, EraseConfig, ["auto_damping"])
     _add_dtype(erase)
     _add_dry_run(erase, "erasure (prepare, gradients, solve, save)")
     erase.set_defaults(run=_erase)
@@ -887,7 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="new curvature directory (must not exist)")
     fit.add_argument("--curvature-examples", type=int, default=fit_defaults.curvature_examples, help="fit on a random subset of this many examples (default: all)")
     fit.add_argument("--batch-size", type=int, default=fit_defaults.batch_size, help="examples per forward pass")
-    fit.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
+    _add_record_recipe(fit, ["max_length"])
     _add_loss_scope(fit)
     fit.add_argument("--seed", type=int, default=fit_defaults.seed, help="seed of the subset and of the sampled labels")
     fit.add_argument("--method", default=fit_defaults.method, choices=["kfac", "ekfac", "datainf"],
@@ -904,8 +984,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--calibration-damping", type=float, default=fit_defaults.calibration_damping,
                      help="the damping λ of the calibration: erase uses the calibrated α when its --damping + weight "
                      "decay equal this + --weight-decay")
-    fit.add_argument("--weight-decay", type=float, default=None,
-                     help="recipe's λ_wd for the calibration (default: from the training record, else 0)")
+    _add_record_recipe(fit, ["weight_decay"])
     fit.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
     _add_dtype(fit)
     _add_dry_run(fit, "fit (load, tokenise, fit, step-length calibration, save)")
@@ -960,6 +1039,11 @@ def build_parser() -> argparse.ArgumentParser:
     apply_requests.add_argument("--requests", required=True, nargs="+", help="request file(s), applied in this order")
     apply_requests.add_argument("--out", required=True, help="new JSONL file (must not exist)")
     apply_requests.set_defaults(run=_apply_requests)
+    for sub in commands.choices.values():  # the options help texts name as fields, spelled as the flags
+        flags = _flag_names(sub)
+        for action in sub._actions:
+            if action.help:
+                action.help = _as_flags(action.help, flags)
     return parser
 
 
@@ -997,28 +1081,41 @@ def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> se
     return set(defaults)
 
 
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; llmeraser's own errors become a message and an exit code (2 usage, 3 input, 4
+    numerical, 5 no space); any other exception is a bug and propagates with its traceback (exit 1)."""
+    from llmeraser import lifecycle
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    _FLAGS.clear()
+    lifecycle.spell_options = _spell
     try:
         config_keys = _config_defaults(parser, argv)
         args = parser.parse_args(argv)
+        sub = _subcommand(parser, args.command)
+        _FLAGS.update(_flag_names(sub))
         args.argv, args.config_keys = argv, config_keys
         args.command_line = "llmeraser " + " ".join(shlex.quote(a) for a in argv)
+        _check_declared(args, sub)
         init_from_environment()  # a no-op outside torchrun
         try:
             args.run(args)
         finally:
             shutdown()
+    except ConfigError as err:  # an option value outside its declaration
+        print(f"llmeraser: error: {_config_message(err, _FLAGS)}", file=sys.stderr)
+        return EXIT_USAGE
     except InputError as err:
-        print(f"llmeraser: error: {err}", file=sys.stderr)
+        print(f"llmeraser: error: {_spell(str(err))}", file=sys.stderr)
         return EXIT_INPUT
     except NumericalError as err:
-        print(f"llmeraser: numerical failure: {err}", file=sys.stderr)
+        print(f"llmeraser: numerical failure: {_spell(str(err))}", file=sys.stderr)
         return EXIT_NUMERICAL
-    except ValueError as err:  # invalid option values detected by the library
-        print(f"llmeraser: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
     except OutputSpaceError as err:
         print(f"llmeraser: error: {err}", file=sys.stderr)
         return EXIT_NO_SPACE
@@ -1030,6 +1127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # the writers remove their temporary files on the way out
         print("\nllmeraser: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        lifecycle.spell_options = None
     return 0
 
 

@@ -57,6 +57,8 @@ from llmeraser.trust_region import TrustRegionSettings, trust_region_update
 CurvatureKind = Literal["gauss-newton", "hessian"]  # llmeraser.curvature.CURVATURE_KINDS
 Scaling = Literal["retrain", "paper"]
 CurvatureUse = Literal["precondition", "direct"]
+DAMPING_FACTOR = 10.0  # auto_damping: λ × this per retry
+MAX_DAMPING_ATTEMPTS = 4  # auto_damping: solves at most
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class EraseConfig:
     curvature_examples: int | None = option(
         None, min=1, help="estimate H on a random subset of this many examples (default: all)")
     probe_examples: int | None = option(
-        None, min=0, help="the probe subset on which curvature_use direct fits α (default 64) and lissa/sgd measure "
+        None, min=0, help="the probe subset on which `curvature_use=direct` fits α (default 64) and lissa/sgd measure "
         "residuals; with a calibrated cache, N > 0 measures the calibrated step's residual on N examples "
         "(default: no exact product)")
     max_length: int = option(256, min=2, help="max tokens per example")
@@ -106,15 +108,15 @@ class EraseConfig:
         "precondition", help="precondition: cg or sgd against the exact operator, the cached curvature as "
         "preconditioner; direct: v = (K + λI)⁻¹ b, no iterations (fast, approximate), with the step length α "
         "calibrated by fit-curvature when its damping + weight decay equal this erasure's, else fitted on "
-        "probe_examples examples")
+        "`probe_examples` examples")
     seed: int = option(0, help="seed of subsets and stochastic solvers")
     solver_options: dict[str, Any] = field(default_factory=dict)
     diverge_after: int = option(5, min=1, help="cg stops as diverged when its residual rises this many iterations in a row")
     auto_damping: bool = option(
-        False, help="when the solve diverges or meets non-positive curvature, retry with 10x the damping "
-        "(up to 4 solves); each attempt is recorded in the report and the lineage")
-    damping_factor: float = option(10.0, gt=0.0, help="auto_damping's factor of λ per retry")
-    max_damping_attempts: int = option(4, min=1, help="auto_damping's solves at most")
+        False, help=f"when the solve diverges or meets non-positive curvature, retry with {DAMPING_FACTOR:g}x the "
+        f"damping (up to {MAX_DAMPING_ATTEMPTS} solves); each attempt is recorded in the report and the lineage")
+    damping_factor: float = option(DAMPING_FACTOR, gt=0.0, help="`auto_damping`'s factor of λ per retry")
+    max_damping_attempts: int = option(MAX_DAMPING_ATTEMPTS, min=1, help="`auto_damping`'s solves at most")
     trust_region: bool = option(False, help="re-linearised steps accepted by their effect in function space")
     trust_region_steps: int = option(TrustRegionSettings.steps, min=1, help="trust-region steps at most")
     kept_examples: int = option(

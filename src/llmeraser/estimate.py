@@ -415,9 +415,9 @@ def estimate_erase(
     notes = _notes()
     if solver in ("cg", "lissa", "sgd"):
         notes.append(f"solve: all {config.max_iters} iterations (it stops earlier when the residual reaches "
-                     f"--tol {config.tol:g}): an upper bound")
+                     f"`tol={config.tol:g}`): an upper bound")
     if config.auto_damping:
-        notes.append(f"--auto-damping: a failed solve is retried, up to {config.max_damping_attempts} solves in all")
+        notes.append(f"`auto_damping`: a failed solve is retried, up to {config.max_damping_attempts} solves in all")
     sizes = {**_sizes(model, params), "curvature examples": len(curvature_items), "edited examples": len(pairs)}
     return RunEstimate("erase", stages, sizes, notes)
 
@@ -717,7 +717,7 @@ def estimate_fit_curvature(
                f"{gradient_cost.probes + product_cost.probes} probe passes")
         stages.append(StageEstimate("calibrate", seconds, peak_memory_mb() + extra_mib, how))
     else:
-        calibration_note = ["--calibration-examples 0: no step-length calibration"]
+        calibration_note = ["`calibration_examples=0`: no step-length calibration"]
 
     stages.append(StageEstimate("save", _save_cache_seconds(factors, examples), peak_memory_mb() + extra_mib,
                                 "data hash + in-memory serialisation of the cache"))

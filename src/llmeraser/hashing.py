@@ -129,7 +129,7 @@ def model_fingerprint(base: Any, target_modules: str | Sequence[str] = ()) -> st
 def fingerprint_differences(recorded: dict[str, str] | None, given: dict[str, str]) -> str:
     """What differs between two ``fingerprint_parts``, in words."""
     if not recorded:
-        return "the record names no parts (written by an older llmeraser): re-train, or pass --allow-mismatch"
+        return "the record names no parts (written by an older llmeraser): re-train, or pass `allow_mismatch=True`"
     label = lambda part: "the input embeddings" if part == EMBEDDINGS_PART else f"the {part} weights"  # noqa: E731
     differ = [label(p) for p in sorted(set(recorded) | set(given)) if recorded.get(p) != given.get(p)]
     same = [label(p) for p in sorted(recorded) if recorded.get(p) == given.get(p)]

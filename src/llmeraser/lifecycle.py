@@ -24,7 +24,7 @@ import hashlib
 import math
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,9 @@ from llmeraser.provenance import (
 from llmeraser.train import TrainConfig
 
 REPORT_FILE = "erasure_report.json"
-RECIPE_FLAGS = {"weight_decay": "--weight-decay", "max_length": "--max-length", "loss_scope": "--loss-scope"}
-"""The recipe values an erasure depends on, and the flags that give them for an adapter without a record."""
+RECIPE_FIELDS = ("weight_decay", "max_length", "loss_scope")
+"""The recipe values an erasure depends on (``TrainConfig`` fields; for an adapter without a record they must
+be given)."""
 RECIPE_MEANING = {
     "weight_decay": "the L2 coefficient of the training objective; for AdamW's decoupled decay see llmeraser.integrations",
     "max_length": "the max tokens per example",
@@ -52,13 +53,18 @@ RECIPE_MEANING = {
 }
 
 
+spell_options: Callable[[str], str] | None = None
+"""Rewrites the options a notice names (`` `max_length=128` ``, as fields) for its reader: the CLI sets it to
+spell them as its flags; None leaves them as they are."""
+
+
 def note(message: str) -> None:
     """A one-line notice on stderr (``llmeraser: note: ...``)."""
-    print(f"llmeraser: note: {message}", file=sys.stderr)
+    print(f"llmeraser: note: {spell_options(message) if spell_options else message}", file=sys.stderr)
 
 
 def warn(message: str) -> None:
-    print(f"llmeraser: warning: {message}", file=sys.stderr)
+    print(f"llmeraser: warning: {spell_options(message) if spell_options else message}", file=sys.stderr)
 
 
 def require_adapter(adapter: str | Path) -> Path:
@@ -89,13 +95,13 @@ def input_lineage(adapter: str | Path, adapter_sha256: str, allow_mismatch: bool
     except InputError as err:
         if not allow_mismatch:
             raise InputError(f"{err} (the input adapter's lineage is unreadable; see `llmeraser history {adapter}`; "
-                             "--allow-mismatch starts a new lineage)") from None
+                             "`allow_mismatch` starts a new lineage)") from None
         return [], [f"unreadable {LINEAGE_FILE}: {err}"]
     record = read_training_record(adapter)
     problems = verify_chain(entries, adapter_sha256, record.data_sha256 if record else None)
     if problems and not allow_mismatch:
         raise InputError(f"its {LINEAGE_FILE} does not verify: {problems[0]} (see `llmeraser history {adapter}`; "
-                         "pass --allow-mismatch to proceed knowingly)", adapter)
+                         "pass `allow_mismatch=True` to proceed knowingly)", adapter)
     return entries, [f"{LINEAGE_FILE}: {problem}" for problem in problems]
 
 
@@ -109,7 +115,7 @@ def lineage_data_hint(lineage: Sequence[dict], data_sha256: str, data_path: str)
                 f". {data_path} is the training data as it was before erase entry #{entry.get('index')}; this adapter "
                 f"stands for the set after {later} more erase(s): build it with `llmeraser apply-requests --data "
                 f"{data_path} --requests <the request files of those erases, in order> --out edited.jsonl` "
-                "(their hashes are in `llmeraser history`) and pass that as --data"
+                "(their hashes are in `llmeraser history`) and pass that as the training data"
             )
     return ""
 
@@ -123,7 +129,7 @@ def base_model_name(model: str | None, record: TrainingRecord | None, adapter: s
         return record.model
     name = adapter_config(adapter).get("base_model_name_or_path")
     if not name:
-        raise InputError("--model is required: the adapter has no llmeraser training record and its "
+        raise InputError("`model` is required: the adapter has no llmeraser training record and its "
                          "adapter_config.json names no base_model_name_or_path", adapter)
     return str(name)
 
@@ -149,20 +155,20 @@ def recipe_for(
 ) -> TrainConfig:
     """The recipe an erasure uses: the record's, with the values given here in its place (a value that
     differs from the recorded one is warned about: the record's is the one training minimised). Without a
-    record every one of ``RECIPE_FLAGS`` must be given: refused otherwise, naming the flags."""
+    record every one of ``RECIPE_FIELDS`` must be given: refused otherwise, naming them."""
     given: dict[str, Any] = {"weight_decay": weight_decay, "max_length": max_length, "loss_scope": loss_scope}
     if record is None:
-        missing = [name for name in RECIPE_FLAGS if given[name] is None]
+        missing = [name for name in RECIPE_FIELDS if given[name] is None]
         if missing:
             raise InputError(
                 "the adapter has no llmeraser training record (it was trained outside llmeraser), so the recipe "
-                f"values the erasure depends on are unknown: pass {', '.join(RECIPE_FLAGS[n] for n in missing)} "
+                f"values the erasure depends on are unknown: pass {', '.join(f'`{n}`' for n in missing)} "
                 f"({'; '.join(RECIPE_MEANING[n] for n in missing)})", adapter)
         return TrainConfig(**{name: value for name, value in given.items()})
     recipe = record.recipe
     for name, value in given.items():
         if value is not None and value != getattr(recipe, name):
-            warn(f"{RECIPE_FLAGS[name]} {value} differs from the adapter's recorded {getattr(recipe, name)} "
+            warn(f"`{name}={value}` differs from the adapter's recorded {getattr(recipe, name)} "
                  "(the recorded value is the one its training used)")
     return replace(recipe, **{name: value for name, value in given.items() if value is not None})
 
@@ -264,9 +270,9 @@ def refuse_output(out: str | Path, adapter: str | Path) -> None:
     if out.exists():
         raise InputError("output directory already exists (choose a new one; nothing is overwritten)", out)
     if out.resolve() == adapter.resolve():
-        raise InputError("--out must differ from --adapter (the input adapter is never modified)", out)
+        raise InputError("`out` must differ from `adapter` (the input adapter is never modified)", out)
     if adapter.resolve() in out.resolve().parents:
-        raise InputError("--out may not be inside --adapter (the input adapter is never modified)", out)
+        raise InputError("`out` may not be inside `adapter` (the input adapter is never modified)", out)
 
 
 @dataclass
@@ -379,10 +385,10 @@ class Adapter:
                 and template != self.record.chat_template_sha256):
             problem = "the tokenizer's chat template is not the one the adapter was trained with"
             if not self.allow_mismatch:
-                raise InputError(problem + " (pass --allow-mismatch to proceed knowingly)", self.path)
+                raise InputError(problem + " (pass `allow_mismatch=True` to proceed knowingly)", self.path)
             problems.append(problem)
         recipe = self.recipe
-        check_max_length(recipe.max_length, self.base, "--max-length" if "max_length" in self.given else "the training recipe's")
+        check_max_length(recipe.max_length, self.base, "`max_length`" if "max_length" in self.given else "the training recipe's")
         self.truncated = check_examples_fit(self.tokenizer, train, recipe.max_length, data_path, requests, self.base,
                                             recipe.loss_scope)
         self._checked = dataset_hash(train)
@@ -453,7 +459,7 @@ class Adapter:
         data_hash = self._ensure_checked(train, requests)
         config = config or self.erase_config()
         recipe = self.recipe
-        for name in RECIPE_FLAGS:
+        for name in RECIPE_FIELDS:
             if getattr(config, name) != getattr(recipe, name):
                 warn(f"the erase config's {name} {getattr(config, name)} differs from the adapter's recipe "
                      f"({getattr(recipe, name)})" + ("" if self.recorded else ", as given to Adapter.load"))
@@ -520,7 +526,7 @@ class Adapter:
             "requests_file_sha256": requests_sha256,
             "training_data_sha256": self.record.data_sha256 if self.recorded else None,
             "training_record": "recorded" if self.recorded else "assumed (no llmeraser training record)",
-            "recipe_used": {name: getattr(self.recipe, name) for name in RECIPE_FLAGS},
+            "recipe_used": {name: getattr(self.recipe, name) for name in RECIPE_FIELDS},
             "heldout_data_sha256": dataset_hash(heldout) if heldout else None,
             "mismatches_allowed": list(self.problems),
         }

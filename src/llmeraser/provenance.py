@@ -107,5 +107,5 @@ def check_matches(
             f"sha256 {record.data_sha256[:12]}…; given: {len(train)} examples, sha256 {dataset_hash(train)[:12]}…)"
         )
     if problems and not allow_mismatch:
-        raise InputError("; ".join(problems) + " (pass --allow-mismatch to proceed knowingly)", adapter_dir)
+        raise InputError("; ".join(problems) + " (pass `allow_mismatch=True` to proceed knowingly)", adapter_dir)
     return problems

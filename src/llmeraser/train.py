@@ -54,7 +54,7 @@ class TrainConfig:
     seed: int = option(0, help="seed of adapter initialisation and example order")
     max_length: int = option(256, min=2, help="max tokens per example (prompt cut from the left)")
     optimizer: Literal["adam", "lbfgs"] = option(
-        "adam", help="adam: mini-batches of batch_size; lbfgs: full-batch L-BFGS, epochs outer steps")
+        "adam", help="adam: mini-batches of `batch_size`; lbfgs: full-batch L-BFGS, `epochs` outer steps")
     lr_schedule: Literal["constant", "linear"] = option(
         "constant", help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
     loss_scope: LossScope = option(

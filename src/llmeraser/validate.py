@@ -26,7 +26,7 @@ def context_limit(model: Any) -> int | None:
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
-def check_max_length(max_length: int, model: Any, source: str = "--max-length") -> None:
+def check_max_length(max_length: int, model: Any, source: str = "`max_length`") -> None:
     """Refuse a ``max_length`` below 2 or beyond the model's context window."""
     if max_length < 2:
         raise InputError(f"max_length must be at least 2 tokens, got {max_length} ({source})")
@@ -34,7 +34,7 @@ def check_max_length(max_length: int, model: Any, source: str = "--max-length") 
     if limit is not None and max_length > limit:
         raise InputError(
             f"max_length {max_length} ({source}) exceeds the model's context window "
-            f"(max_position_embeddings = {limit}); use --max-length {limit} or less"
+            f"(max_position_embeddings = {limit}); use `max_length={limit}` or less"
         )
 
 
@@ -64,7 +64,7 @@ def _fit_error(err: InputError, max_length: int, limit: int | None) -> str:
     allowed = f" (the model allows up to {limit})" if limit else ""
     return (
         f"{err.message}; prompts are cut from the left to fit max_length (the training recipe's policy) but "
-        f"a response must fit whole: shorten it or raise --max-length{allowed}"
+        f"a response must fit whole: shorten it or raise `max_length`{allowed}"
     )
 
 
@@ -124,4 +124,4 @@ def truncation_note(n_truncated: int, n_examples: int, max_length: int) -> str |
     which = "example is" if n_examples == 1 else "examples is" if n_truncated == 1 else "examples are"
     return (f"note: {n_truncated} of {n_examples} {which} longer than max_length {max_length} tokens: the tokens "
             "before each one's response (its prompt) are cut from the left to fit, as in training "
-            "(raise --max-length to keep them)")
+            "(raise `max_length` to keep them)")
