@@ -1047,8 +1047,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+RUN_FILE = "run.toml"
+"""Written into every output directory: the command's resolved options; ``--config DIR/run.toml`` replays it."""
+_NOT_REPLAYED = {"config", "out", "dry_run", "help"}  # a replay names its own --out
+
+
+def _option_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [a for a in parser._actions if a.option_strings and a.dest not in _NOT_REPLAYED]
+
+
+def _given_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The dests of the options set on the command line or in the ``--config`` file (the others are defaults)."""
+    tokens, from_file = getattr(args, "argv", []), set(getattr(args, "config_keys", ()))
+    return [a.dest for a in _option_actions(parser) if a.dest in from_file
+            or any(t == o or t.startswith(o + "=") for t in tokens for o in a.option_strings)]
+
+
+def _write_run_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``run.toml`` in the command's output directory (rank 0; not for a dry run or a file output): every
+    option's resolved value, and which of them were given (what ``erase --mode auto`` reads as configured)."""
+    from llmeraser.distributed import is_main_process
+    from llmeraser.jsonl import write_text_atomic
+    from llmeraser.options import to_toml
+
+    out = getattr(args, "out", None)
+    if not out or getattr(args, "dry_run", False) or not Path(out).is_dir() or not is_main_process():
+        return
+    values = {a.dest.replace("_", "-"): getattr(args, a.dest) for a in _option_actions(parser)}
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    given = [dest.replace("_", "-") for dest in _given_options(args, parser)]
+    comment = (f"the resolved options of this run; `llmeraser {args.command} --config {RUN_FILE} "
+               "--out NEW_DIR` replays it\n(given: the options set on the command line or in a config file; the "
+               "others are the defaults)")
+    write_text_atomic(Path(out) / RUN_FILE, to_toml({"given": given}, {args.command: values}, comment))
+
+
 def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """Apply ``--config FILE`` (if given) as defaults of the chosen subcommand's parser; returns the keys set."""
+    """Apply ``--config FILE`` (if given) as defaults of the chosen subcommand's parser; returns the keys
+    that count as given (a ``run.toml``'s ``given`` list, else every key of the file)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("command", nargs="?")
     pre.add_argument("--config")
@@ -1062,6 +1098,7 @@ def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> se
         raise InputError("config file not found", path) from None
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"malformed TOML: {err}", path) from None
+    given = table.pop("given", None) if isinstance(table.get("given"), list) else None  # a run.toml
     section = table.get(known.command, {})
     values = {k: v for k, v in table.items() if not isinstance(v, dict)} | (section if isinstance(section, dict) else {})
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.get(known.command)
@@ -1078,7 +1115,7 @@ def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> se
     for action in sub._actions:  # options given in the file are no longer required on the command line
         if action.dest in defaults:
             action.required = False
-    return set(defaults)
+    return set(defaults) if given is None else {str(key).replace("-", "_") for key in given}
 
 
 def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -1105,6 +1142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         init_from_environment()  # a no-op outside torchrun
         try:
             args.run(args)
+            _write_run_file(args, sub)
         finally:
             shutdown()
     except ConfigError as err:  # an option value outside its declaration

@@ -283,13 +283,13 @@ def _solve_with_damping(
             suggestion = damping * config.damping_factor if damping > 0 else 1e-3
             if not config.auto_damping:
                 raise NumericalError(
-                    f"{err.message}; try a larger damping: damping={suggestion:g} (or auto_damping=True)", stage="solve"
+                    f"{err.message}; try a larger damping: `damping={suggestion:g}` (or `auto_damping=True`)", stage="solve"
                 ) from None
             if len(attempts) >= config.max_damping_attempts:
                 tried = ", ".join(f"{a['damping']:g}" for a in attempts)
                 raise NumericalError(
                     f"{err.message}; auto-damping tried λ = {tried} without success "
-                    f"(try damping={suggestion:g} or more, or curvature=gauss-newton)", stage="solve"
+                    f"(try `damping={suggestion:g}` or more, or `curvature=gauss-newton`)", stage="solve"
                 ) from None
             damping = suggestion
             continue
@@ -347,7 +347,7 @@ def _solve_with_kfac(
     method = cache_method(inverse.factors)
     if config.curvature_use == "precondition":
         if config.solver not in ("cg", "sgd"):
-            raise ConfigError("solver", "must be cg or sgd with curvature_use=precondition: a curvature cache "
+            raise ConfigError("solver", "must be cg or sgd with `curvature_use=precondition`: a curvature cache "
                               f"preconditions the cg and sgd solvers only, got {config.solver!r}")
         result = solve(config.solver, operator, b, **_solver_options(config, operator, callback), preconditioner=inverse)
         result.details["curvature_cache"] = f"{method} preconditioner"

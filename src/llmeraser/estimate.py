@@ -522,7 +522,7 @@ def _estimate_kfac(
         return seconds, (f"1 K-FAC inverse + 1 product over the {len(probe_batches)} probe-subset batches; "
                          f"{cost.probes} probe products"), 0.0
     if config.solver != "cg":
-        raise ConfigError("solver", "must be cg or sgd with curvature_use=precondition: a curvature cache "
+        raise ConfigError("solver", "must be cg or sgd with `curvature_use=precondition`: a curvature cache "
                           f"preconditions the cg and sgd solvers only, got {config.solver!r}")
     cost = fit_batch_cost(product, batches, settings)
     full = cost.total([batch_tokens(b) for b in batches])

@@ -117,10 +117,12 @@ def validate(config: Any) -> None:
         check_field(cls, f.name, getattr(config, f.name))
 
 
-def to_toml(tables: dict[str, dict[str, Any]]) -> str:
-    """TOML of ``{table: {key: value}}`` whose values are str, int, float, bool or lists of them (None is
-    left out: TOML has no null, and an absent key means the default)."""
-    lines: list[str] = []
+def to_toml(top: dict[str, Any], tables: dict[str, dict[str, Any]], comment: str = "") -> str:
+    """TOML of top-level keys ``top`` and ``{table: {key: value}}`` whose values are str, int, float, bool or
+    lists of them (None is left out: TOML has no null, and an absent key means the default)."""
+    lines = [f"# {line}" for line in comment.splitlines()]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in top.items() if value is not None]
+    lines.append("")
     for table, values in tables.items():
         lines.append(f"[{table}]")
         for key, value in values.items():
