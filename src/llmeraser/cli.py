@@ -407,6 +407,7 @@ def _print_edits(pairs: list, examples: list) -> None:
 def _warn_if_dearer_than_retraining(args: argparse.Namespace, recipe: Any, examples: list, pairs: list) -> None:
     """A configured update predicted to cost more than a paired retrain gets a warning naming both costs."""
     from llmeraser.distributed import is_main_process
+    from llmeraser.eraser import DEFAULT_PROBE_EXAMPLES
     from llmeraser.plan import configured_update_cost, retrain_cost
 
     if recipe is None or not is_main_process():
@@ -415,7 +416,7 @@ def _warn_if_dearer_than_retraining(args: argparse.Namespace, recipe: Any, examp
     n_curvature = min(args.curvature_examples or len(examples), len(examples) - removed)
     cost = configured_update_cost(args.solver, args.max_iters, n_curvature, len(pairs), len(pairs) - removed,
                                   cached_direct=bool(args.curvature_cache) and args.curvature_use == "direct",
-                                  batch_size=args.batch_size, probe_examples=args.probe_examples or 64)
+                                  batch_size=args.batch_size, probe_examples=args.probe_examples or DEFAULT_PROBE_EXAMPLES)
     retrain = retrain_cost(len(examples) - removed, recipe.epochs, recipe.optimizer)
     if cost > retrain:
         print(f"llmeraser: warning: this update is predicted to cost up to {cost:,.0f} example passes, more than a "

@@ -57,6 +57,7 @@ from llmeraser.trust_region import TrustRegionSettings, trust_region_update
 CurvatureKind = Literal["gauss-newton", "hessian"]  # llmeraser.curvature.CURVATURE_KINDS
 Scaling = Literal["retrain", "paper"]
 CurvatureUse = Literal["precondition", "direct"]
+DEFAULT_PROBE_EXAMPLES = 64  # probe_examples=None: the probe subset's size
 DAMPING_FACTOR = 10.0  # auto_damping: λ × this per retry
 MAX_DAMPING_ATTEMPTS = 4  # auto_damping: solves at most
 
@@ -99,8 +100,8 @@ class EraseConfig:
     curvature_examples: int | None = option(
         None, min=1, help="estimate H on a random subset of this many examples (default: all)")
     probe_examples: int | None = option(
-        None, min=0, help="the probe subset on which `curvature_use=direct` fits α (default 64) and lissa/sgd measure "
-        "residuals; with a calibrated cache, N > 0 measures the calibrated step's residual on N examples "
+        None, min=0, help=f"the probe subset on which `curvature_use=direct` fits α (default {DEFAULT_PROBE_EXAMPLES}) and "
+        "lissa/sgd measure residuals; with a calibrated cache, N > 0 measures the calibrated step's residual on N examples "
         "(default: no exact product)")
     max_length: int = option(256, min=2, help="max tokens per example")
     loss_scope: LossScope = option("response", help="tokens that carry the loss")
@@ -137,8 +138,6 @@ class EraseConfig:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
-
-DEFAULT_PROBE_EXAMPLES = 64
 
 
 @dataclass
