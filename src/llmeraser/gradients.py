@@ -27,6 +27,7 @@ from llmeraser.data import (
     response_nll,
 )
 from llmeraser.distributed import all_reduce_sum
+from llmeraser.errors import ConfigError
 from llmeraser.model import AdapterParameters
 
 Scaling = Literal["retrain", "paper"]
@@ -120,7 +121,7 @@ def influence_rhs(
     elif scaling == "paper":
         scale = 1.0 / n_train
     else:
-        raise ValueError(f"unknown scaling {scaling!r} (expected 'retrain' or 'paper')")
+        raise ConfigError("scaling", f"unknown scaling {scaling!r} (expected 'retrain' or 'paper')")
     items = list(old_items) + list(new_items)
     signs = [1.0] * len(old_items) + [-1.0] * len(new_items)
     total = summed_gradient(model, params, items, pad_token_id, batch_size, signs)
