@@ -48,6 +48,12 @@ def test_a_config_refuses_values_outside_its_declaration_naming_the_field(config
     config()  # the defaults are valid
 
 
+def test_a_recorded_recipe_may_hold_values_llmeraser_does_not_run():
+    """An adapter trained by an HF Trainer records its optimizer and schedule (``LlmeraserCallback``)."""
+    recipe = TrainConfig(optimizer="adamw", lr_schedule="cosine")  # type: ignore[arg-type]
+    assert recipe.optimizer == "adamw" and choices_of(TrainConfig, "optimizer") == ("adam", "lbfgs")
+
+
 def test_generated_flags_carry_the_declared_choices_defaults_and_help():
     parser = build_parser()
     cases = {"erase": [EraseConfig], "train": [TrainConfig, LoraSettings]}

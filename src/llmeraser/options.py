@@ -32,10 +32,13 @@ def option(
     min: float | None = None,  # noqa: A002
     gt: float | None = None,
     default_factory: Any = _NO_DEFAULT,
+    open_choices: bool = False,
 ) -> Any:
     """A dataclass field with its help text and bounds: ``min`` (value >= min, finite) or ``gt`` (value > gt,
-    finite); None is always allowed where the type allows it."""
-    metadata = {"help": help, "min": min, "gt": gt}
+    finite); None is always allowed where the type allows it. ``open_choices``: the ``Literal`` lists the
+    values llmeraser runs (the CLI's choices), but a record may hold others (an adapter trained outside
+    llmeraser: ``adamw``, ``cosine``), which ``validate`` accepts and the code that runs them refuses."""
+    metadata = {"help": help, "min": min, "gt": gt, "open_choices": open_choices}
     if default_factory is not _NO_DEFAULT:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -100,7 +103,7 @@ def check_field(cls: type, name: str, value: Any) -> None:
         if optional or choices is None and f.default is None:
             return
         raise ConfigError(name, "must be given, got None")
-    if choices is not None and value not in choices:
+    if choices is not None and value not in choices and not f.metadata.get("open_choices"):
         raise ConfigError(name, f"must be one of: {', '.join(map(str, choices))}, got {value!r}")
     low, above = f.metadata.get("min"), f.metadata.get("gt")
     if low is None and above is None:

@@ -47,16 +47,16 @@ class TrainConfig:
     (``llmeraser.data.LOSS_SCOPES``: ``response``, ``assistant``, ``all``); recorded with the adapter, so that
     every later erase differentiates the loss it was trained on."""
 
-    epochs: int = option(3, min=1, help="passes over the data")
+    epochs: int = option(3, min=0, help="passes over the data")
     lr: float = option(1e-3, gt=0.0, help="Adam learning rate")
     batch_size: int = option(8, min=1, help="examples per optimisation step")
     weight_decay: float = option(0.0, min=0.0, help="λ_wd of the L2 term (λ_wd/2)‖θ‖²")
     seed: int = option(0, help="seed of adapter initialisation and example order")
     max_length: int = option(256, min=2, help="max tokens per example (prompt cut from the left)")
     optimizer: Literal["adam", "lbfgs"] = option(
-        "adam", help="adam: mini-batches of `batch_size`; lbfgs: full-batch L-BFGS, `epochs` outer steps")
+        "adam", open_choices=True, help="adam: mini-batches of `batch_size`; lbfgs: full-batch L-BFGS, `epochs` outer steps")
     lr_schedule: Literal["constant", "linear"] = option(
-        "constant", help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
+        "constant", open_choices=True, help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
     loss_scope: LossScope = option(
         "response", help="tokens that carry the loss: response (the response / last assistant turn / completion), "
         "assistant (every assistant turn), all (every token)")
