@@ -10,11 +10,11 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from pathlib import Path
 
 import pytest
+import tomllib
 from cli_helpers import FAST_TRAIN, cli
 from conftest import toy_examples
 

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from llmeraser.curvature import CurvatureOperator
 from llmeraser.data import (
-    LossScope,
     Example,
+    LossScope,
     TokenizationConfig,
     TokenizedExample,
     TokenizedOnDemand,
@@ -352,7 +352,8 @@ def _solve_with_kfac(
         result.details["curvature_cache"] = f"{method} preconditioner"
         return result
     if config.curvature_use != "direct":
-        raise ConfigError("curvature_use", f"unknown curvature_use {config.curvature_use!r} (expected 'precondition' or 'direct')")
+        raise ConfigError("curvature_use",
+                          f"unknown curvature_use {config.curvature_use!r} (expected 'precondition' or 'direct')")
     start = time.perf_counter()
     direction = inverse(b)
     details: dict[str, Any] = {"curvature_cache": f"{method} direct"}
@@ -455,7 +456,7 @@ def erase(
     start = time.perf_counter()
     b = influence_rhs(
         model, params, old_items, new_items, len(train), tokenizer.pad_token_id,
-        config.weight_decay, config.scaling, config.batch_size,  # type: ignore[arg-type]
+        config.weight_decay, config.scaling, config.batch_size,
         removed=removed, distributed=parallel,
     )
     timings["gradients_s"] = time.perf_counter() - start
@@ -467,7 +468,7 @@ def erase(
 
     def operator_with(damping: float) -> CurvatureOperator:
         return CurvatureOperator(
-            model, params, curvature_items, tokenizer.pad_token_id, config.curvature,  # type: ignore[arg-type]
+            model, params, curvature_items, tokenizer.pad_token_id, config.curvature,
             damping, config.weight_decay, config.batch_size, distributed=parallel,
         )
 

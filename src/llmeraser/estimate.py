@@ -63,11 +63,11 @@ from llmeraser.data import (
     tokenize_examples,
 )
 from llmeraser.eraser import DEFAULT_PROBE_EXAMPLES, EraseConfig, peak_memory_mb, prepare_erasure
+from llmeraser.errors import ConfigError
 from llmeraser.gradients import summed_gradient
 from llmeraser.kfac import StepCalibration, cache_method
 from llmeraser.model import AdapterParameters
 from llmeraser.requests import Request
-from llmeraser.errors import ConfigError
 from llmeraser.solvers import CHECK_EVERY, DENSE_CHUNK_SIZE, DIRECT_MAX_DIM, POWER_ITERATIONS, SOLVERS, direct_too_large
 from llmeraser.train import LBFGS_MAX_ITER, TrainConfig, l2_penalty
 
@@ -437,7 +437,7 @@ def _estimate_solve(
     vector = 1e-3 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
 
     def operator_on(batch: Sequence[TokenizedExample]) -> CurvatureOperator:
-        return CurvatureOperator(model, params, list(batch), pad, config.curvature,  # type: ignore[arg-type]
+        return CurvatureOperator(model, params, list(batch), pad, config.curvature,
                                  config.damping, config.weight_decay, max(len(batch), 1))
 
     def product(batch: Sequence[TokenizedExample]) -> None:

@@ -56,7 +56,8 @@ class TrainConfig:
     optimizer: Literal["adam", "lbfgs"] = option(
         "adam", open_choices=True, help="adam: mini-batches of `batch_size`; lbfgs: full-batch L-BFGS, `epochs` outer steps")
     lr_schedule: Literal["constant", "linear"] = option(
-        "constant", open_choices=True, help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
+        "constant", open_choices=True,
+        help="Adam's lr: constant, or decayed linearly to 0 over the run (a final adapter closer to a minimum)")
     loss_scope: LossScope = option(
         "response", help="tokens that carry the loss: response (the response / last assistant turn / completion), "
         "assistant (every assistant turn), all (every token)")
