@@ -457,7 +457,8 @@ def _estimate_solve(
     n_probe = min(config.probe_examples or DEFAULT_PROBE_EXAMPLES, count)
     probe_indices = sorted(torch.randperm(count, generator=generator)[:n_probe].tolist())
     probe_batches = chunks([curvature_items[i] for i in probe_indices], config.batch_size)
-    preconditioned_sgd = curvature_cache is not None and config.curvature_use == "precondition" and config.solver == "sgd"
+    preconditioned_sgd = (curvature_cache is not None and config.curvature_use == "precondition"
+                          and config.solver == "sgd")
     if curvature_cache is not None and not preconditioned_sgd:
         return _estimate_cached(params, batches, probe_batches, config, settings, curvature_cache, product, vector,
                                 calibration)

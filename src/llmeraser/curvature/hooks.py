@@ -28,7 +28,7 @@ MAX_FACTOR_DIM = 8192
 def lora_layers(model: torch.nn.Module, params: AdapterParameters) -> dict[str, torch.nn.Linear]:
     """The LoRA linear layers whose weights are in θ, by θ parameter name (``....lora_A.default.weight``)."""
     modules = dict(model.named_modules())
-    layers = {}
+    layers: dict[str, torch.nn.Linear] = {}
     for name in params.names:
         module = modules.get(name.removesuffix(".weight"))
         if not name.endswith(".weight") or not isinstance(module, torch.nn.Linear) or module.bias is not None:
@@ -42,7 +42,8 @@ def lora_layers(model: torch.nn.Module, params: AdapterParameters) -> dict[str, 
 def output_layer_names(model: torch.nn.Module, params: AdapterParameters) -> set[str]:
     """θ names of LoRA layers on the output projection (``lm_head``): each position's logits depend on
     that position's input only, so these use "K-FAC expand" over the positions that carry a loss."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    peft: Any = model
+    base: Any = peft.get_base_model() if hasattr(peft, "get_base_model") else peft
     head = base.get_output_embeddings()
     head_names = {n for n, m in base.named_modules() if m is head or getattr(m, "base_layer", None) is head}
     return {name for name in params.names if any(f"{h}.lora_" in name for h in head_names)}
