@@ -31,13 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmeraser.curvature import CurvatureOperator
+from llmeraser.curvature import (
+    CurvatureOperator,
+    calibrate_step_length,
+    curvature_methods,
+    fit_and_time,
+    load_cache,
+    load_calibration,
+    save_cache,
+)
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
 from llmeraser.errors import NumericalError
 from llmeraser.evaluate import answer_scores, auc, binary_labels
 from llmeraser.gradients import summed_gradient
-from llmeraser.kfac import calibrate_step_length, fit_and_time, load_calibration, load_kfac, save_kfac
 from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
 from llmeraser.requests import Remove, edited_training_set, resolve
 from llmeraser.solvers import relative_residual
@@ -56,7 +63,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 10, 100])
     parser.add_argument("--curvature-examples", type=int, default=32)
     parser.add_argument("--kfac-examples", type=int, default=256, help="examples the cached curvature is fitted on")
-    parser.add_argument("--curvature-methods", nargs="+", default=["kfac", "ekfac", "datainf"],
+    parser.add_argument("--curvature-methods", nargs="+", default=list(curvature_methods()),
                         help="cached curvatures to compare (each fitted once and step-calibrated once)")
     parser.add_argument("--calibration-examples", type=int, default=8)
     parser.add_argument("--calibration-directions", type=int, default=4)
@@ -133,7 +140,7 @@ def main() -> None:
         with measured(row, "floor"):
             summed_gradient(model, params, affected, tokenizer.pad_token_id, 8)
         variants = [("cold", {})] + [
-            (f"cached_{method}", {"kfac": factors, "calibration": calibration, "curvature_use": "direct"})
+            (f"cached_{method}", {"curvature_cache": factors, "calibration": calibration, "curvature_use": "direct"})
             for method, (factors, calibration) in caches.items()
         ]
         for name, options in variants:
@@ -165,7 +172,7 @@ def main() -> None:
         ids = [train[i].id for i in sorted(np.random.default_rng(args.seed + 1).permutation(len(train))[:largest])]
         (Path(work) / "requests.json").write_text(json.dumps(ids))
         for method, (factors, calibration) in caches.items():
-            save_kfac(factors, Path(work) / method, {"calibration": calibration.to_json()})
+            save_cache(factors, Path(work) / method, {"calibration": calibration.to_json()})
         stages_to_measure = ["train_step", *(f"erase_cached_{m}" for m in caches)]
         results["memory"] = {"requests": largest, **{stage: stage_peak_memory(stage, work) for stage in stages_to_measure}}
 
@@ -212,11 +219,11 @@ def run_memory_stage(args: argparse.Namespace) -> None:
         train_adapter(model, tokenizer, train[: recipe.batch_size], TrainConfig(**{**recipe.to_json(), "epochs": 1}))
     else:
         method = args.memory_stage.removeprefix("erase_cached_")
-        factors, metadata = load_kfac(work / method, {})
+        factors, metadata = load_cache(work / method, {})
         requests = [Remove(i) for i in json.loads((work / "requests.json").read_text())]
         config = EraseConfig(solver="cg", curvature="gauss-newton", damping=args.damping, weight_decay=recipe.weight_decay,
                              curvature_use="direct", seed=args.seed)
-        erase(model, tokenizer, train, requests, config, kfac=factors, calibration=load_calibration(metadata))
+        erase(model, tokenizer, train, requests, config, curvature_cache=factors, calibration=load_calibration(metadata))
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_memory_mb()}))
 

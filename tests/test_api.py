@@ -104,7 +104,7 @@ FROM_RECORD = {"weight_decay", "max_length", "loss_scope", "trust_region"}
 
 @pytest.mark.parametrize(("command", "config", "renamed"), [
     ("erase", "llmeraser.eraser.EraseConfig", {}),
-    ("fit-curvature", "llmeraser.curvature_cache.CurvatureFitConfig", {"datainf_damping": "damping"}),
+    ("fit-curvature", "llmeraser.curvature.CurvatureFitConfig", {"datainf_damping": "damping"}),
     ("train", "llmeraser.train.TrainConfig", {}),
     ("train", "llmeraser.model.LoraSettings", {"r": "lora_r", "alpha": "lora_alpha", "target_modules": "target_modules"}),
 ])
@@ -126,8 +126,7 @@ def test_cli_defaults_are_the_library_defaults(command, config, renamed):
 
 
 def test_fit_functions_share_the_calibration_defaults():
-    from llmeraser.curvature_cache import CurvatureFitConfig, fit_curvature_cache
-    from llmeraser.kfac import fit_cached_curvature
+    from llmeraser.curvature import CurvatureFitConfig, fit_cached_curvature, fit_curvature_cache
 
     settings = CurvatureFitConfig()
     for function in (fit_cached_curvature, fit_curvature_cache):

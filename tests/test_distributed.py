@@ -14,8 +14,8 @@ import torch
 from conftest import tiny_lora_model, toy_examples
 from safetensors.torch import load_file
 
+from llmeraser.curvature import load_cache
 from llmeraser.data import write_examples
-from llmeraser.kfac import load_kfac
 from llmeraser.model import save_adapter
 from llmeraser.train import TrainConfig, train_adapter
 
@@ -107,7 +107,7 @@ def test_two_process_fit_curvature_equals_single_process(tmp_path, method):
              ["--out", str(tmp_path / "one")], ["--out", str(tmp_path / "two")])
 
     def products(directory: Path) -> torch.Tensor:
-        factors, metadata = load_kfac(directory, {})
+        factors, metadata = load_cache(directory, {})
         assert metadata["kind"] == method and all(f.method == method for f in factors.values())
         generator = torch.Generator().manual_seed(0)
         pieces = []

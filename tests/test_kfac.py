@@ -15,25 +15,14 @@ import torch
 from cli_helpers import FAST_TRAIN, cli
 from conftest import exact_float64_llama, one_thread, perturbed_model, tiny_lora_model, toy_examples
 
-from llmeraser.curvature import CurvatureOperator
+from llmeraser.curvature import CachedInverse, CurvatureOperator, load_cache, save_cache
+from llmeraser.curvature.datainf import DataInfLayer, datainf_damping, datainf_inverse_product, fit_datainf
+from llmeraser.curvature.ekfac import eigenbasis_diagonal, fit_ekfac, pooled_over_null_spaces
+from llmeraser.curvature.kfac import KroneckerFactors, fit_kfac
 from llmeraser.data import TokenizationConfig, tokenize_examples, write_examples
 from llmeraser.eraser import erase
 from llmeraser.errors import InputError
 from llmeraser.gradients import per_example_gradients
-from llmeraser.kfac import (
-    DataInfLayer,
-    KfacInverse,
-    KroneckerFactors,
-    datainf_damping,
-    datainf_inverse_product,
-    eigenbasis_diagonal,
-    fit_datainf,
-    fit_ekfac,
-    fit_kfac,
-    load_kfac,
-    pooled_over_null_spaces,
-    save_kfac,
-)
 from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove
 from llmeraser.train import TrainConfig, train_adapter
@@ -82,7 +71,7 @@ def test_factors_cover_every_lora_weight_and_are_psd(trained):
     assert set(factors) == set(params.names)
     for factor in factors.values():
         assert (factor.a_values >= 0).all() and (factor.g_values >= 0).all()
-    inverse = KfacInverse(factors, params, shift=0.1)
+    inverse = CachedInverse(factors, params, shift=0.1)
     v = torch.randn(params.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert float(v @ inverse(v)) > 0  # (K + λI)⁻¹ is positive definite
 
@@ -90,7 +79,7 @@ def test_factors_cover_every_lora_weight_and_are_psd(trained):
 def test_preconditioned_cg_reaches_the_exact_solution(trained):
     model, tokenizer, train, factors = trained
     exact = erase(model, tokenizer, train, REQUESTS, **SETTINGS)
-    preconditioned = erase(model, tokenizer, train, REQUESTS, kfac=factors, **SETTINGS)
+    preconditioned = erase(model, tokenizer, train, REQUESTS, curvature_cache=factors, **SETTINGS)
     assert preconditioned.solver.details["curvature_cache"] == "kfac preconditioner"
     assert float((preconditioned.update - exact.update).norm() / exact.update.norm()) < 1e-6
 
@@ -100,7 +89,7 @@ def test_preconditioned_sgd_approaches_the_exact_solution(trained):
     model, tokenizer, train, factors = trained
     exact = erase(model, tokenizer, train, REQUESTS, **SETTINGS)
     settings = {**SETTINGS, "solver": "sgd", "tol": 1e-3, "max_iters": 400, "batch_size": 4}
-    preconditioned = erase(model, tokenizer, train, REQUESTS, kfac=factors, **settings)
+    preconditioned = erase(model, tokenizer, train, REQUESTS, curvature_cache=factors, **settings)
     assert preconditioned.solver.details["curvature_cache"] == "kfac preconditioner"
     assert preconditioned.solver.details["preconditioned"]
     assert float((preconditioned.update - exact.update).norm() / exact.update.norm()) < 5e-2, preconditioned.solver.summary()
@@ -110,7 +99,7 @@ def test_direct_kfac_update_is_close_to_the_exact_one(trained):
     """Measured: cosine 0.97, relative residual 0.29 against the exact operator on this problem."""
     model, tokenizer, train, factors = trained
     exact = erase(model, tokenizer, train, REQUESTS, **SETTINGS)
-    direct = erase(model, tokenizer, train, REQUESTS, kfac=factors, curvature_use="direct", **SETTINGS)
+    direct = erase(model, tokenizer, train, REQUESTS, curvature_cache=factors, curvature_use="direct", **SETTINGS)
     cosine = float(torch.nn.functional.cosine_similarity(direct.update, exact.update, dim=0))
     assert cosine >= 0.9
     assert direct.solver.iterations == 0 and direct.solver.final_residual < 0.5
@@ -119,12 +108,12 @@ def test_direct_kfac_update_is_close_to_the_exact_one(trained):
 def test_saved_factors_round_trip_and_mismatches_are_refused(trained, tmp_path):
     _, _, _, factors = trained
     meta = {"model_fingerprint": "m", "adapter_sha256": "a", "data_sha256": "d"}
-    save_kfac(factors, tmp_path / "curv", meta)
-    loaded, _ = load_kfac(tmp_path / "curv", meta)
+    save_cache(factors, tmp_path / "curv", meta)
+    loaded, _ = load_cache(tmp_path / "curv", meta)
     name = next(iter(factors))
     assert torch.equal(loaded[name].g_vectors, factors[name].g_vectors)
     with pytest.raises(InputError, match="different adapter"):
-        load_kfac(tmp_path / "curv", {**meta, "adapter_sha256": "other"})
+        load_cache(tmp_path / "curv", {**meta, "adapter_sha256": "other"})
 
 
 def test_fit_curvature_then_erase_with_the_cache(tmp_path):
@@ -268,14 +257,14 @@ def test_ekfac_cache_round_trips_and_mismatches_are_refused(single_layer, tmp_pa
     with exact_float64_llama(), one_thread():
         ekfac = fit_ekfac(model, params, items, tokenizer.pad_token_id, batch_size=8)
     meta = {"model_fingerprint": "m", "adapter_sha256": "a", "data_sha256": "d"}
-    save_kfac(ekfac, tmp_path / "curv", meta)
-    loaded, stored = load_kfac(tmp_path / "curv", meta)
+    save_cache(ekfac, tmp_path / "curv", meta)
+    loaded, stored = load_cache(tmp_path / "curv", meta)
     assert stored["kind"] == "ekfac"
     name = params.names[0]
     assert torch.equal(loaded[name].corrected, ekfac[name].corrected)
     assert torch.equal(loaded[name].a_vectors, ekfac[name].a_vectors)
     with pytest.raises(InputError, match="different data"):
-        load_kfac(tmp_path / "curv", {**meta, "data_sha256": "other"})
+        load_cache(tmp_path / "curv", {**meta, "data_sha256": "other"})
 
 
 # --- DataInf ------------------------------------------------------------------------------------------
@@ -311,13 +300,13 @@ def test_fit_datainf_stores_per_example_gradients_and_round_trips(single_layer, 
     assert torch.allclose(layers[name].gradients.double().reshape(len(items), -1), rows, rtol=1e-6, atol=1e-9)
     assert float(layers[name].damping) == pytest.approx(datainf_damping(rows), rel=1e-6)
     meta = {"model_fingerprint": "m", "adapter_sha256": "a", "data_sha256": "d"}
-    save_kfac(layers, tmp_path / "curv", meta)
+    save_cache(layers, tmp_path / "curv", meta)
     assert (tmp_path / "curv" / "datainf.safetensors").is_file()
-    loaded, stored = load_kfac(tmp_path / "curv", meta)
+    loaded, stored = load_cache(tmp_path / "curv", meta)
     assert stored["kind"] == "datainf" and torch.equal(loaded[name].gradients, layers[name].gradients)
     assert float(loaded[name].damping) == float(layers[name].damping)
     with pytest.raises(InputError, match="different model fingerprint"):
-        load_kfac(tmp_path / "curv", {**meta, "model_fingerprint": "x"})
+        load_cache(tmp_path / "curv", {**meta, "model_fingerprint": "x"})
 
 
 def test_cached_direct_updates_point_like_the_exact_one(trained):
@@ -330,7 +319,7 @@ def test_cached_direct_updates_point_like_the_exact_one(trained):
     cosines = {}
     for method, fit in (("ekfac", fit_ekfac), ("datainf", fit_datainf)):
         cache = fit(model, params, items, tokenizer.pad_token_id, batch_size=8)
-        direct = erase(model, tokenizer, train, REQUESTS, kfac=cache, curvature_use="direct", **SETTINGS)
+        direct = erase(model, tokenizer, train, REQUESTS, curvature_cache=cache, curvature_use="direct", **SETTINGS)
         assert direct.solver.details["curvature_cache"] == f"{method} direct"
         assert direct.report["curvature_cache_method"] == method
         cosines[method] = float(torch.nn.functional.cosine_similarity(direct.update, exact.update, dim=0))
@@ -366,7 +355,7 @@ def test_fit_curvature_method_then_erase_with_the_cache(tmp_path, method):
 def test_step_length_minimises_the_quadratic_along_the_direction():
     """α = gᵀd / dᵀHd is the minimiser of q(α) = ½α² dᵀHd − α gᵀd on a random SPD problem: q'(α) = 0
     (autograd) and q is larger on either side; without positive curvature along d, 1.0."""
-    from llmeraser.kfac import step_length
+    from llmeraser.curvature import step_length
 
     generator = torch.Generator().manual_seed(4)
     h = random_spd(6, 3) + 0.1 * torch.eye(6, dtype=torch.float64)
@@ -399,7 +388,7 @@ def count_products(monkeypatch) -> list[int]:
 
 
 def calibrated(trained, method: str = "kfac", damping: float = 1e-3):
-    from llmeraser.kfac import calibrate_step_length
+    from llmeraser.curvature import calibrate_step_length
 
     model, tokenizer, train, factors = trained
     params = AdapterParameters.of(model)
@@ -419,7 +408,7 @@ def test_calibrated_direct_erase_runs_no_exact_product(trained, monkeypatch):
     assert calibration.n_examples == 16 and len(calibration.step_lengths) == len(calibration.residuals) == 8
     assert calibration.step_length == statistics.median(calibration.step_lengths)
     calls = count_products(monkeypatch)
-    direct = erase(model, tokenizer, train, REQUESTS, kfac=factors, calibration=calibration, curvature_use="direct",
+    direct = erase(model, tokenizer, train, REQUESTS, curvature_cache=factors, calibration=calibration, curvature_use="direct",
                    **SETTINGS)
     assert calls == []
     details = direct.solver.details
@@ -427,9 +416,9 @@ def test_calibrated_direct_erase_runs_no_exact_product(trained, monkeypatch):
     assert details["step_length_calibration"]["residuals"] == calibration.residuals
     assert direct.report["solver"]["final_relative_residual"] is None
     params = AdapterParameters.of(model)
-    expected = calibration.step_length * KfacInverse(factors, params, shift=0.1 + 1e-3)(direct.rhs)
+    expected = calibration.step_length * CachedInverse(factors, params, shift=0.1 + 1e-3)(direct.rhs)
     assert torch.equal(direct.update, expected)
-    probed = erase(model, tokenizer, train, REQUESTS, kfac=factors, calibration=calibration, curvature_use="direct",
+    probed = erase(model, tokenizer, train, REQUESTS, curvature_cache=factors, calibration=calibration, curvature_use="direct",
                    probe_examples=5, **SETTINGS)
     assert calls == [5] and torch.equal(probed.update, direct.update)
     assert probed.solver.details["probe_examples"] == 5 and 0 < probed.solver.final_residual < 1
@@ -439,32 +428,32 @@ def test_calibration_at_another_damping_falls_back_to_fitting_the_step(trained, 
     model, tokenizer, train, _ = trained
     factors, calibration = calibrated(trained, damping=1e-2)
     calls = count_products(monkeypatch)
-    direct = erase(model, tokenizer, train, REQUESTS, kfac=factors, calibration=calibration, curvature_use="direct",
+    direct = erase(model, tokenizer, train, REQUESTS, curvature_cache=factors, calibration=calibration, curvature_use="direct",
                    **SETTINGS)  # damping 1e-3
     details = direct.solver.details
     assert calls == [len(train) - 1]  # one product over the probe examples (all 23 remaining)
     assert details["step_length_source"] == f"fitted on {len(train) - 1} probe examples"
     assert "calibrated at damping + weight decay = 0.01 + 0.1" in details["step_length_fallback"]
     assert details["step_length"] != calibration.step_length
-    uncalibrated = erase(model, tokenizer, train, REQUESTS, kfac=factors, curvature_use="direct", **SETTINGS)
+    uncalibrated = erase(model, tokenizer, train, REQUESTS, curvature_cache=factors, curvature_use="direct", **SETTINGS)
     assert uncalibrated.solver.details["step_length_fallback"] == "the curvature cache has no step-length calibration"
     assert torch.equal(uncalibrated.update, direct.update)
 
 
 def test_calibration_round_trips_and_is_refused_with_the_cache(trained, tmp_path):
-    from llmeraser.kfac import load_calibration
+    from llmeraser.curvature import load_calibration
 
     _, calibration = calibrated(trained)
     _, _, _, factors = trained
     meta = {"model_fingerprint": "m", "adapter_sha256": "a", "data_sha256": "d", "calibration": calibration.to_json()}
-    save_kfac(factors, tmp_path / "curv", meta)
-    _, stored = load_kfac(tmp_path / "curv", {k: meta[k] for k in ("model_fingerprint", "adapter_sha256", "data_sha256")})
+    save_cache(factors, tmp_path / "curv", meta)
+    _, stored = load_cache(tmp_path / "curv", {k: meta[k] for k in ("model_fingerprint", "adapter_sha256", "data_sha256")})
     assert load_calibration(stored) == calibration and stored["calibration"]["shift"] == pytest.approx(0.101)
     assert calibration.mismatch(0.101 * (1 + 1e-9), "gauss-newton") is None
     assert "the erasure uses 0.102" in calibration.mismatch(0.102, "gauss-newton")
     assert "hessian" in calibration.mismatch(0.101, "hessian")
     with pytest.raises(InputError, match="different adapter"):
-        load_kfac(tmp_path / "curv", {"adapter_sha256": "other"})
+        load_cache(tmp_path / "curv", {"adapter_sha256": "other"})
 
 
 @pytest.mark.parametrize("method", ["kfac", "ekfac", "datainf"])
@@ -473,7 +462,7 @@ def test_calibrated_step_length_is_close_to_the_one_fitted_on_b(trained, method)
     the actual b over all 23 remaining examples. Measured ratios (cached / fitted): see the print."""
     model, tokenizer, train, _ = trained
     factors, calibration = calibrated(trained, method)
-    fitted = erase(model, tokenizer, train, REQUESTS, kfac=factors, curvature_use="direct", **SETTINGS)
+    fitted = erase(model, tokenizer, train, REQUESTS, curvature_cache=factors, curvature_use="direct", **SETTINGS)
     ratio = calibration.step_length / fitted.solver.details["step_length"]
     print(f"{method}: cached α {calibration.step_length:.4g} (α_j {min(calibration.step_lengths):.3g}–"
           f"{max(calibration.step_lengths):.3g}), fitted on b {fitted.solver.details['step_length']:.4g}, ratio {ratio:.3f}")

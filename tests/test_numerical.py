@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import one_thread, tiny_lora_model, toy_examples
 
-import llmeraser.curvature as curvature
+import llmeraser.curvature.operators as curvature
 import llmeraser.eraser as eraser
 from llmeraser.errors import NumericalError
 from llmeraser.model import AdapterParameters

@@ -248,7 +248,7 @@ def _load_checked_adapter(args: argparse.Namespace, examples: list, requests: Se
 
 
 def _erase(args: argparse.Namespace) -> None:
-    from llmeraser.curvature_cache import CurvatureFitConfig
+    from llmeraser.curvature import CurvatureFitConfig
     from llmeraser.data import read_examples
     from llmeraser.distributed import is_main_process
     from llmeraser.hashing import sha256_file
@@ -356,7 +356,8 @@ def _erase(args: argparse.Namespace) -> None:
         if is_main_process():
             _print_dry_run("erase", time.perf_counter() - started,
                            lambda: estimate_erase(adapter.model, tokenizer, examples, requests, config,
-                                                  kfac=cache.factors if cache else None, calibration=calibration))
+                                                  curvature_cache=cache.factors if cache else None,
+                                                  calibration=calibration))
         return
     erased = adapter.erase(examples, requests, config, cache, heldout=heldout, progress=is_main_process(),
                            requests_sha256=requests_sha256)
@@ -436,14 +437,15 @@ def _wait_for_rank_zero() -> None:
 
 
 def _fit_curvature(args: argparse.Namespace) -> None:
-    from llmeraser.curvature_cache import CurvatureFitConfig
+    from llmeraser.curvature import CurvatureFitConfig, curvature_methods, get_curvature_method
     from llmeraser.data import read_examples
     from llmeraser.distributed import is_main_process
 
     started = time.perf_counter()
     valid_damping = args.damping is None or (args.damping >= 0 and math.isfinite(args.damping))
-    if not valid_damping or (args.damping is not None and args.method != "datainf"):
-        raise ConfigError("damping", f"applies to `method=datainf` only and must be >= 0, got {args.damping}")
+    if not valid_damping or (args.damping is not None and not get_curvature_method(args.method).takes_damping):
+        own = " | ".join(name for name in curvature_methods() if get_curvature_method(name).takes_damping)
+        raise ConfigError("damping", f"applies to `method={own}` only and must be >= 0, got {args.damping}")
     _check_calibration_flags(args)
     examples = read_examples(args.data)
     _refuse_existing(args.out)
@@ -469,8 +471,8 @@ def _fit_curvature(args: argparse.Namespace) -> None:
     metadata, factors, calibration = cache.metadata, cache.factors, cache.calibration
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
-    what = {"kfac": "K-FAC factors", "ekfac": "EK-FAC factors", "datainf": "DataInf per-example gradients"}[args.method]
-    print(f"{what} of {len(factors)} LoRA layers fitted on {metadata['n_examples']} examples in {metadata['fit_time_s']:.1f} s")
+    what = get_curvature_method(args.method).summary
+    print(f"{what} of {len(factors)} LoRA layers fitted on {metadata.n_examples} examples in {cache.fit_s:.1f} s")
     if calibration:
         print(f"step length α = {calibration.step_length:.4g} (median of {calibration.n_directions}, range "
               f"{min(calibration.step_lengths):.3g}–{max(calibration.step_lengths):.3g}) calibrated on "
@@ -861,7 +863,7 @@ def _add_dry_run(parser: argparse.ArgumentParser, stages: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmeraser.curvature_cache import CurvatureFitConfig
+    from llmeraser.curvature import CurvatureFitConfig, curvature_methods, get_curvature_method
     from llmeraser.eraser import EraseConfig  # the flags' defaults are the library's (declared once)
     from llmeraser.options import choices_of
     from llmeraser.trust_region import TrustRegionSettings
@@ -906,7 +908,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-iters", type=int, default=None, help="LLMEraser's solver iterations")
     bench.add_argument("--curvature-examples", type=int, default=None, help="examples for LLMEraser's curvature")
     bench.add_argument("--damping", type=float, default=None, help="LLMEraser's damping λ")
-    bench.add_argument("--cache-method", default=None, choices=["kfac", "ekfac", "datainf"],
+    bench.add_argument("--cache-method", default=None, choices=curvature_methods(),
                        help="curvature fitted once for llmeraser_cached (default ekfac)")
     bench.add_argument("--removal-unit", default=None, choices=["example", "user"],
                        help="removal task: remove --ratio of the examples, or every example of --ratio of the users")
@@ -975,10 +977,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_record_recipe(fit, ["max_length"])
     _add_loss_scope(fit)
     fit.add_argument("--seed", type=int, default=fit_defaults.seed, help="seed of the subset and of the sampled labels")
-    fit.add_argument("--method", default=fit_defaults.method, choices=["kfac", "ekfac", "datainf"],
-                     help="ekfac (default): K-FAC eigenbases with the diagonal refitted from per-example gradients (a "
-                     "second pass); kfac: Kronecker factors per LoRA layer; datainf: per-example gradients for DataInf's closed form "
-                     "(stores n x p float32 numbers: bound n with --curvature-examples)")
+    fit.add_argument("--method", default=fit_defaults.method, choices=curvature_methods(),
+                     help="; ".join(f"{name}{' (default)' if name == fit_defaults.method else ''}: "
+                                    f"{get_curvature_method(name).help}"
+                                    for name in sorted(curvature_methods(), key=lambda m: m != fit_defaults.method)))
     fit.add_argument("--damping", type=float, default=None,
                      help="datainf only: λ_l of every layer (default: DataInf's 0.1 · mean ‖g_i‖² / d_l)")
     fit.add_argument("--calibration-examples", type=int, default=fit_defaults.calibration_examples,

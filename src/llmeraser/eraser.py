@@ -24,7 +24,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llmeraser.curvature import CurvatureOperator
+from llmeraser.curvature.calibration import StepCalibration, step_length
+from llmeraser.curvature.inverse import CachedInverse
+from llmeraser.curvature.operators import CurvatureOperator
+from llmeraser.curvature.registry import CurvatureLayer, cache_method
 from llmeraser.data import (
     Example,
     LossScope,
@@ -39,7 +42,6 @@ from llmeraser.distributed import is_distributed, shard, world_size
 from llmeraser.errors import ConfigError, NumericalError
 from llmeraser.gradients import influence_rhs
 from llmeraser.hashing import adapter_hash
-from llmeraser.kfac import CurvatureLayer, KfacInverse, StepCalibration, cache_method, step_length
 from llmeraser.model import AdapterParameters, save_adapter
 from llmeraser.options import option, validate
 from llmeraser.requests import (
@@ -223,25 +225,25 @@ def _solve_once(
     operator: CurvatureOperator,
     b: Tensor,
     progress: bool,
-    kfac: dict[str, CurvatureLayer] | None = None,
+    curvature_cache: dict[str, CurvatureLayer] | None = None,
     calibration: StepCalibration | None = None,
 ) -> SolverResult:
     """One solve; raises ``NumericalError`` (stage 'solve') on divergence, non-positive curvature, NaN/Inf
     in v, or a result worse than v = 0 (relative residual > 1)."""
+    cached_direct = curvature_cache is not None and config.curvature_use == "direct"
     bar = tqdm(total=config.max_iters, desc=f"solve ({config.solver}, λ={operator.damping:g})",
-               disable=not progress or config.solver == "direct" or (kfac is not None and config.curvature_use == "direct"),
-               leave=False)
+               disable=not progress or config.solver == "direct" or cached_direct, leave=False)
 
     def advance(iteration: int, residual: float) -> None:
         bar.update(iteration - bar.n)
         bar.set_postfix(residual=f"{residual:.2e}")
 
     try:
-        if kfac is None:
+        if curvature_cache is None:
             result = solve(config.solver, operator, b, **_solver_options(config, operator, advance))
         else:
-            result = _solve_with_kfac(config, operator, b, KfacInverse(kfac, operator.params, operator.shift), advance,
-                                      calibration)
+            inverse = CachedInverse(curvature_cache, operator.params, operator.shift)
+            result = _solve_with_cache(config, operator, b, inverse, advance, calibration)
     except NumericalError as err:
         if err.stage not in (None, "solve"):
             raise
@@ -264,7 +266,7 @@ def _solve_with_damping(
     operator_with: Callable[[float], CurvatureOperator],
     b: Tensor,
     progress: bool,
-    kfac: dict[str, CurvatureLayer] | None = None,
+    curvature_cache: dict[str, CurvatureLayer] | None = None,
     calibration: StepCalibration | None = None,
 ) -> tuple[SolverResult, CurvatureOperator, float, list[dict[str, Any]]]:
     """Solve with λ = ``config.damping``; with ``auto_damping``, on a numerical failure of the solve
@@ -274,7 +276,7 @@ def _solve_with_damping(
     while True:
         operator = operator_with(damping)
         try:
-            result = _solve_once(config, operator, b, progress, kfac, calibration)
+            result = _solve_once(config, operator, b, progress, curvature_cache, calibration)
         except NumericalError as err:
             if err.stage != "solve":
                 raise
@@ -332,8 +334,8 @@ def probe_operator(config: EraseConfig, operator: CurvatureOperator) -> Curvatur
     return operator.restrict(sorted(torch.randperm(operator.count, generator=generator)[:count].tolist()))
 
 
-def _solve_with_kfac(
-    config: EraseConfig, operator: CurvatureOperator, b: Tensor, inverse: KfacInverse,
+def _solve_with_cache(
+    config: EraseConfig, operator: CurvatureOperator, b: Tensor, inverse: CachedInverse,
     callback: Callable[[int, float], None], calibration: StepCalibration | None = None,
 ) -> SolverResult:
     """Use a fitted curvature (K-FAC, EK-FAC or DataInf) directly or as the preconditioner of cg against
@@ -396,16 +398,17 @@ def _solve_with_kfac(
 
 def _preconditioner(
     config: EraseConfig, operator: CurvatureOperator, operator_with: Callable[[float], CurvatureOperator],
-    kfac: dict[str, CurvatureLayer] | None, first: SolverResult,
+    curvature_cache: dict[str, CurvatureLayer] | None, first: SolverResult,
 ) -> Callable[[Tensor, float], Tensor]:
     """(g, λ) ↦ ≈ (H + (λ + λ_wd) I)⁻¹ g as the first solve computed it: the cache's α (K + (λ + λ_wd) I)⁻¹ g
     with the same α (``curvature_use="direct"``), else the same solver on the exact operator at damping λ at
     the model's current θ."""
-    if kfac is not None and config.curvature_use == "direct":
+    if curvature_cache is not None and config.curvature_use == "direct":
         step = float(first.details["step_length"])
-        return lambda g, damping: step * KfacInverse(kfac, operator.params, damping + operator.weight_decay)(g)
+        cache = curvature_cache
+        return lambda g, damping: step * CachedInverse(cache, operator.params, damping + operator.weight_decay)(g)
     quiet = replace(config, auto_damping=False)
-    return lambda g, damping: _solve_once(quiet, operator_with(damping), g, False, kfac, None).solution
+    return lambda g, damping: _solve_once(quiet, operator_with(damping), g, False, curvature_cache, None).solution
 
 
 def _relative_residual(product: Tensor, b: Tensor) -> float:
@@ -421,18 +424,19 @@ def erase(
     requests: Sequence[Request],
     config: EraseConfig | None = None,
     progress: bool = False,
-    kfac: dict[str, CurvatureLayer] | None = None,
+    curvature_cache: dict[str, CurvatureLayer] | None = None,
     calibration: StepCalibration | None = None,
     heldout: Sequence[Example] | None = None,
     **overrides: Any,
 ) -> ErasureResult:
     """Compute the influence update of θ (the PEFT model's trainable tensors) for ``requests``.
 
-    ``train`` is the training set the adapter was trained on; ``kfac``: a fitted curvature (K-FAC, EK-FAC
-    or DataInf, ``llmeraser.kfac``), used as ``config.curvature_use`` says; ``calibration``: its step length
-    fitted at fit time (``llmeraser.kfac.load_calibration``), used by ``curvature_use="direct"`` when its
-    damping + weight decay equal the erasure's (the report's ``solver.step_length_source`` says); ``overrides``
-    replace fields of ``config`` (e.g. ``solver="cg", curvature="hessian", damping=1e-2``); ``progress`` shows a progress bar of
+    ``train`` is the training set the adapter was trained on; ``curvature_cache``: a fitted curvature's layers
+    (``CurvatureCache.factors``: K-FAC, EK-FAC, DataInf or any registered method, ``llmeraser.curvature``), used as
+    ``config.curvature_use`` says; ``calibration``: its step length fitted at fit time
+    (``llmeraser.curvature.load_calibration``), used by ``curvature_use="direct"`` when its damping + weight decay
+    equal the erasure's (the report's ``solver.step_length_source`` says); ``overrides`` replace fields of ``config``
+    (e.g. ``solver="cg", curvature="hessian", damping=1e-2``); ``progress`` shows a progress bar of
     the solver's iterations. ``heldout``: examples the adapter never saw, for ``config.trust_region``'s
     held-out check and never-seen level. The model's weights are left unchanged.
     """
@@ -472,7 +476,8 @@ def erase(
             damping, config.weight_decay, config.batch_size, distributed=parallel,
         )
 
-    result, operator, damping, attempts = _solve_with_damping(config, operator_with, b, progress, kfac, calibration)
+    result, operator, damping, attempts = _solve_with_damping(config, operator_with, b, progress, curvature_cache,
+                                                              calibration)
     timings["solve_s"] = time.perf_counter() - start
     update = result.solution
     trust_region = None
@@ -481,7 +486,7 @@ def erase(
             raise ConfigError("trust_region", "runs in one process (not under torchrun)")
         start = time.perf_counter()
         trust_region = trust_region_update(
-            model, tokenizer, train, pairs, b, _preconditioner(config, operator, operator_with, kfac, result),
+            model, tokenizer, train, pairs, b, _preconditioner(config, operator, operator_with, curvature_cache, result),
             damping=damping, weight_decay=config.weight_decay, scaling=config.scaling, max_length=config.max_length,
             loss_scope=config.loss_scope,
             batch_size=config.batch_size, heldout=heldout, first_direction=update,
@@ -504,7 +509,7 @@ def erase(
         "update_norm": float(update.norm()),
         "theta_norm": float(theta.norm()),
         "solver": result.summary(),
-        "curvature_cache_method": cache_method(kfac) if kfac else None,
+        "curvature_cache_method": cache_method(curvature_cache) if curvature_cache else None,
         "trust_region": trust_region.to_json() if trust_region else None,
         "damping_used": damping,
         "damping_attempts": attempts,

@@ -24,9 +24,11 @@ How the time is estimated:
   over the probe subset (no product when the cache's step length calibration holds and no
   ``probe_examples`` are asked for).
 - ``fit-curvature`` (``estimate_fit_curvature``): K-FAC = one sampled forward + backward per batch of
-  the fit examples (``kfac.kfac_sums``) + the eigendecompositions of the factors (timed once on the
+  the fit examples (``curvature.kfac.kfac_sums``) + the eigendecompositions of the factors (timed once on the
   probe's factors: their sizes do not depend on the data); EK-FAC = that + the second sampled pass
-  (``kfac.ekfac_sums``); DataInf = the per-example gradients of every batch (``kfac.fit_datainf``); the
+  (``curvature.ekfac.ekfac_sums``); DataInf = the per-example gradients of every batch
+  (``curvature.datainf.fit_datainf``); each method says how in its ``CurvatureMethod.estimate_fit`` (a
+  method without one: its fit timed on each batch); the
   step-length calibration = the per-example gradients of the directions + one cached-curvature inverse
   and one exact Gauss-Newton product over the calibration examples per direction.
 - The warm-up call's excess over the model (first-call initialisation) is added once per stage, as a
@@ -53,7 +55,10 @@ from typing import Any
 
 import torch
 
-from llmeraser.curvature import CurvatureOperator
+from llmeraser.curvature.calibration import StepCalibration
+from llmeraser.curvature.inverse import CachedInverse
+from llmeraser.curvature.operators import CurvatureOperator
+from llmeraser.curvature.registry import CurvatureLayer, cache_method
 from llmeraser.data import (
     Example,
     TokenizationConfig,
@@ -65,7 +70,6 @@ from llmeraser.data import (
 from llmeraser.eraser import DEFAULT_PROBE_EXAMPLES, EraseConfig, peak_memory_mb, prepare_erasure
 from llmeraser.errors import ConfigError
 from llmeraser.gradients import summed_gradient
-from llmeraser.kfac import StepCalibration, cache_method
 from llmeraser.model import AdapterParameters
 from llmeraser.requests import Request
 from llmeraser.solvers import CHECK_EVERY, DENSE_CHUNK_SIZE, DIRECT_MAX_DIM, POWER_ITERATIONS, SOLVERS, direct_too_large
@@ -279,11 +283,11 @@ def _save_seconds(params: AdapterParameters) -> float:
 
 def _save_cache_seconds(factors: dict[str, Any], examples: Sequence[Example]) -> float:
     """The data hash of the cache's metadata and the cache's tensors serialised in memory (safetensors):
-    the work of ``save_kfac``, without writing."""
+    the work of ``save_cache``, without writing."""
     from safetensors.torch import save
 
+    from llmeraser.curvature.cache import cache_tensors
     from llmeraser.hashing import dataset_hash
-    from llmeraser.kfac import cache_tensors
 
     start = time.perf_counter()
     dataset_hash(examples)
@@ -379,10 +383,11 @@ def estimate_erase(
     requests: Sequence[Request],
     config: EraseConfig | None = None,
     settings: ProbeSettings | None = None,
-    kfac: dict[str, Any] | None = None,
+    curvature_cache: dict[str, CurvatureLayer] | None = None,
     calibration: StepCalibration | None = None,
 ) -> RunEstimate:
-    """Estimate ``erase(model, tokenizer, train, requests, config, kfac=kfac, calibration=calibration)``
+    """Estimate ``erase(model, tokenizer, train, requests, config, curvature_cache=curvature_cache,
+    calibration=calibration)``
     (single process) from a few timed gradient passes and curvature products; the model's weights are
     untouched."""
     config = config or EraseConfig()
@@ -407,8 +412,10 @@ def estimate_erase(
         f"{cost.probes} probe passes",
     ))
 
-    seconds, how, extra_mib = _estimate_solve(model, params, curvature_items, pad, config, settings, kfac, calibration)
-    solver = config.solver if kfac is None or config.curvature_use != "direct" else cache_method(kfac)
+    seconds, how, extra_mib = _estimate_solve(model, params, curvature_items, pad, config, settings, curvature_cache,
+                                              calibration)
+    direct = curvature_cache is not None and config.curvature_use == "direct"
+    solver = cache_method(curvature_cache) if curvature_cache is not None and direct else config.solver
     stages.append(StageEstimate(f"solve ({solver})", seconds, peak_memory_mb() + extra_mib, how))
     stages.append(StageEstimate("save", _save_seconds(params), peak_memory_mb() + extra_mib,
                                 "in-memory serialisation + hash"))
@@ -429,7 +436,7 @@ def _estimate_solve(
     pad: int,
     config: EraseConfig,
     settings: ProbeSettings,
-    kfac: dict[str, Any] | None = None,
+    curvature_cache: dict[str, CurvatureLayer] | None = None,
     calibration: StepCalibration | None = None,
 ) -> tuple[float, str, float]:
     """(seconds, how, extra MiB beyond the probes' process peak) of the solve stage."""
@@ -450,9 +457,11 @@ def _estimate_solve(
     n_probe = min(config.probe_examples or DEFAULT_PROBE_EXAMPLES, count)
     probe_indices = sorted(torch.randperm(count, generator=generator)[:n_probe].tolist())
     probe_batches = chunks([curvature_items[i] for i in probe_indices], config.batch_size)
-    preconditioned_sgd = kfac is not None and config.curvature_use == "precondition" and config.solver == "sgd"
-    if kfac is not None and not preconditioned_sgd:
-        return _estimate_kfac(params, batches, probe_batches, config, settings, kfac, product, vector, calibration)
+    preconditioned_sgd = (curvature_cache is not None and config.curvature_use == "precondition"
+                          and config.solver == "sgd")
+    if curvature_cache is not None and not preconditioned_sgd:
+        return _estimate_cached(params, batches, probe_batches, config, settings, curvature_cache, product, vector,
+                                calibration)
     if config.solver == "cg":
         cost = fit_batch_cost(product, batches, settings)
         full = cost.total([batch_tokens(b) for b in batches])
@@ -484,23 +493,21 @@ def _estimate_solve(
     seconds = config.max_iters * step_s + (2 * checks + power) * probe_s + cost.first_call_s
     how = (f"{config.max_iters} mini-batch products + {checks} checks × 2 and {power} power-iteration products "
            f"on the {len(probe_indices)}-example probe subset ({config.curvature}); {cost.probes} probe products")
-    if preconditioned_sgd:  # one cache inverse per step and per power-iteration product
-        from llmeraser.kfac import KfacInverse
-
-        inverse = KfacInverse(kfac, params, config.weight_decay + config.damping)  # type: ignore[arg-type]
+    if preconditioned_sgd and curvature_cache is not None:  # one cache inverse per step and per power iteration
+        inverse = CachedInverse(curvature_cache, params, config.weight_decay + config.damping)
         _, inverse_s, inverse_first_s = warm_timed(lambda: inverse(vector), settings)
         seconds += (config.max_iters + power) * inverse_s + inverse_first_s
         how += f"; {config.max_iters + power} curvature-cache inverses (preconditioner)"
     return seconds, how, 0.0
 
 
-def _estimate_kfac(
+def _estimate_cached(
     params: AdapterParameters,
     batches: list[Sequence[TokenizedExample]],
     probe_batches: list[Sequence[TokenizedExample]],
     config: EraseConfig,
     settings: ProbeSettings,
-    kfac: dict[str, Any],
+    curvature_cache: dict[str, CurvatureLayer],
     product: Callable[[Sequence[TokenizedExample]], None],
     vector: torch.Tensor,
     calibration: StepCalibration | None = None,
@@ -508,9 +515,7 @@ def _estimate_kfac(
     """A K-FAC curvature cache: ``precondition`` runs cg with one K-FAC inverse per iteration besides the
     product; ``direct`` applies the inverse once and fits the step length with one probe-subset product
     (none with a matching ``calibration`` unless ``probe_examples`` asks to measure the residual)."""
-    from llmeraser.kfac import KfacInverse
-
-    inverse = KfacInverse(kfac, params, config.weight_decay + config.damping)
+    inverse = CachedInverse(curvature_cache, params, config.weight_decay + config.damping)
     _, inverse_s, first_call_s = warm_timed(lambda: inverse(vector), settings)
     shift = config.weight_decay + config.damping
     calibrated = calibration is not None and calibration.mismatch(shift, config.curvature) is None
@@ -617,27 +622,19 @@ def estimate_fit_curvature(
     settings: ProbeSettings | None = None,
 ) -> RunEstimate:
     """Estimate ``fit-curvature`` (``fit_and_time``, ``calibrate_step_length`` when ``calibration_examples``
-    > 0, ``save_kfac``) from a few timed probe passes on its own batches; θ is untouched.
+    > 0, ``save_cache``) from a few timed probe passes on its own batches; θ is untouched.
 
     The fit examples (``curvature_subset``) and the calibration's draws (``calibration_draws``) are those
-    of the real run; see the module docstring for what is timed per method."""
-    from llmeraser.curvature import CurvatureOperator
+    of the real run; the fit is estimated as its method says (``CurvatureMethod.estimate_fit``; the module
+    docstring says what is timed per method)."""
+    from llmeraser.curvature.cache import curvature_subset
+    from llmeraser.curvature.calibration import calibration_draws, calibration_pool
+    from llmeraser.curvature.registry import FitProbe, curvature_methods, default_fit_estimate, get_curvature_method
     from llmeraser.gradients import per_example_gradients
-    from llmeraser.kfac import (
-        METHODS,
-        DataInfLayer,
-        KfacInverse,
-        calibration_draws,
-        calibration_pool,
-        curvature_subset,
-        ekfac_sums,
-        fit_datainf,
-        kfac_factors,
-        kfac_sums,
-    )
 
-    if method not in METHODS:
-        raise ConfigError("method", f"unknown curvature method {method!r} (expected one of: {', '.join(METHODS)})")
+    if method not in curvature_methods():
+        raise ConfigError("method", f"unknown curvature method {method!r} (expected one of: {', '.join(curvature_methods())})")
+    curvature_method = get_curvature_method(method)
     settings = settings or ProbeSettings()
     model.eval()
     params = AdapterParameters.of(model)
@@ -653,41 +650,21 @@ def estimate_fit_curvature(
 
     n = len(items)
     batches = chunks(items, batch_size)
-    tokens = [batch_tokens(b) for b in batches]
-    extra_mib = 0.0
-    last: dict[str, Any] = {}
-    if method in ("kfac", "ekfac"):
-        def sampled_pass(batch: Sequence[TokenizedExample]) -> None:
-            last["sums"] = kfac_sums(model, params, batch, pad, len(batch), seed)
 
-        cost = fit_batch_cost(sampled_pass, batches, settings)
-        sums_a, sums_g, positions = last["sums"]
-        factors, eigh_s, eigh_first = warm_timed(
-            lambda: kfac_factors(model, params, sums_a, sums_g, n, positions), settings
-        )
-        seconds = cost.total(tokens) + cost.first_call_s + eigh_s + eigh_first
-        how = (f"1 sampled forward/backward pass over {len(batches)} batches + the factors' eigendecompositions; "
-               f"{cost.probes} probe passes")
-        if method == "ekfac":
-            second = fit_batch_cost(
-                lambda batch: ekfac_sums(model, params, factors, batch, pad, len(batch), seed), batches, settings
-            )
-            seconds += second.total(tokens) + second.first_call_s
-            how = (f"2 sampled forward/backward passes over {len(batches)} batches + the factors' "
-                   f"eigendecompositions; {cost.probes + second.probes} probe passes")
-    else:
-        def gradients(batch: Sequence[TokenizedExample]) -> None:
-            last["layers"] = fit_datainf(model, params, batch, pad, len(batch), damping)
+    def time_batches(run: Callable[[Sequence[TokenizedExample]], Any],
+                     timed: list[Sequence[TokenizedExample]]) -> tuple[float, int]:
+        cost = fit_batch_cost(run, timed, settings)
+        return cost.total([batch_tokens(b) for b in timed]) + cost.first_call_s, cost.probes
 
-        cost = fit_batch_cost(gradients, batches, settings)
-        seconds = cost.total(tokens) + cost.first_call_s
-        how = f"per-example gradients over {len(batches)} batches; {cost.probes} probe passes"
-        # the n × p per-example gradients the real run stores (the probe's, repeated), and their
-        # concatenation in θ's dtype before the float32 copy
-        factors = {name: DataInfLayer(_repeat_rows(layer.gradients, n), layer.damping)
-                   for name, layer in last["layers"].items()}
-        extra_mib = n * params.dim * params.tensors[0].element_size() / MIB
-    stages.append(StageEstimate(f"fit ({method})", seconds, peak_memory_mb() + extra_mib, how))
+    def time_once(run: Callable[[], Any]) -> tuple[Any, float]:
+        result, seconds, first_call_s = warm_timed(run, settings)
+        return result, seconds + first_call_s
+
+    probe = FitProbe(model, params, items, batches, pad, seed, damping, time_batches, time_once)
+    fitted = (curvature_method.estimate_fit(probe) if curvature_method.estimate_fit is not None
+              else default_fit_estimate(curvature_method, probe))
+    factors, extra_mib = fitted.layers, fitted.extra_mib
+    stages.append(StageEstimate(f"fit ({method})", fitted.seconds, peak_memory_mb() + extra_mib, fitted.how))
 
     calibration_note = []
     if calibration_examples > 0:
@@ -700,7 +677,7 @@ def estimate_fit_curvature(
         dtype = params.tensors[0].dtype
         vector = 1e-3 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0),
                                     dtype=torch.float64).to(dtype)
-        inverse = KfacInverse(factors, params, calibration_damping + weight_decay)
+        inverse = CachedInverse(factors, params, calibration_damping + weight_decay)
         _, inverse_s, inverse_first = warm_timed(lambda: inverse(vector), settings)
         product_batches = chunks(curvature_items, batch_size)
         product_cost = fit_batch_cost(
@@ -727,8 +704,3 @@ def estimate_fit_curvature(
     notes = _notes() + calibration_note
     return RunEstimate("fit-curvature", stages, sizes, notes)
 
-
-def _repeat_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` rows made of ``rows`` repeated (the shape, dtype and memory of ``count`` real ones)."""
-    repeats = math.ceil(count / max(len(rows), 1))
-    return rows.repeat(repeats, *([1] * (rows.dim() - 1)))[:count].contiguous()

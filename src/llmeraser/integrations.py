@@ -175,7 +175,7 @@ class LlmeraserCallback(TrainerCallback):
 
     def _fit(self, args: Any, model: Any) -> None:
         """Save the adapter beside the record and fit its curvature cache where ``erase --mode auto`` looks."""
-        from llmeraser.curvature_cache import CurvatureFitConfig
+        from llmeraser.curvature import CurvatureFitConfig
         from llmeraser.lifecycle import Adapter
         from llmeraser.plan import (
             AUTO_CACHE_METHOD,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmeraser.curvature.cache import CurvatureCache
 from llmeraser.data import Example
 from llmeraser.errors import InputError, NumericalError
 from llmeraser.hashing import adapter_hash, combine_parts, dataset_hash, fingerprint_parts
@@ -208,16 +209,6 @@ class ErasureReport:
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.data)
-
-
-@dataclass
-class CurvatureCache:
-    """A fitted curvature (``factors``, with its step-length ``calibration``) and where it is stored."""
-
-    factors: dict[str, Any]
-    calibration: Any
-    metadata: dict[str, Any]
-    path: Path | None = None
 
 
 @dataclass
@@ -408,20 +399,20 @@ class Adapter:
 
     def default_curvature_path(self, train: Sequence[Example], method: str = "ekfac") -> Path:
         """Where the default erase keeps this adapter's curvature for ``train`` (the user cache)."""
-        from llmeraser.curvature_cache import default_cache_path
+        from llmeraser.curvature.cache import default_cache_path
 
         return default_cache_path(self.input_sha256, dataset_hash(train), self.fingerprint, method)
 
     def fit_curvature(self, train: Sequence[Example], out: str | Path | None = None, config: Any = None) -> CurvatureCache:
-        """Fit a curvature cache (``llmeraser.curvature_cache.CurvatureFitConfig``; default EK-FAC) for this
+        """Fit a curvature cache (``llmeraser.curvature.CurvatureFitConfig``; default EK-FAC) for this
         adapter and ``train`` with the recipe's max length, loss scope and weight decay, written to ``out``
         (a new directory; None: kept in memory)."""
-        from llmeraser.curvature_cache import CurvatureFitConfig, fit_curvature_cache
+        from llmeraser.curvature.cache import CurvatureFitConfig, fit_curvature_cache
 
         self._ensure_checked(train)
         config = config or CurvatureFitConfig()
         recipe = self.recipe
-        cache, metadata = fit_curvature_cache(
+        return fit_curvature_cache(
             self.model, self.tokenizer, self.base, train, self.input_sha256, out, method=config.method,
             curvature_examples=config.curvature_examples, max_length=recipe.max_length, loss_scope=recipe.loss_scope,
             weight_decay=recipe.weight_decay, calibration_damping=config.calibration_damping,
@@ -429,14 +420,10 @@ class Adapter:
             batch_size=config.batch_size, seed=config.seed, datainf_damping=config.datainf_damping,
             model_fingerprint=self.fingerprint,
         )
-        return CurvatureCache(cache.factors, cache.calibration, metadata, Path(out) if out is not None else None)
 
     def load_curvature(self, path: str | Path, train: Sequence[Example]) -> CurvatureCache:
         """A curvature directory, refused unless fitted for this base model, adapter and ``train``."""
-        from llmeraser.kfac import load_calibration, load_kfac
-
-        factors, stored = load_kfac(path, self.curvature_key(train))
-        return CurvatureCache(factors, load_calibration(stored), stored, Path(path))
+        return CurvatureCache.load(path, self.curvature_key(train))
 
     def erase(
         self,
@@ -464,7 +451,7 @@ class Adapter:
                 warn(f"the erase config's {name} {getattr(config, name)} differs from the adapter's recipe "
                      f"({getattr(recipe, name)})" + ("" if self.recorded else ", as given to Adapter.load"))
         result = erase(self.model, self.tokenizer, train, requests, config, progress=progress,
-                       kfac=cache.factors if cache else None, calibration=cache.calibration if cache else None,
+                       curvature_cache=cache.factors if cache else None, calibration=cache.calibration if cache else None,
                        heldout=heldout)
         from llmeraser.requests import edited_training_set
 

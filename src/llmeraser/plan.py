@@ -1,7 +1,7 @@
 """What the default ``erase`` does: a paired retrain or the cached trust-region update, whichever is cheaper.
 
 Costs are counted in *example passes*: one forward and backward pass of one training example (a forward
-pass alone counts 1/3). The counts follow what each path runs (``llmeraser.train``, ``llmeraser.kfac``,
+pass alone counts 1/3). The counts follow what each path runs (``llmeraser.train``, ``llmeraser.curvature``,
 ``llmeraser.trust_region``); their ratio, not their seconds, decides. Retraining is exact by construction,
 so where it costs no more than the update it is the better answer; the update wins on large training sets
 and long recipes, and whenever its curvature is already fitted.

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmeraser.curvature.cache import fit_cached_curvature
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
 from llmeraser.evaluate import (
@@ -35,7 +36,6 @@ from llmeraser.evaluate import (
     example_loss_values,
     function_space_distance,
 )
-from llmeraser.kfac import fit_cached_curvature
 from llmeraser.model import (
     AdapterParameters,
     LoraSettings,
@@ -126,13 +126,14 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     counts = {op: sum(p.request.op == op for p in pairs) for op in ("remove", "modify_query", "correct_response")}
     log(f"erase: {counts}")
     start = time.perf_counter()
-    result = erase(model, tokenizer, task.train, task.requests, eraser, kfac=cache.factors, calibration=cache.calibration)
+    result = erase(model, tokenizer, task.train, task.requests, eraser, curvature_cache=cache.factors,
+                   calibration=cache.calibration)
     erase_time = time.perf_counter() - start
     log(f"erase with the trust region: up to {config.trust_region_steps} steps, {len(heldout)} held-out examples")
     start = time.perf_counter()
     refined = erase(model, tokenizer, task.train, task.requests,
                     dataclasses.replace(eraser, trust_region=True, trust_region_steps=config.trust_region_steps),
-                    kfac=cache.factors, calibration=cache.calibration, heldout=heldout)
+                    curvature_cache=cache.factors, calibration=cache.calibration, heldout=heldout)
     refine_time = time.perf_counter() - start
     removed = sum(p.new is None for p in pairs)
     plan = plan_erase(n_train=len(task.train), n_removed=removed, n_old=len(pairs), n_new=len(pairs) - removed,

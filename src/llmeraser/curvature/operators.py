@@ -53,7 +53,8 @@ def hessian_vector_product(
         )
     rows = torch.cat(
         [
-            (torch.zeros(matrix.shape[0], t.numel(), dtype=matrix.dtype) if p is None else p.reshape(matrix.shape[0], -1))
+            (torch.zeros(matrix.shape[0], t.numel(), dtype=matrix.dtype) if p is None
+             else p.reshape(matrix.shape[0], -1))
             for p, t in zip(product, params.tensors)
         ],
         dim=1,
