@@ -923,9 +923,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="output directory for results.json, results.md and the PNG plots")
     bench.set_defaults(run=_bench)
 
-    train = command("train", "LoRA fine-tuning on a JSONL data file; records recipe, base model and data hash")
+    train = command("train", "LoRA fine-tuning on a data file; records recipe, base model and data hash")
     _add_model(train, required=True)
-    train.add_argument("--data", required=True, help="training data, JSONL {id, prompt, response}")
+    train.add_argument("--data", required=True, help="training data: .jsonl, .json, .csv/.tsv or .parquet; prompt/response or conversation rows")
     train.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     _add_recipe(train)
     _add_dtype(train)
@@ -935,7 +935,7 @@ def build_parser() -> argparse.ArgumentParser:
     erase = command("erase", "apply a request file to an adapter and write a new adapter (the input is never modified)")
     _add_model(erase, required=False)
     erase.add_argument("--adapter", required=True, help="input PEFT adapter directory")
-    erase.add_argument("--data", required=True, help="the training data the adapter was trained on (JSONL)")
+    erase.add_argument("--data", required=True, help="the training data the adapter was trained on (.jsonl, .json, .csv/.tsv, .parquet)")
     erase.add_argument("--requests", required=True, help="request file, JSONL: remove / modify_query / correct_response")
     erase.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     _add_options(erase, EraseConfig, ["solver", "curvature", "damping", "scaling"])
@@ -952,7 +952,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "cost; with solver flags, the update they configure. update: the influence update as the "
                        "flags say; retrain: a paired retrain with the recorded recipe")
     erase.add_argument("--heldout", default=None,
-                       help="examples the adapter never saw (JSONL): the trust region refuses steps that raise their "
+                       help="examples the adapter never saw (a data file): the trust region refuses steps that raise their "
                        "loss and stops removals at their loss level (what a retrained model shows)")
     erase.add_argument("--trust-region", action=argparse.BooleanOptionalAction, default=None,
                        help="re-linearised steps accepted by their effect in function space (default: on in --mode auto, "
@@ -970,7 +970,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit = command("fit-curvature", "fit a curvature approximation of an adapter's LoRA layers once, for fast erasures")
     _add_model(fit, required=False)
     fit.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    fit.add_argument("--data", required=True, help="the training data the adapter was trained on (JSONL)")
+    fit.add_argument("--data", required=True, help="the training data the adapter was trained on (.jsonl, .json, .csv/.tsv, .parquet)")
     fit.add_argument("--out", required=True, help="new curvature directory (must not exist)")
     fit.add_argument("--curvature-examples", type=int, default=fit_defaults.curvature_examples, help="fit on a random subset of this many examples (default: all)")
     fit.add_argument("--batch-size", type=int, default=fit_defaults.batch_size, help="examples per forward pass")
@@ -999,7 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     retrain = command("retrain", "train from scratch on the edited training set with the same recipe (exact reference)")
     _add_model(retrain, required=False)
-    retrain.add_argument("--data", required=True, help="the original training data (JSONL)")
+    retrain.add_argument("--data", required=True, help="the original training data (a data file)")
     retrain.add_argument("--requests", required=True, help="request file to apply to the data")
     retrain.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     retrain.add_argument("--like", default=None, help="adapter directory whose recorded model and recipe to reuse")
@@ -1024,7 +1024,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("evaluate", "losses, perplexity, Yes/No accuracy and AUC, forgetting of edited examples, distances between adapters")
     _add_model(evaluate, required=False)
     evaluate.add_argument("--adapter", required=True, help="adapter directory to evaluate")
-    evaluate.add_argument("--data", required=True, help="evaluation data (JSONL)")
+    evaluate.add_argument("--data", required=True, help="evaluation data (.jsonl, .json, .csv/.tsv, .parquet)")
     evaluate.add_argument("--requests", default=None, help="request file: also report each edited example's old and new loss")
     evaluate.add_argument("--train-data", default=None, help="training data the requests refer to (default: --data)")
     evaluate.add_argument("--compare", nargs="+", default=None, help="other adapter directories to measure distances to")
@@ -1042,7 +1042,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     apply_requests = command("apply-requests", "write the training set as edited by request files (applied in order): "
                              "the --data for erasing again on top of an erased adapter")
-    apply_requests.add_argument("--data", required=True, help="training data (JSONL)")
+    apply_requests.add_argument("--data", required=True, help="training data (any supported format; written back as JSONL)")
     apply_requests.add_argument("--requests", required=True, nargs="+", help="request file(s), applied in this order")
     apply_requests.add_argument("--out", required=True, help="new JSONL file (must not exist)")
     apply_requests.set_defaults(run=_apply_requests)
