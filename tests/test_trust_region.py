@@ -59,7 +59,9 @@ def test_the_trust_region_rejects_a_step_that_raises_the_held_out_loss(trained):
     heldout = toy_examples(12, seed=7)
     harmful = 50.0 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
     b = 1e-3 * harmful  # −bᵀd dominates Φ along d = harmful: Φ falls at every step size, only the check can refuse
-    settings = TrustRegionSettings(steps=1, kept_examples=20, heldout_tolerance=0.01, damping_factor=1.0)
+    # the held-out guard alone: these removed examples are at the held-out level already, which would stop it
+    settings = TrustRegionSettings(steps=1, kept_examples=20, heldout_tolerance=0.01, damping_factor=1.0,
+                                   stop_at_heldout_level=False)
     result = trust_region_update(model, tokenizer, train, pairs, b, lambda g, damping: g, damping=0.0, weight_decay=WEIGHT_DECAY,
                                  scaling="retrain", max_length=128, batch_size=40, settings=settings, heldout=heldout,
                                  first_direction=harmful)
@@ -74,6 +76,28 @@ def test_the_trust_region_rejects_a_step_that_raises_the_held_out_loss(trained):
     else:
         assert "held-out loss" in record.reason and float(result.update.abs().max()) == 0.0
     assert torch.equal(params.flat(), theta)  # the model's θ is restored
+
+
+def test_no_step_when_the_removed_examples_are_already_at_the_held_out_level(trained):
+    """Removals the adapter fits no better than never-seen examples (a recipe that does not memorise):
+    retraining barely moves them, so the trust region takes no step and says why; with a correction among
+    the requests it still steps."""
+    from dataclasses import replace
+
+    model, tokenizer, train = trained
+    theta = AdapterParameters.of(model).flat()
+    requests = [Remove("ex3"), Remove("ex7")]
+    pairs = resolve(requests, train)
+    heldout = [replace(p.old, id=f"copy-{p.old.id}") for p in pairs]  # the same texts: the same losses
+    b = 1e-2 * torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
+    common = dict(damping=1e-3, weight_decay=WEIGHT_DECAY, scaling="retrain", max_length=128, batch_size=40,
+                  settings=TrustRegionSettings(steps=3, kept_examples=20), heldout=heldout)
+    result = trust_region_update(model, tokenizer, train, pairs, b, lambda g, damping: g, **common)
+    assert result.steps == [] and float(result.update.abs().max()) == 0.0
+    assert result.stopped.startswith("before any step")
+    mixed = resolve([*requests, CorrectResponse("ex5", " Yes No")], train)
+    stepped = trust_region_update(model, tokenizer, train, mixed, b, lambda g, damping: g, **common)
+    assert len(stepped.steps) >= 1 and float(stepped.update.abs().max()) > 0.0
 
 
 def test_kept_sample_excludes_edited_examples_and_is_seeded(trained):

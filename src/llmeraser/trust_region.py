@@ -65,7 +65,8 @@ class TrustRegionSettings:
     """``steps``: re-linearised steps at most; ``kept_examples``: the sample of untouched examples Φ and the
     KL check are estimated on; ``heldout_tolerance``: relative rise of the held-out loss allowed;
     ``kl_budget``: per-token KL(θ̂ ‖ θ) allowed on the kept sample (None: not checked); ``tol``: stop when
-    ‖∇Φ‖ ≤ tol ‖b‖; ``stop_at_heldout_level``: stop once the removed examples' loss reaches the held-out one."""
+    ‖∇Φ‖ ≤ tol ‖b‖; ``stop_at_heldout_level``: stop once the removed examples' loss reaches the held-out one (and, when
+    every request is a removal and it is there already at θ̂, take no step)."""
 
     steps: int = 8
     kept_examples: int = 64
@@ -255,7 +256,12 @@ def trust_region_update(
         lam, lam_floor = damping, damping * settings.min_damping
         adaptive = settings.damping_factor != 1.0
         stopped = f"{settings.steps} step(s) taken"
-        for step in range(settings.steps):
+        steps = settings.steps
+        if not new_versions and reached_level(base):  # only removals, and retraining would barely move them
+            stopped = ("before any step: the removed examples' loss is already at the held-out level "
+                       "(the adapter does not fit them better than examples it never saw)")
+            steps = 0
+        for step in range(steps):
             gradient_norm = float(gradient.norm())
             if gradient_norm <= settings.tol * b_norm:
                 stopped = f"‖∇Φ‖ = {gradient_norm:.3g} ≤ tol · ‖b‖"
