@@ -72,7 +72,7 @@ def failing_write(error: BaseException) -> Callable[[], Any]:
     """The output's last step before its rename (everything written to the temporary directory) raises."""
     from unittest import mock
 
-    return lambda: mock.patch("llmeraser.model._fsync_tree", side_effect=error)
+    return lambda: mock.patch("llmeraser.atomic.fsync_tree", side_effect=error)
 
 
 def nan_adapter(root: Path) -> list[str]:

@@ -177,13 +177,13 @@ def nothing_left(directory: Path, target: str) -> None:
 
 @pytest.mark.parametrize("command", ["train", "erase"])
 def test_ctrl_c_at_a_write_point_is_one_line_exit_130_and_nothing_written(setup, monkeypatch, tmp_path, command):
-    import llmeraser.model
+    import llmeraser.atomic
 
     def interrupted(directory: Path) -> None:  # everything written to the temporary directory, not yet renamed
         assert (directory / "adapter_model.safetensors").is_file()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(llmeraser.model, "_fsync_tree", interrupted)
+    monkeypatch.setattr(llmeraser.atomic, "fsync_tree", interrupted)
     before = digest(setup[3])
     argv = erase_argv(setup, tmp_path / "out") if command == "erase" else train_argv(setup, tmp_path / "out")
     done = cli(*argv)
@@ -225,12 +225,12 @@ def test_sigint_to_a_running_train_subprocess(setup, tmp_path):
 
 @pytest.mark.parametrize("code, reason", [(errno.ENOSPC, "no space left on device"), (errno.EDQUOT, "disk quota exceeded")])
 def test_full_disk_while_writing_is_one_line_exit_5_and_nothing_left(setup, monkeypatch, tmp_path, code, reason):
-    import llmeraser.model
+    import llmeraser.atomic
 
     def full(directory: Path) -> None:
         raise OSError(code, os.strerror(code), str(directory / "adapter_model.safetensors"))
 
-    monkeypatch.setattr(llmeraser.model, "_fsync_tree", full)
+    monkeypatch.setattr(llmeraser.atomic, "fsync_tree", full)
     done = cli(*train_argv(setup, tmp_path / "out"))
     assert done.code == 5
     lines = [line for line in done.err.splitlines() if line.startswith("llmeraser: error")]  # after the progress bar
@@ -243,7 +243,7 @@ def test_full_disk_while_writing_is_one_line_exit_5_and_nothing_left(setup, monk
 def test_full_disk_during_erase_names_the_output_and_the_weights_it_needed(setup, monkeypatch, tmp_path):
     from safetensors.torch import load_file
 
-    import llmeraser.model
+    import llmeraser.atomic
 
     real_write = Path.write_text
 
@@ -260,7 +260,7 @@ def test_full_disk_during_erase_names_the_output_and_the_weights_it_needed(setup
     assert done.code == 5, done.err
     assert f"no space left on device while writing {tmp_path / 'erased'} (it needs at least {needed:,} bytes" in done.err
     nothing_left(tmp_path, "erased")
-    assert llmeraser.model._fsync_tree  # untouched
+    assert llmeraser.atomic.fsync_tree  # untouched
 
 
 def test_full_disk_writing_a_results_file(setup, monkeypatch, tmp_path):

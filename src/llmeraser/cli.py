@@ -603,7 +603,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                     table_rows.append([entry["adapter"], key, entry[key]["kl"], entry[key]["top1_agreement"]])
         print(_table(["other adapter", "on", "KL", "top-1 agreement"], table_rows))
     if args.json:
-        from llmeraser.jsonl import write_text_atomic
+        from llmeraser.atomic import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(results, indent=2) + "\n")
         print(f"results written to {args.json}")
@@ -1070,23 +1070,36 @@ def _given_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             or any(t == o or t.startswith(o + "=") for t in tokens for o in a.option_strings)]
 
 
-def _write_run_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    """``run.toml`` in the command's output directory (rank 0; not for a dry run or a file output): every
-    option's resolved value, and which of them were given (what ``erase --mode auto`` reads as configured)."""
-    from llmeraser.distributed import is_main_process
-    from llmeraser.jsonl import write_text_atomic
+def _run_file_text(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """``run.toml``: every option's resolved value, and which of them were given (what ``erase --mode auto``
+    reads as configured)."""
     from llmeraser.options import to_toml
 
-    out = getattr(args, "out", None)
-    if not out or getattr(args, "dry_run", False) or not Path(out).is_dir() or not is_main_process():
-        return
     values = {a.dest.replace("_", "-"): getattr(args, a.dest) for a in _option_actions(parser)}
     values = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
     given = [dest.replace("_", "-") for dest in _given_options(args, parser)]
     comment = (f"the resolved options of this run; `llmeraser {args.command} --config {RUN_FILE} "
                "--out NEW_DIR` replays it\n(given: the options set on the command line or in a config file; the "
                "others are the defaults)")
-    write_text_atomic(Path(out) / RUN_FILE, to_toml({"given": given}, {args.command: values}, comment))
+    return to_toml({"given": given}, {args.command: values}, comment)
+
+
+def _run_with_run_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Run the command; its output directory (rank 0; not for a dry run or a file output) gets ``run.toml``:
+    inside the atomic write where the command writes the directory in one (train, erase, retrain,
+    fit-curvature), else (bench, demo, make-data: written as they go) once it has finished."""
+    from llmeraser.atomic import extra_files, write_text_atomic
+    from llmeraser.distributed import is_main_process
+
+    out = getattr(args, "out", None)
+    if not out or getattr(args, "dry_run", False) or not is_main_process():
+        args.run(args)
+        return
+    text = _run_file_text(args, parser)
+    with extra_files(out, {RUN_FILE: text}):
+        args.run(args)
+    if Path(out).is_dir() and not (Path(out) / RUN_FILE).exists():
+        write_text_atomic(Path(out) / RUN_FILE, text)
 
 
 def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
@@ -1148,8 +1161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_declared(args, sub)
         init_from_environment()  # a no-op outside torchrun
         try:
-            args.run(args)
-            _write_run_file(args, sub)
+            _run_with_run_file(args, sub)
         finally:
             shutdown()
     except ConfigError as err:  # an option value outside its declaration

@@ -1,15 +1,14 @@
-"""Line-by-line JSONL reading with errors that name the file and line, and atomic JSONL writing."""
+"""Line-by-line JSONL reading with errors that name the file and line, and JSONL writing (atomic)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from llmeraser.errors import InputError, OutputSpaceError, is_out_of_space
+from llmeraser.atomic import atomic_file
+from llmeraser.errors import InputError
 
 
 class _DuplicateKey(Exception):
@@ -67,20 +66,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Write rows as JSONL atomically: a temporary file beside ``path``, renamed into place when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if is_out_of_space(err):
-            raise OutputSpaceError.from_os_error(err, path) from None
-        raise
+    """Write rows as JSONL atomically (``llmeraser.atomic.atomic_file``)."""
+    with atomic_file(path) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def require_str(obj: dict[str, Any], key: str, path: str | Path, line: int | None, allow_int: bool = False) -> str:
@@ -99,19 +88,3 @@ def require_str(obj: dict[str, Any], key: str, path: str | Path, line: int | Non
     except UnicodeEncodeError as err:  # "\ud800" is valid JSON but not text
         raise InputError(f"field '{key}' contains an unpaired surrogate escape (character {err.start})", path, line) from None
     return value
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file atomically: a temporary file beside ``path``, renamed into place when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if is_out_of_space(err):
-            raise OutputSpaceError.from_os_error(err, path, len(text.encode("utf-8"))) from None
-        raise

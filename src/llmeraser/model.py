@@ -20,8 +20,7 @@ import json
 import os
 import re
 import shutil
-import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmeraser.errors import InputError, OutputSpaceError, is_out_of_space
+from llmeraser.atomic import atomic_directory, fsync_tree, write_text_atomic
+from llmeraser.errors import InputError
 from llmeraser.hashing import FINGERPRINT_ATTRIBUTE, stored_digests
 from llmeraser.options import option, validate
 
@@ -122,7 +122,7 @@ def save_converted(model: Any, tokenizer: Any, target: Path) -> None:
     """Save a model dequantised from a GGUF file (and its tokenizer) as a plain float32 safetensors
     directory ``target``, without the GGUF ``quantization_config`` (the weights are no longer quantised,
     and ``transformers.Trainer`` refuses to train a model whose config says GGUF). Written to a temporary
-    directory renamed into place; a ``target`` another process converted meanwhile is kept."""
+    directory flushed to disk and renamed into place; a ``target`` another process converted meanwhile is kept."""
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
@@ -131,6 +131,7 @@ def save_converted(model: Any, tokenizer: Any, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         drop_gguf_quantization_config(tmp)
         if not target.exists():
+            fsync_tree(tmp)  # complete on disk before it gets its name
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +139,6 @@ def save_converted(model: Any, tokenizer: Any, target: Path) -> None:
 
 def drop_gguf_quantization_config(directory: Path) -> bool:
     """Remove a GGUF ``quantization_config`` from ``directory/config.json``; whether there was one."""
-    from llmeraser.jsonl import write_text_atomic
 
     path = Path(directory) / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
@@ -345,86 +345,6 @@ class AdapterParameters:
     def as_dict(self, vector: Tensor) -> dict[str, Tensor]:
         """``{name: tensor}`` for ``torch.func.functional_call``, from a flat vector."""
         return dict(zip(self.names, self.split(vector)))
-
-
-def _temporary_prefix(out_dir: Path) -> str:
-    return f".{out_dir.name}.tmp-"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def remove_stale_temporaries(out_dir: str | Path) -> list[Path]:
-    """Delete the temporary directories ``.NAME.tmp-HOST-PID`` beside ``out_dir`` left by killed runs on
-    this host (their process is gone); returns those removed. Live writers and other hosts' are kept."""
-    out_dir = Path(out_dir)
-    prefix = f"{_temporary_prefix(out_dir)}{socket.gethostname()}-"
-    removed: list[Path] = []
-    if not out_dir.parent.is_dir():
-        return removed
-    for candidate in out_dir.parent.iterdir():
-        pid = candidate.name[len(prefix):] if candidate.name.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
-            shutil.rmtree(candidate, ignore_errors=True)
-            removed.append(candidate)
-    return removed
-
-
-def _fsync_tree(directory: Path) -> None:
-    """Flush every file under ``directory`` and the directory itself to disk."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # platforms without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | Path, needed_bytes: int | None = None) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir`` to fill; on success it is flushed to disk and renamed
-    to ``out_dir``, on failure (an exception, Ctrl-C) removed. Refuses an existing ``out_dir``; removes
-    temporaries that killed runs left for the same target. A full disk or quota becomes ``OutputSpaceError``
-    naming ``out_dir`` and ``needed_bytes`` (what the caller expects to write, where it knows)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise InputError("output directory already exists (choose a new one; inputs are never overwritten)", out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
-    tmp = out_dir.with_name(f"{_temporary_prefix(out_dir)}{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
-        yield tmp
-        _fsync_tree(tmp)  # complete on disk before it gets its name
-        os.replace(tmp, out_dir)
-        _fsync_directory(out_dir.parent)
-    except Exception as err:  # OSError, or a Rust writer's error (safetensors) carrying the OS error code
-        if not is_out_of_space(err):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # before measuring the free space
-        raise OutputSpaceError.from_os_error(err, out_dir, needed_bytes) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_adapter(

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from llmeraser.jsonl import write_text_atomic
+from llmeraser.atomic import write_text_atomic
 from llmeraser_bench.yardstick import effect_captured, removal_effect, retrain_range, within
 
 METRICS: tuple[tuple[str, str, str], ...] = (
