@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from llmeraser.adapter import AdapterParameters, LoraSettings, attach_lora
 from llmeraser.curvature import (
     CurvatureOperator,
     calibrate_step_length,
@@ -45,7 +46,7 @@ from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
 from llmeraser.errors import NumericalError
 from llmeraser.evaluate import answer_scores, auc, binary_labels
 from llmeraser.gradients import summed_gradient
-from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
+from llmeraser.models import load_base_model
 from llmeraser.requests import Remove, edited_training_set, resolve
 from llmeraser.solvers import relative_residual
 from llmeraser.train import TrainConfig, train_adapter

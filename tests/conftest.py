@@ -14,13 +14,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from llmeraser.adapter import AdapterParameters, LoraSettings, attach_lora  # noqa: E402
 from llmeraser.data import Example  # noqa: E402
-from llmeraser.model import (  # noqa: E402
-    AdapterParameters,
-    LoraSettings,
-    attach_lora,
-    load_base_model,
-)
+from llmeraser.models import load_base_model  # noqa: E402
 
 WORDS = "red green blue cat dog fish one two three sun moon star tree rock leaf".split()
 

@@ -15,8 +15,8 @@ import sys
 import torch
 from conftest import tiny_lora_model, toy_examples
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.distributed import init_from_environment, is_main_process, shutdown
-from llmeraser.model import AdapterParameters
 from llmeraser.train import TrainConfig, train_adapter
 
 

@@ -106,7 +106,7 @@ FROM_RECORD = {"weight_decay", "max_length", "loss_scope", "trust_region"}
     ("erase", "llmeraser.eraser.EraseConfig", {}),
     ("fit-curvature", "llmeraser.curvature.CurvatureFitConfig", {"datainf_damping": "damping"}),
     ("train", "llmeraser.train.TrainConfig", {}),
-    ("train", "llmeraser.model.LoraSettings", {"r": "lora_r", "alpha": "lora_alpha", "target_modules": "target_modules"}),
+    ("train", "llmeraser.adapter.LoraSettings", {"r": "lora_r", "alpha": "lora_alpha", "target_modules": "target_modules"}),
 ])
 def test_cli_defaults_are_the_library_defaults(command, config, renamed):
     module, name = config.rsplit(".", 1)

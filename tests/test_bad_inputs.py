@@ -107,7 +107,7 @@ def tampered_lineage(root: Path) -> list[str]:
 
 def saved_base(root: Path, name: str, **tiny: int) -> str:
     """A tiny base model written by ``save_pretrained`` (``build_tiny_model(**tiny)``)."""
-    from llmeraser.model import build_tiny_model
+    from llmeraser.models import build_tiny_model
 
     if not (root / name).is_dir():
         model, tokenizer = build_tiny_model(**tiny)
@@ -120,7 +120,7 @@ def peft_adapter(root: Path) -> str:
     """An adapter written by PEFT itself: no llmeraser training record."""
     from peft import LoraConfig, get_peft_model
 
-    from llmeraser.model import load_base_model
+    from llmeraser.models import load_base_model
 
     if not (root / "peft-adapter").is_dir():
         model = get_peft_model(load_base_model("tiny")[0], LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))

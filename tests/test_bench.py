@@ -13,8 +13,8 @@ import torch
 from cli_helpers import cli
 from conftest import tiny_lora_model, toy_examples
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.evaluate import example_loss_values
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove, edited_training_set, resolve
 from llmeraser.train import TrainConfig, train_adapter
 from llmeraser_bench.baselines import (

@@ -28,7 +28,7 @@ from llmeraser.data import (
 )
 from llmeraser.errors import InputError
 from llmeraser.hashing import dataset_hash, example_hash
-from llmeraser.model import build_byte_tokenizer
+from llmeraser.models import build_byte_tokenizer
 from llmeraser.requests import CorrectResponse, ModifyQuery, read_requests, resolve
 from llmeraser.validate import check_examples_fit
 
@@ -236,7 +236,7 @@ def trl_tokenized(rows, template, tmp_path, tokenizer=None, **config):
     model (tiny) only has to exist, the tokenizer (default: the byte tokenizer) does the work."""
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    from llmeraser.model import build_tiny_model
+    from llmeraser.models import build_tiny_model
 
     model, byte_tokenizer = build_tiny_model(hidden_size=8, num_layers=1)
     tokenizer = tokenizer or byte_tokenizer
@@ -394,7 +394,7 @@ def test_smollm2_template_is_prefix_consistent_and_matches_trl(tmp_path):
     """SmolLM2-135M-Instruct's own tokenizer and template (the cached conversion; ~30 s on first use)."""
     from transformers import AutoTokenizer
 
-    from llmeraser.model import smollm2_path
+    from llmeraser.models import smollm2_path
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     examples = [Example.conversation(str(i), msgs(c)) for i, c in enumerate(CONVERSATIONS)]

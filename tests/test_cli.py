@@ -13,8 +13,9 @@ import pytest
 import torch
 from conftest import toy_examples
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import write_examples
-from llmeraser.model import AdapterParameters, build_tiny_model, load_base_model
+from llmeraser.models import build_tiny_model, load_base_model
 
 SCRIPT = Path(sys.executable).with_name("llmeraser")
 # linear lr decay: the final iterate close to a minimum. With a constant lr the last mini-batches decide

@@ -73,7 +73,7 @@ def test_erase_names_edits_by_id_warns_of_the_remaining_copy_and_says_truncation
 def test_model_card_says_erasure_counts_method_lineage_head_and_no_removed_text(erased):
     from peft import PeftModel
 
-    from llmeraser.model import load_base_model
+    from llmeraser.models import load_base_model
 
     method, out, _ = erased
     card = (out / "README.md").read_text()

@@ -18,11 +18,11 @@ import tomllib
 from cli_helpers import FAST_TRAIN, cli
 from conftest import toy_examples
 
+from llmeraser.adapter import LoraSettings
 from llmeraser.cli import _subcommand, build_parser, main
 from llmeraser.data import write_examples
 from llmeraser.eraser import EraseConfig
 from llmeraser.errors import ConfigError, LLMEraserError
-from llmeraser.model import LoraSettings
 from llmeraser.options import choices_of, declared, field_type
 from llmeraser.train import TrainConfig
 

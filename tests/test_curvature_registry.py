@@ -14,6 +14,7 @@ from cli_helpers import FAST_TRAIN, cli
 from conftest import tiny_lora_model, toy_examples
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.curvature import (
     CacheMetadata,
     CurvatureCache,
@@ -30,7 +31,6 @@ from llmeraser.curvature import (
 from llmeraser.data import TokenizationConfig, TokenizedExample, tokenize_examples, write_examples
 from llmeraser.eraser import erase
 from llmeraser.gradients import per_example_gradients
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import Remove
 from llmeraser.train import TrainConfig, train_adapter
 

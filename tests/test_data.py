@@ -21,7 +21,7 @@ from llmeraser.data import (
     write_examples,
 )
 from llmeraser.errors import InputError
-from llmeraser.model import build_byte_tokenizer
+from llmeraser.models import build_byte_tokenizer
 
 
 def write_lines(path, lines, encoding="utf-8"):

@@ -10,7 +10,7 @@ import pytest
 from llmeraser.chat import Message
 from llmeraser.data import Example, examples_from_rows, read_examples, row_id
 from llmeraser.errors import InputError
-from llmeraser.model import build_byte_tokenizer
+from llmeraser.models import build_byte_tokenizer
 from llmeraser.sources import data_format
 from llmeraser.validate import check_examples_fit, line_of_id, row_of_id
 

@@ -14,9 +14,9 @@ import torch
 from conftest import tiny_lora_model, toy_examples
 from safetensors.torch import load_file
 
+from llmeraser.adapter import save_adapter
 from llmeraser.curvature import load_cache
 from llmeraser.data import write_examples
-from llmeraser.model import save_adapter
 from llmeraser.train import TrainConfig, train_adapter
 
 BIN = Path(sys.executable).parent

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import tiny_lora_model, toy_examples
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.eraser import erase
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import (
     CorrectResponse,
     ModifyQuery,

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from conftest import tiny_lora_model, toy_examples
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import Example
 from llmeraser.eraser import erase
 from llmeraser.evaluate import example_loss_values
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove, edited_training_set, resolve
 from llmeraser.train import TrainConfig, train_adapter
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import toy_examples
 
 from llmeraser.eraser import EraseConfig, curvature_sample, prepare_erasure
-from llmeraser.model import build_byte_tokenizer
+from llmeraser.models import build_byte_tokenizer
 from llmeraser.requests import CorrectResponse, ModifyQuery, Remove
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import Example
 from llmeraser.evaluate import (
     answer_log_likelihoods,
@@ -16,7 +17,6 @@ from llmeraser.evaluate import (
     response_predictions,
     single_token_id,
 )
-from llmeraser.model import AdapterParameters
 
 
 def _prompts() -> list[Example]:

@@ -27,7 +27,7 @@ def test_trainer_run_with_the_callback_is_erased_with_no_extra_flags(tmp_path, m
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from llmeraser.model import load_base_model
+    from llmeraser.models import load_base_model
 
     monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
     examples = toy_examples(12, seed=6)
@@ -80,7 +80,7 @@ def test_sft_trainer_run_with_the_callback_is_erased_with_no_extra_flags(tmp_pat
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
-    from llmeraser.model import load_base_model
+    from llmeraser.models import load_base_model
 
     monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
     rows = [{"prompt": e.prompt, "completion": e.response} for e in toy_examples(10, seed=8)]

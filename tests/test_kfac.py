@@ -15,6 +15,7 @@ import torch
 from cli_helpers import FAST_TRAIN, cli
 from conftest import exact_float64_llama, one_thread, perturbed_model, tiny_lora_model, toy_examples
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.curvature import CachedInverse, CurvatureOperator, load_cache, save_cache
 from llmeraser.curvature.datainf import DataInfLayer, datainf_damping, datainf_inverse_product, fit_datainf
 from llmeraser.curvature.ekfac import eigenbasis_diagonal, fit_ekfac, pooled_over_null_spaces
@@ -23,7 +24,6 @@ from llmeraser.data import TokenizationConfig, tokenize_examples, write_examples
 from llmeraser.eraser import erase
 from llmeraser.errors import InputError
 from llmeraser.gradients import per_example_gradients
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove
 from llmeraser.train import TrainConfig, train_adapter
 

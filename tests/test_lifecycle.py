@@ -12,7 +12,7 @@ from cli_helpers import cli
 from conftest import toy_examples
 
 from llmeraser.data import write_examples
-from llmeraser.model import build_tiny_model, load_base_model
+from llmeraser.models import build_tiny_model, load_base_model
 
 UPDATE = ["--mode", "update", "--solver", "direct", "--damping", "0.01"]
 RECIPE = ["--weight-decay", "0.01", "--max-length", "128", "--loss-scope", "response"]

@@ -8,14 +8,9 @@ import pytest
 import torch
 from conftest import tiny_lora_model
 
+from llmeraser.adapter import AdapterParameters, load_adapter, save_adapter
 from llmeraser.errors import InputError
-from llmeraser.model import (
-    AdapterParameters,
-    build_tiny_model,
-    load_adapter,
-    load_base_model,
-    save_adapter,
-)
+from llmeraser.models import build_tiny_model, load_base_model
 
 
 def state(model):
@@ -177,7 +172,7 @@ def test_converted_gguf_cache_has_no_quantization_config_and_trains_with_the_hf_
     float32 weights without the GGUF ``quantization_config``, which ``transformers.Trainer`` refuses."""
     from transformers import AutoModelForCausalLM
 
-    from llmeraser.model import save_converted
+    from llmeraser.models import save_converted
 
     model, tokenizer = build_tiny_model(seed=0)
     model.config.quantization_config = dict(GGUF_SETTING)  # as the GGUF loader leaves it
@@ -198,7 +193,7 @@ def test_converted_gguf_cache_has_no_quantization_config_and_trains_with_the_hf_
 
 
 def test_an_existing_cache_with_the_gguf_setting_is_fixed_on_load(tmp_path, monkeypatch):
-    from llmeraser.model import drop_gguf_quantization_config, smollm2_path
+    from llmeraser.models import drop_gguf_quantization_config, smollm2_path
 
     monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path))
     cache = tmp_path / "smollm2-135m-instruct"

@@ -10,8 +10,8 @@ from conftest import one_thread, tiny_lora_model, toy_examples
 
 import llmeraser.curvature.operators as curvature
 import llmeraser.eraser as eraser
+from llmeraser.adapter import AdapterParameters
 from llmeraser.errors import NumericalError
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove
 from llmeraser.solvers import DenseOperator, SolverResult, solve_cg
 

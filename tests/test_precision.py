@@ -7,10 +7,11 @@ from cli_helpers import FAST_TRAIN, cli
 from conftest import one_thread, tiny_lora_model, toy_examples
 from safetensors.torch import load_file
 
+from llmeraser.adapter import AdapterParameters, load_adapter, save_adapter
 from llmeraser.data import write_examples
 from llmeraser.eraser import EraseConfig, erase
 from llmeraser.hashing import model_fingerprint
-from llmeraser.model import AdapterParameters, load_adapter, load_base_model, save_adapter
+from llmeraser.models import load_base_model
 from llmeraser.requests import CorrectResponse, Remove
 from llmeraser.train import TrainConfig, train_adapter
 

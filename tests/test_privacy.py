@@ -14,9 +14,10 @@ import pytest
 from cli_helpers import FAST_TRAIN, cli
 from safetensors.torch import load_file, save_file
 
+from llmeraser.adapter import load_adapter
 from llmeraser.data import Example, write_examples
 from llmeraser.errors import InputError
-from llmeraser.model import build_byte_tokenizer, load_adapter, load_base_model
+from llmeraser.models import build_byte_tokenizer, load_base_model
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "llmeraser"
 

@@ -49,7 +49,7 @@ def test_loss_scope_is_recorded_and_reused_by_erase(scope_all):
 
 def test_fingerprint_survives_save_pretrained_and_names_what_differs(tmp_path):
     from llmeraser.hashing import fingerprint_differences, fingerprint_parts, model_fingerprint
-    from llmeraser.model import build_tiny_model, load_base_model
+    from llmeraser.models import build_tiny_model, load_base_model
 
     targets = ("q_proj", "v_proj")
     base, _ = load_base_model("tiny")
@@ -76,7 +76,7 @@ def test_fingerprint_survives_save_pretrained_and_names_what_differs(tmp_path):
 
 def test_a_regex_target_modules_survives_the_record_round_trip():
     """PEFT's target_modules may be one regex (a str): the record keeps it a str, not its characters."""
-    from llmeraser.model import LoraSettings
+    from llmeraser.adapter import LoraSettings
     from llmeraser.provenance import TrainingRecord
     from llmeraser.train import TrainConfig
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from llmeraser.adapter import AdapterParameters, LoraSettings, attach_lora
 from llmeraser.evaluate import example_loss_values
-from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
+from llmeraser.models import load_base_model
 from llmeraser.requests import Remove
 from llmeraser.train import TrainConfig, train_adapter
 from llmeraser_bench.recsys.tallrec import movielens_demo_examples
@@ -61,7 +62,7 @@ def test_the_cached_smollm2_has_no_gguf_setting_and_the_hf_trainer_accepts_it(sm
 
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from llmeraser.model import smollm2_path
+    from llmeraser.models import smollm2_path
 
     assert "quantization_config" not in json.loads((smollm2_path() / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(smollm2_path())

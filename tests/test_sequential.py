@@ -18,11 +18,12 @@ import torch
 from cli_helpers import cli
 from conftest import one_thread, toy_examples
 
+from llmeraser.adapter import AdapterParameters, adapter_vector, load_adapter
 from llmeraser.data import read_examples, write_examples
 from llmeraser.evaluate import example_loss_values, function_space_distance
 from llmeraser.hashing import dataset_hash
 from llmeraser.lineage import read_lineage
-from llmeraser.model import AdapterParameters, adapter_vector, load_adapter, load_base_model
+from llmeraser.models import load_base_model
 from llmeraser.requests import read_requests, resolve
 
 TRAIN_FLAGS = ["--lora-r", "4", "--target-modules", "q_proj", "v_proj", "lm_head", "--epochs", "60",

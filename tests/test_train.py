@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_lora_model, toy_examples
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import TokenizationConfig, tokenize_example
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove, edited_training_set, resolve
 from llmeraser.train import TrainConfig, batch_schedule, lr_multiplier, objective_and_gradient, paired_schedule, train_adapter
 

@@ -30,7 +30,7 @@ from conftest import exact_float64_llama, one_thread, pad_rows, toy_examples
 import llmeraser
 from llmeraser.data import IGNORE_INDEX, TokenizationConfig, collate, example_losses, read_examples, tokenize_examples
 from llmeraser.integrations import LlmeraserCallback
-from llmeraser.model import build_tiny_model, load_base_model
+from llmeraser.models import build_tiny_model, load_base_model
 
 TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}<a>{% generation %}{{ m['content'] }}\n"

@@ -7,8 +7,8 @@ import torch
 from conftest import toy_examples
 from test_eraser_convex import WEIGHT_DECAY, retrained_change, trained  # noqa: F401 (a fixture)
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.eraser import erase
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove, resolve
 from llmeraser.trust_region import TrustRegionSettings, kept_sample, trust_region_update
 

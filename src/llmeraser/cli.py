@@ -37,7 +37,7 @@ else:  # Python 3.10: the same parser, as the tomli package
 
 from llmeraser.distributed import init_from_environment, shutdown
 from llmeraser.errors import ConfigError, InputError, NumericalError, OutputSpaceError, is_out_of_space
-from llmeraser.model import DTYPES
+from llmeraser.models import DTYPES
 
 EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL, EXIT_NO_SPACE = 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
@@ -89,7 +89,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _lora_settings(args: argparse.Namespace) -> Any:
-    from llmeraser.model import LoraSettings
+    from llmeraser.adapter import LoraSettings
 
     return LoraSettings(args.lora_r, args.lora_alpha, 0.0, tuple(args.target_modules), args.seed)
 
@@ -121,11 +121,12 @@ def _train_and_save(
     first entry of its lineage. ``dry_run``: print the estimated time and memory instead (writes nothing).
     Under torchrun the ranks train data-parallel and rank 0 writes."""
     started = time.perf_counter()
+    from llmeraser.adapter import attach_lora, save_adapter
     from llmeraser.distributed import is_main_process
     from llmeraser.hashing import adapter_hash, combine_parts, dataset_hash, fingerprint_parts
     from llmeraser.lifecycle import chat_template_hash
     from llmeraser.lineage import LINEAGE_FILE, append_entry, lineage_text, train_entry
-    from llmeraser.model import attach_lora, load_base_model, save_adapter
+    from llmeraser.models import load_base_model
     from llmeraser.provenance import TRAINING_RECORD, TrainingRecord
     from llmeraser.train import train_adapter
     from llmeraser.validate import check_examples_fit, check_max_length
@@ -210,8 +211,9 @@ def _load_for_adapter(
     """(model with the adapter loaded, tokenizer, base, training record) for an existing adapter (``evaluate``);
     the base model in ``dtype`` (from ``--model``, the training record or ``adapter_config.json``), the
     adapter float32."""
+    from llmeraser.adapter import load_adapter
     from llmeraser.lifecycle import base_model_name, require_adapter
-    from llmeraser.model import load_adapter, load_base_model
+    from llmeraser.models import load_base_model
     from llmeraser.provenance import read_training_record
 
     require_adapter(adapter)
@@ -289,7 +291,7 @@ def _erase(args: argparse.Namespace) -> None:
     requests_sha256 = sha256_file(args.requests)
     if mode == "retrain":
         if args.dry_run:
-            from llmeraser.model import attach_lora
+            from llmeraser.adapter import attach_lora
             from llmeraser.requests import edited_training_set
 
             if is_main_process():
@@ -526,6 +528,7 @@ def _retrain(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from llmeraser.adapter import AdapterParameters, adapter_vector
     from llmeraser.data import read_examples
     from llmeraser.evaluate import (
         evaluate_examples,
@@ -533,7 +536,6 @@ def _evaluate(args: argparse.Namespace) -> None:
         function_space_distance,
     )
     from llmeraser.hashing import example_hash
-    from llmeraser.model import AdapterParameters, adapter_vector
     from llmeraser.requests import read_requests, resolve
     from llmeraser.validate import check_examples_fit
 
@@ -846,7 +848,7 @@ def _add_loss_scope(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
-    from llmeraser.model import LoraSettings
+    from llmeraser.adapter import LoraSettings
     from llmeraser.train import TrainConfig
 
     _add_options(parser, LoraSettings, ["r", "alpha"], prefix="lora_")

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from llmeraser.adapter import AdapterParameters, save_adapter
 from llmeraser.curvature.calibration import StepCalibration, step_length
 from llmeraser.curvature.inverse import CachedInverse
 from llmeraser.curvature.operators import CurvatureOperator
@@ -42,7 +43,6 @@ from llmeraser.distributed import is_distributed, shard, world_size
 from llmeraser.errors import ConfigError, NumericalError
 from llmeraser.gradients import influence_rhs
 from llmeraser.hashing import adapter_hash
-from llmeraser.model import AdapterParameters, save_adapter
 from llmeraser.options import option, validate
 from llmeraser.requests import (
     EditPair,

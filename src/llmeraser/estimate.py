@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.curvature.calibration import StepCalibration
 from llmeraser.curvature.inverse import CachedInverse
 from llmeraser.curvature.operators import CurvatureOperator
@@ -70,7 +71,6 @@ from llmeraser.data import (
 from llmeraser.eraser import DEFAULT_PROBE_EXAMPLES, EraseConfig, peak_memory_mb, prepare_erasure
 from llmeraser.errors import ConfigError
 from llmeraser.gradients import summed_gradient
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import Request
 from llmeraser.solvers import CHECK_EVERY, DENSE_CHUNK_SIZE, DIRECT_MAX_DIM, POWER_ITERATIONS, SOLVERS, direct_too_large
 from llmeraser.train import LBFGS_MAX_ITER, TrainConfig, l2_penalty

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import (
     Example,
     TokenizationConfig,
@@ -30,7 +31,6 @@ from llmeraser.data import (
     shifted_targets,
     tokenize_examples,
 )
-from llmeraser.model import AdapterParameters
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import (
     TokenizedExample,
     aligned_labels,
@@ -28,7 +29,6 @@ from llmeraser.data import (
 )
 from llmeraser.distributed import all_reduce_sum
 from llmeraser.errors import ConfigError
-from llmeraser.model import AdapterParameters
 
 Scaling = Literal["retrain", "paper"]
 

@@ -11,10 +11,10 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from llmeraser.adapter import LoraSettings
 from llmeraser.atomic import write_text_atomic
 from llmeraser.data import LOSS_SCOPES, Example, examples_from_rows, read_examples
 from llmeraser.hashing import combine_parts, dataset_hash, fingerprint_parts
-from llmeraser.model import LoraSettings
 from llmeraser.provenance import ORIGIN_CALLBACK, TRAINING_RECORD, TrainingRecord
 from llmeraser.train import TrainConfig
 

@@ -29,12 +29,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from llmeraser.adapter import LoraSettings, adapter_config, check_adapter_fits, load_adapter
 from llmeraser.curvature.cache import CurvatureCache
 from llmeraser.data import Example
 from llmeraser.errors import InputError, NumericalError
 from llmeraser.hashing import adapter_hash, combine_parts, dataset_hash, fingerprint_parts
 from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text, read_lineage, verify_chain
-from llmeraser.model import DTYPES, LoraSettings, adapter_config, check_adapter_fits, load_adapter, load_base_model
+from llmeraser.models import DTYPES, load_base_model
 from llmeraser.provenance import (
     ORIGIN_ASSUMED,
     TRAINING_RECORD,
@@ -238,8 +239,8 @@ class ErasedAdapter:
         ``adapter_config.json``, ``erasure_report.json`` (with the written weights' hash), the training record
         and ``lineage.jsonl`` (the input's entries and this erasure's). Refuses an existing ``out`` and one
         that is, or is inside, the input adapter."""
+        from llmeraser.adapter import save_adapter
         from llmeraser.eraser import erased_adapter_files
-        from llmeraser.model import save_adapter
 
         out = Path(out)
         refuse_output(out, self.source.path)
@@ -466,8 +467,8 @@ class Adapter:
         """Erase by a paired retrain (exact by construction): a fresh LoRA with the recorded settings and seed,
         trained with the recorded recipe on the original run's batches with the edits applied in place. Needs
         a recipe ``llmeraser train`` ran (``record.reproducible``)."""
+        from llmeraser.adapter import attach_lora
         from llmeraser.eraser import library_versions, peak_memory_mb
-        from llmeraser.model import attach_lora
         from llmeraser.requests import affected_examples, count_by_kind, duplicates_report, edited_training_set, resolve
         from llmeraser.train import paired_schedule, train_adapter
 

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from llmeraser.adapter import LoraSettings
 from llmeraser.data import Example
 from llmeraser.errors import InputError
 from llmeraser.hashing import combine_parts, dataset_hash, fingerprint_differences, fingerprint_parts
-from llmeraser.model import LoraSettings
 from llmeraser.train import TrainConfig
 
 TRAINING_RECORD = "llmeraser_training.json"

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import (
     Example,
     LossScope,
@@ -30,7 +31,6 @@ from llmeraser.data import (
 )
 from llmeraser.distributed import all_reduce_sum, is_distributed, shard
 from llmeraser.errors import ConfigError
-from llmeraser.model import AdapterParameters
 from llmeraser.options import option, validate
 
 LBFGS_MAX_ITER = 100

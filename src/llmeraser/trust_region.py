@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import Example, TokenizationConfig, tokenize_examples
 from llmeraser.evaluate import ResponsePredictions, response_predictions
 from llmeraser.gradients import summed_gradient
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import EditPair
 
 ARMIJO = 1e-4

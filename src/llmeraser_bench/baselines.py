@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import Example, TokenizationConfig, collate, example_losses, tokenize_examples
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import EditPair, edited_training_set
 from llmeraser.train import TrainConfig, TrainResult, train_adapter
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmeraser.adapter import AdapterParameters, LoraSettings, attach_lora
 from llmeraser.curvature.cache import fit_cached_curvature
 from llmeraser.data import TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase, peak_memory_mb
@@ -36,12 +37,7 @@ from llmeraser.evaluate import (
     example_loss_values,
     function_space_distance,
 )
-from llmeraser.model import (
-    AdapterParameters,
-    LoraSettings,
-    attach_lora,
-    load_base_model,
-)
+from llmeraser.models import load_base_model
 from llmeraser.plan import plan_erase
 from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import Example
 from llmeraser.evaluate import (
     ResponsePredictions,
@@ -30,7 +31,6 @@ from llmeraser.evaluate import (
     response_predictions,
     single_token_id,
 )
-from llmeraser.model import AdapterParameters
 from llmeraser_bench.attacks import membership_attacks
 
 

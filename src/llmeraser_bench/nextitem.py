@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llmeraser.model import AdapterParameters
+from llmeraser.adapter import AdapterParameters
 from llmeraser_bench.metrics import EvalSets, SetPredictions, shared_metrics
 from llmeraser_bench.pii import greedy_answers
 from llmeraser_bench.recsys.nextitem import candidate_titles_of, hit_ratio_at_1

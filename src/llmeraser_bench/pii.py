@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import Example
 from llmeraser.evaluate import membership_auc
-from llmeraser.model import AdapterParameters
 from llmeraser.requests import CorrectResponse, Remove, Request
 from llmeraser_bench.attacks import membership_attacks
 from llmeraser_bench.metrics import EvalSets, SetPredictions

@@ -34,10 +34,11 @@ from typing import Any
 
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters, LoraSettings, attach_lora
 from llmeraser.curvature.cache import fit_cached_curvature
 from llmeraser.data import Example, TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase
-from llmeraser.model import AdapterParameters, LoraSettings, attach_lora, load_base_model
+from llmeraser.models import load_base_model
 from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
 from llmeraser.trust_region import TrustRegionSettings

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import Example
 from llmeraser.evaluate import ResponsePredictions, membership_auc, response_predictions
-from llmeraser.model import AdapterParameters
 from llmeraser.train import TrainConfig, train_adapter
 from llmeraser_bench.pii import answer_rate, greedy_answers
 from llmeraser_bench.quantise import quantised_merged

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.atomic import atomic_directory
 from llmeraser.curvature.calibration import (
     CALIBRATION_DAMPING,
@@ -35,7 +36,7 @@ from llmeraser.distributed import is_distributed, is_main_process
 from llmeraser.errors import InputError
 from llmeraser.hashing import dataset_hash
 from llmeraser.hashing import model_fingerprint as base_fingerprint
-from llmeraser.model import AdapterParameters, cache_dir
+from llmeraser.models import cache_dir
 
 CURVATURE_META = "curvature.json"
 DEFAULT_METHOD = "kfac"  # the method of a cache whose curvature.json has no ``kind`` (the oldest ones)

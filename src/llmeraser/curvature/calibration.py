@@ -17,13 +17,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.curvature.inverse import CachedInverse
 from llmeraser.curvature.operators import CurvatureOperator
 from llmeraser.curvature.registry import Layers
 from llmeraser.data import TokenizationConfig, TokenizedExample, tokenize_examples
 from llmeraser.distributed import shard
 from llmeraser.gradients import per_example_gradients
-from llmeraser.model import AdapterParameters
 
 # the step-length calibration's defaults (fit_cached_curvature, CurvatureFitConfig, fit-curvature)
 CALIBRATION_EXAMPLES = 16

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.curvature.registry import (
     CurvatureLayer,
     CurvatureMethod,
@@ -23,7 +24,6 @@ from llmeraser.curvature.registry import (
     register_curvature_method,
 )
 from llmeraser.data import TokenizedExample
-from llmeraser.model import AdapterParameters
 
 DATAINF_FILE = "datainf.safetensors"
 MIB = 2.0**20

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.curvature.hooks import all_reduce_sums, lora_layers, sampled_passes
 from llmeraser.curvature.kfac import KFAC_FILE, KroneckerFactors, estimate_kfac_factors, fit_kfac
 from llmeraser.curvature.registry import (
@@ -25,7 +26,6 @@ from llmeraser.curvature.registry import (
     register_curvature_method,
 )
 from llmeraser.data import TokenizedExample
-from llmeraser.model import AdapterParameters
 
 
 def eigenbasis_diagonal(factor: KroneckerFactors, gradients: Tensor) -> Tensor:

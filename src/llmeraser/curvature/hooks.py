@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import TokenizedExample, aligned_labels, collate, forward_logits, shifted_targets
 from llmeraser.distributed import all_reduce_sum, shard
 from llmeraser.errors import InputError
-from llmeraser.model import AdapterParameters
 
 MAX_FACTOR_DIM = 8192
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.curvature.registry import Layers
-from llmeraser.model import AdapterParameters
 
 
 @dataclass

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.curvature.hooks import (
     all_reduce_sums,
     check_factor_sizes,
@@ -45,7 +46,6 @@ from llmeraser.curvature.registry import (
     register_curvature_method,
 )
 from llmeraser.data import TokenizedExample
-from llmeraser.model import AdapterParameters
 
 KFAC_FILE = "kfac.safetensors"
 

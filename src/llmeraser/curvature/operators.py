@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import (
     TokenizedExample,
     aligned_labels,
@@ -31,7 +32,6 @@ from llmeraser.data import (
 )
 from llmeraser.distributed import all_reduce_sum, rank, world_size
 from llmeraser.errors import NumericalError
-from llmeraser.model import AdapterParameters
 
 CurvatureKind = Literal["hessian", "gauss-newton"]
 CURVATURE_KINDS: tuple[str, ...] = ("hessian", "gauss-newton")

@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import TokenizedExample
-from llmeraser.model import AdapterParameters
 
 
 class CurvatureLayer(Protocol):
