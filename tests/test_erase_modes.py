@@ -123,3 +123,45 @@ def test_bad_trust_region_flags_are_usage_errors(setup, tmp_path, flag, value, m
     done = cli("erase", "--adapter", root / "short", "--data", data, "--requests", requests, "--out", tmp_path / "x",
                flag, value)
     assert done.code == 2 and message in done.err and not (tmp_path / "x").exists()
+
+
+def test_the_dry_run_estimates_the_plan_the_real_run_executes(setup, tmp_path, monkeypatch):
+    """One plan object: the dry run's stages are the plan's (the curvature fit it will do first, the solve the
+    config names, the trust region), the real run executes the same plan and records it; a cheap recipe's plan
+    is the paired retrain and its dry run estimates training on the edited set."""
+    from llmeraser.data import read_examples
+    from llmeraser.lifecycle import Adapter
+    from llmeraser.requests import read_requests
+
+    monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
+    root, data, requests_path = setup
+    train, requests = read_examples(data), read_requests(requests_path)
+    heldout = read_examples(root / "heldout.jsonl")
+    adapter = Adapter.load(root / "long")
+    plan = adapter.plan_erase(train, requests, heldout=heldout)
+    assert plan.mode == "update" and plan.fit is not None and plan.config is not None
+    assert plan.config.trust_region and plan.config.curvature_use == "direct"
+    assert plan.config.damping == plan.fit.calibration_damping  # the damping the fit calibrates α at
+    estimate = adapter.estimate_plan(plan, train, requests, heldout=heldout)
+    names = [stage.name for stage in estimate.stages]
+    assert names[0].startswith("fit: ") and "fit: calibrate" in names
+    assert "solve (ekfac)" in names and "trust region" in names and names[-1] == "save"
+    assert all(stage.seconds >= 0 for stage in estimate.stages)
+    assert not (tmp_path / "cache").exists()  # the dry run fitted nothing
+    erased = adapter.run_plan(plan, train, requests, heldout=heldout, progress=False)
+    assert erased.report["plan"] == plan.to_json()
+    assert (plan.cache_path / "curvature.json").is_file()
+    assert len(erased.report["trust_region"]["steps"]) <= plan.config.trust_region_steps
+    # the second plan finds the fitted cache: no fit stage, the same update otherwise
+    again = adapter.plan_erase(train, requests, heldout=heldout)
+    assert again.fit is None and again.config == plan.config
+    assert not any(s.name.startswith("fit: ") for s in adapter.estimate_plan(again, train, requests).stages)
+    # a configured update: the options decide, and no cost comparison is made
+    configured = adapter.plan_erase(train, requests, options={"damping": 0.1, "max_iters": 2})
+    assert configured.mode == "update" and configured.choice is None and configured.config.damping == 0.1
+    assert not configured.config.trust_region
+    cheap = Adapter.load(root / "short")
+    retrain = cheap.plan_erase(train, requests)
+    assert retrain.mode == "retrain" and retrain.config is None
+    estimate = cheap.estimate_plan(retrain, train, requests)
+    assert estimate.command == "erase (paired retrain)" and "(paired schedule)" in estimate.stage("train").how

@@ -224,18 +224,6 @@ def _load_for_adapter(
     return load_adapter(base, adapter), tokenizer, base, record
 
 
-# the flags that configure the influence update by hand: given any of them, erase --mode auto does as they say
-SOLVER_FLAGS = ("--solver", "--curvature", "--damping", "--scaling", "--max-iters", "--tol", "--curvature-examples",
-                "--curvature-use", "--probe-examples", "--auto-damping", "--curvature-cache")
-
-
-def _given(args: argparse.Namespace, flags: Sequence[str]) -> list[str]:
-    """The ``flags`` given on the command line or in the ``--config`` file."""
-    tokens = getattr(args, "argv", [])
-    from_file = {key.replace("_", "-") for key in getattr(args, "config_keys", ())}
-    return [f for f in flags if any(t == f or t.startswith(f + "=") for t in tokens) or f[2:] in from_file]
-
-
 def _load_checked_adapter(args: argparse.Namespace, examples: list, requests: Sequence[Any] = ()) -> Any:
     """``Adapter.load`` with the flags (base model, recipe values, dtype, mismatches allowed), then
     ``Adapter.check`` of ``--data``: what ``erase`` and ``fit-curvature`` share."""
@@ -250,12 +238,10 @@ def _load_checked_adapter(args: argparse.Namespace, examples: list, requests: Se
 
 
 def _erase(args: argparse.Namespace) -> None:
-    from llmeraser.curvature import CurvatureFitConfig
     from llmeraser.data import read_examples
     from llmeraser.distributed import is_main_process
     from llmeraser.hashing import sha256_file
     from llmeraser.lifecycle import refuse_output
-    from llmeraser.plan import AUTO_TRUST_REGION_STEPS, plan_erase
     from llmeraser.requests import read_requests, resolve
 
     started = time.perf_counter()
@@ -266,107 +252,29 @@ def _erase(args: argparse.Namespace) -> None:
     heldout = read_examples(args.heldout) if args.heldout else None
     refuse_output(args.out, args.adapter)
     adapter = _load_checked_adapter(args, examples, requests)
-    tokenizer, recipe = adapter.tokenizer, adapter.recipe
-    reproducible = recipe if adapter.record.reproducible else None  # a recipe a paired retrain can rerun
-
-    # --mode auto: the cheaper of a paired retrain and the cached trust-region update, unless solver flags say
-    configured = _given(args, SOLVER_FLAGS)
-    mode, plan, cache_path = args.mode, None, None
-    if mode == "auto" and configured:
-        mode = "update"
-        _warn_if_dearer_than_retraining(args, reproducible, examples, pairs)
-    elif mode in ("auto", "retrain"):
-        cache_path = Path(args.curvature_cache) if args.curvature_cache else adapter.default_curvature_path(examples)
-        removed = sum(p.new is None for p in pairs)
-        plan = plan_erase(n_train=len(examples), n_removed=removed, n_old=len(pairs), n_new=len(pairs) - removed,
-                          recipe=reproducible, cache_fitted=(cache_path / "curvature.json").is_file(),
-                          kept_examples=args.kept_examples, heldout=len(heldout or ()),
-                          steps=args.steps or AUTO_TRUST_REGION_STEPS)
-        if mode == "retrain" and reproducible is None:
-            raise InputError("--mode retrain needs the adapter's training record (its recipe, as llmeraser train ran it)",
-                             args.adapter)
-        mode = "retrain" if mode == "retrain" else plan.choice
+    # one plan for the dry run and the real run: what --mode and the solver flags resolve to
+    plan = adapter.plan_erase(examples, requests, mode=args.mode, options=_erase_options(args),
+                              curvature_cache=args.curvature_cache, heldout=heldout)
+    if is_main_process():
+        if plan.choice is not None:  # the mode (or the cost comparison) decided, not solver flags
+            print(plan.summary())
+        if plan.warning:
+            print(f"llmeraser: warning: {_spell(plan.warning)}", file=sys.stderr)
+    if args.dry_run:
         if is_main_process():
-            print(f"erase --mode {args.mode}: {mode}" + (f" ({plan.reason})" if args.mode == "auto" else ""))
-    requests_sha256 = sha256_file(args.requests)
-    if mode == "retrain":
-        if args.dry_run:
-            from llmeraser.adapter import attach_lora
-            from llmeraser.requests import edited_training_set
-
-            if is_main_process():
-                _print_dry_run("erase (paired retrain)", time.perf_counter() - started,
-                               lambda: _estimate_train(attach_lora(adapter.base, adapter.record.lora), tokenizer,
-                                                       edited_training_set(examples, pairs), recipe))
-            return
-        erased = adapter.retrain(examples, requests, progress=is_main_process(), requests_sha256=requests_sha256)
-        if not is_main_process():
-            return
-        erased.report.update({"plan": plan.to_json() if plan else None})
-        erased.save(args.out)
+            _print_dry_run("erase", time.perf_counter() - started,
+                           lambda: adapter.estimate_plan(plan, examples, requests, heldout=heldout))
+        return
+    erased = adapter.run_plan(plan, examples, requests, heldout=heldout, progress=is_main_process(),
+                              requests_sha256=sha256_file(args.requests))
+    if not is_main_process():  # data-parallel run: rank 0 writes
+        return
+    erased.save(args.out)
+    if plan.mode == "retrain":
         print(f"retrained on {len(erased.edited)} of {len(examples)} examples in the original run's data order in "
               f"{erased.report['timings_s']['retrain_s']:.1f} s; final objective {erased.report['final_objective']:.4f}")
         print(f"erased adapter written to {args.out} (report: {Path(args.out) / 'erasure_report.json'})")
         return
-
-    cache = None
-    if plan is not None:  # auto: the cached curvature (fitted now on first use) and the trust region
-        from llmeraser.plan import (
-            AUTO_CACHE_METHOD,
-            AUTO_CALIBRATION_DIRECTIONS,
-            AUTO_CALIBRATION_EXAMPLES,
-            AUTO_CURVATURE_EXAMPLES,
-        )
-
-        assert cache_path is not None
-        if not (cache_path / "curvature.json").is_file() and not args.dry_run:
-            if is_main_process():
-                print(f"fitting the {AUTO_CACHE_METHOD} curvature once for this adapter and data (kept in {cache_path})")
-            adapter.fit_curvature(examples, cache_path, CurvatureFitConfig(
-                method=AUTO_CACHE_METHOD, curvature_examples=AUTO_CURVATURE_EXAMPLES,
-                calibration_examples=AUTO_CALIBRATION_EXAMPLES, calibration_directions=AUTO_CALIBRATION_DIRECTIONS,
-                batch_size=args.batch_size, seed=args.seed))
-            _wait_for_rank_zero()
-        if (cache_path / "curvature.json").is_file():
-            cache = adapter.load_curvature(cache_path, examples)
-    elif args.curvature_cache:
-        cache = adapter.load_curvature(args.curvature_cache, examples)
-    calibration = cache.calibration if cache else None
-    trust_region = args.trust_region if args.trust_region is not None else plan is not None
-    config = adapter.erase_config(
-        solver=args.solver,
-        curvature=args.curvature,
-        damping=(calibration.damping if plan is not None and calibration else args.damping),
-        scaling=args.scaling,
-        max_iters=args.max_iters,
-        tol=args.tol,
-        batch_size=args.batch_size,
-        curvature_examples=args.curvature_examples,
-        seed=args.seed,
-        auto_damping=args.auto_damping,
-        curvature_use="direct" if plan is not None else args.curvature_use,
-        probe_examples=args.probe_examples,
-        trust_region=trust_region,
-        trust_region_steps=args.steps or AUTO_TRUST_REGION_STEPS,
-        kept_examples=args.kept_examples,
-        heldout_tolerance=args.heldout_tolerance,
-        kl_budget=args.kl_budget,
-    )
-    if args.dry_run:
-        from llmeraser.estimate import estimate_erase
-
-        if is_main_process():
-            _print_dry_run("erase", time.perf_counter() - started,
-                           lambda: estimate_erase(adapter.model, tokenizer, examples, requests, config,
-                                                  curvature_cache=cache.factors if cache else None,
-                                                  calibration=calibration))
-        return
-    erased = adapter.erase(examples, requests, config, cache, heldout=heldout, progress=is_main_process(),
-                           requests_sha256=requests_sha256)
-    if not is_main_process():  # data-parallel run: rank 0 writes
-        return
-    erased.report.update({"plan": plan.to_json() if plan else None})
-    erased.save(args.out)
     report_path = Path(args.out) / "erasure_report.json"
     report = erased.report
     solver = erased.result.solver
@@ -408,34 +316,17 @@ def _print_edits(pairs: list, examples: list) -> None:
         print(f"llmeraser: warning: {duplicate_warning(duplicate)}", file=sys.stderr)
 
 
-def _warn_if_dearer_than_retraining(args: argparse.Namespace, recipe: Any, examples: list, pairs: list) -> None:
-    """A configured update predicted to cost more than a paired retrain gets a warning naming both costs."""
-    from llmeraser.distributed import is_main_process
-    from llmeraser.eraser import DEFAULT_PROBE_EXAMPLES
-    from llmeraser.plan import configured_update_cost, retrain_cost
+def _erase_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``EraseConfig`` fields given on the command line or in ``--config`` (the others keep the library's
+    defaults; the recipe's values went to ``Adapter.load``), as ``Adapter.plan_erase`` takes them."""
+    from llmeraser.eraser import EraseConfig
+    from llmeraser.lifecycle import RECIPE_FIELDS
 
-    if recipe is None or not is_main_process():
-        return
-    removed = sum(p.new is None for p in pairs)
-    n_curvature = min(args.curvature_examples or len(examples), len(examples) - removed)
-    cost = configured_update_cost(args.solver, args.max_iters, n_curvature, len(pairs), len(pairs) - removed,
-                                  cached_direct=bool(args.curvature_cache) and args.curvature_use == "direct",
-                                  batch_size=args.batch_size, probe_examples=args.probe_examples or DEFAULT_PROBE_EXAMPLES)
-    retrain = retrain_cost(len(examples) - removed, recipe.epochs, recipe.optimizer)
-    if cost > retrain:
-        print(f"llmeraser: warning: this update is predicted to cost up to {cost:,.0f} example passes, more than a "
-              f"paired retrain ({retrain:,.0f}); `--mode retrain` is exact, and without solver flags `--mode auto` "
-              "chooses the cheaper", file=sys.stderr)
-
-
-def _wait_for_rank_zero() -> None:
-    """Under torchrun: the other ranks wait until rank 0 has written what they read next."""
-    from llmeraser.distributed import is_distributed
-
-    if is_distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
+    options = {name: getattr(args, dest) for cls, name, dest in args.declared
+               if cls is EraseConfig and dest in args.given and name not in RECIPE_FIELDS}
+    if args.trust_region is not None:
+        options["trust_region"] = args.trust_region
+    return options
 
 
 def _fit_curvature(args: argparse.Namespace) -> None:
@@ -1159,6 +1050,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sub = _subcommand(parser, args.command)
         _FLAGS.update(_flag_names(sub))
         args.argv, args.config_keys = argv, config_keys
+        args.declared, args.given = _declared(sub), set(_given_options(args, sub))
         args.command_line = "llmeraser " + " ".join(shlex.quote(a) for a in argv)
         _check_declared(args, sub)
         init_from_environment()  # a no-op outside torchrun

@@ -56,6 +56,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def wait_for_rank_zero() -> None:
+    """Under torchrun: every rank waits here until rank 0 has written what they read next (a barrier)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def shutdown() -> None:
     """Leave the process group (after a barrier) if one was joined."""
     if is_distributed():

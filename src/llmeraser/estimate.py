@@ -4,7 +4,7 @@ from a few timed probe steps, without training, solving, fitting or writing anyt
 How the time is estimated:
 
 - The stage's batches are built exactly as the real run builds them: the same tokenisation, the
-  training order drawn from the recipe's seed (the first epochs exactly, the rest scaled), the request
+  training schedule (``train.batch_schedule`` from the recipe's seed, or a paired retrain's), the request
   pairs (old versions, then new ones) and the curvature examples in order, and the stochastic solvers'
   mini-batches and probe subset drawn from their seed.
 - The stage's own operation (a training step: collate + forward + backward + optimizer step; a gradient
@@ -14,7 +14,7 @@ How the time is estimated:
   until it has run ``ProbeSettings.min_probe_s`` (at most ``max_repeats`` times) and averaged.
 - The cost of a batch is modelled as ``fixed + per_token × tokens`` through those two points (a constant
   when the two have about the same size), and summed over every batch the stage will run:
-  ``train`` = Σ over epochs × steps per epoch; ``erase`` = the gradient batches of the request pairs, then
+  ``train`` = Σ over the schedule's steps; ``erase`` = the gradient batches of the request pairs, then
   the solver: ``cg`` max_iters full products (one per iteration, each a sum over the curvature
   batches; the residual bookkeeping is vector arithmetic, included as measured), ``lissa`` / ``sgd``
   the power iteration on the probe subset + max_iters mini-batch products + two probe-subset products
@@ -22,7 +22,13 @@ How the time is estimated:
   the dense factorisation (timed on a smaller matrix, scaled as p³); with a K-FAC curvature cache,
   cg adds one K-FAC inverse per iteration, and ``curvature_use="direct"`` is one inverse + one product
   over the probe subset (no product when the cache's step length calibration holds and no
-  ``probe_examples`` are asked for).
+  ``probe_examples`` are asked for); the trust region (``config.trust_region``) adds, per step, one
+  gradient over its kept sample and the replacements and ``plan.LINE_SEARCH_EVALUATIONS`` forward
+  passes over those, the edited examples and the held-out ones.
+- ``erase`` as the command runs it is an ``EraseRun`` (``Adapter.plan_erase``): its dry run
+  (``Adapter.estimate_plan``) estimates that plan's stages — the paired retrain's schedule, or the
+  curvature fit the plan does first followed by the update its config names — and the real run
+  (``Adapter.run_plan``) executes the same object.
 - ``fit-curvature`` (``estimate_fit_curvature``): K-FAC = one sampled forward + backward per batch of
   the fit examples (``curvature.kfac.kfac_sums``) + the eigendecompositions of the factors (timed once on the
   probe's factors: their sizes do not depend on the data); EK-FAC = that + the second sampled pass
@@ -71,12 +77,12 @@ from llmeraser.data import (
 from llmeraser.eraser import DEFAULT_PROBE_EXAMPLES, EraseConfig, peak_memory_mb, prepare_erasure
 from llmeraser.errors import ConfigError
 from llmeraser.gradients import summed_gradient
+from llmeraser.plan import LINE_SEARCH_EVALUATIONS
 from llmeraser.requests import Request
 from llmeraser.solvers import CHECK_EVERY, DENSE_CHUNK_SIZE, DIRECT_MAX_DIM, POWER_ITERATIONS, SOLVERS, direct_too_large
-from llmeraser.train import LBFGS_MAX_ITER, TrainConfig, l2_penalty
+from llmeraser.train import LBFGS_MAX_ITER, Schedule, TrainConfig, batch_schedule, l2_penalty
 
 MIB = 2.0**20
-EXACT_EPOCHS = 3  # training orders drawn exactly for this many epochs; later epochs are scaled from them
 SAMPLED_MINIBATCHES = 64  # stochastic solvers: mini-batches drawn exactly to average their cost over
 
 
@@ -109,6 +115,7 @@ class RunEstimate:
     stages: list[StageEstimate]
     sizes: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    layers: dict[str, CurvatureLayer] | None = field(default=None, repr=False)  # a fit's probe layers (not reported)
 
     @property
     def total_seconds(self) -> float:
@@ -304,8 +311,10 @@ def estimate_train(
     examples: Sequence[Example],
     config: TrainConfig,
     settings: ProbeSettings | None = None,
+    schedule: Schedule | None = None,
 ) -> RunEstimate:
-    """Estimate ``train_adapter(model, tokenizer, examples, config)`` from a few real training steps.
+    """Estimate ``train_adapter(model, tokenizer, examples, config, schedule=schedule)`` from a few real
+    training steps, summed over every batch the run will take.
 
     θ and the model's mode are restored afterwards (the probe steps use an Adam with step size 0).
     """
@@ -341,19 +350,13 @@ def estimate_train(
             seconds = evaluations * cost.total([batch_tokens(b) for b in batches]) + cost.first_call_s
             how = (f"L-BFGS: up to {evaluations} full passes of {len(batches)} batches (upper bound; line-search "
                    f"evaluations can add more), {cost.probes} probe passes")
-        else:
-            generator = torch.Generator().manual_seed(config.seed)
-            exact = min(config.epochs, EXACT_EPOCHS)
-            epochs: list[list[Sequence[TokenizedExample]]] = []
-            for _ in range(exact):
-                order = torch.randperm(len(items), generator=generator).tolist()
-                epochs.append([[items[i] for i in order[b : b + config.batch_size]]
-                               for b in range(0, len(order), config.batch_size)])
-            cost = fit_batch_cost(step, epochs[0], settings)
-            per_epoch = sum(cost.total([batch_tokens(b) for b in epoch]) for epoch in epochs) / exact
-            seconds = per_epoch * config.epochs + cost.first_call_s
-            how = (f"{config.epochs} epochs × {len(epochs[0])} steps of ≤ {config.batch_size} examples; "
-                   f"{cost.probes} probe steps")
+        else:  # the real run's batches: its schedule (a paired retrain's), else the one the recipe's seed draws
+            steps = batch_schedule(len(items), config) if schedule is None else schedule
+            batches = [[items[i] for i in batch] for batch in steps if batch]
+            cost = fit_batch_cost(step, batches, settings)
+            seconds = cost.total([batch_tokens(b) for b in batches]) + cost.first_call_s
+            how = (f"{config.epochs} epochs, {len(batches)} steps of ≤ {config.batch_size} examples"
+                   f"{' (paired schedule)' if schedule is not None else ''}; {cost.probes} probe steps")
         stages.append(StageEstimate("train", seconds, peak_memory_mb(), how))
     finally:
         params.assign(theta)
@@ -385,9 +388,10 @@ def estimate_erase(
     settings: ProbeSettings | None = None,
     curvature_cache: dict[str, CurvatureLayer] | None = None,
     calibration: StepCalibration | None = None,
+    heldout: Sequence[Example] | None = None,
 ) -> RunEstimate:
     """Estimate ``erase(model, tokenizer, train, requests, config, curvature_cache=curvature_cache,
-    calibration=calibration)``
+    calibration=calibration, heldout=heldout)``
     (single process) from a few timed gradient passes and curvature products; the model's weights are
     untouched."""
     config = config or EraseConfig()
@@ -417,16 +421,64 @@ def estimate_erase(
     direct = curvature_cache is not None and config.curvature_use == "direct"
     solver = cache_method(curvature_cache) if curvature_cache is not None and direct else config.solver
     stages.append(StageEstimate(f"solve ({solver})", seconds, peak_memory_mb() + extra_mib, how))
+    if config.trust_region:
+        stages.append(_estimate_trust_region(model, tokenizer, params, train, pairs, config, settings, heldout))
     stages.append(StageEstimate("save", _save_seconds(params), peak_memory_mb() + extra_mib,
                                 "in-memory serialisation + hash"))
     notes = _notes()
     if solver in ("cg", "lissa", "sgd"):
         notes.append(f"solve: all {config.max_iters} iterations (it stops earlier when the residual reaches "
                      f"`tol={config.tol:g}`): an upper bound")
+    if config.trust_region:
+        notes.append(f"trust region: all {config.trust_region_steps} steps with {LINE_SEARCH_EVALUATIONS:g} line-search "
+                     "evaluations each (it stops earlier when a check ends it): an estimate, not a bound")
     if config.auto_damping:
         notes.append(f"`auto_damping`: a failed solve is retried, up to {config.max_damping_attempts} solves in all")
     sizes = {**_sizes(model, params), "curvature examples": len(curvature_items), "edited examples": len(pairs)}
     return RunEstimate("erase", stages, sizes, notes)
+
+
+def _estimate_trust_region(
+    model: Any,
+    tokenizer: Any,
+    params: AdapterParameters,
+    train: Sequence[Example],
+    pairs: Sequence[Any],
+    config: EraseConfig,
+    settings: ProbeSettings,
+    heldout: Sequence[Example] | None,
+) -> StageEstimate:
+    """The trust region's steps (``llmeraser.trust_region``): one gradient over the kept sample and the
+    replacements, and ``LINE_SEARCH_EVALUATIONS`` forward passes over the kept sample, the edited examples'
+    versions and the held-out examples, per step, plus one of each at θ̂."""
+    from llmeraser.trust_region import kept_sample
+
+    tokenization = TokenizationConfig(max_length=config.max_length, loss_scope=config.loss_scope)
+    kept = kept_sample(train, pairs, config.kept_examples, config.seed)
+    new_versions = [p.new for p in pairs if p.new is not None]
+    removed = [p.old for p in pairs if p.new is None]
+    pad = tokenizer.pad_token_id
+    gradient_items = tokenize_examples(tokenizer, [*kept, *new_versions], tokenization)
+    forward_items = tokenize_examples(tokenizer, [*kept, *new_versions, *removed, *(heldout or ())], tokenization)
+    gradient_batches = chunks(gradient_items, config.batch_size)
+    forward_batches = chunks(forward_items, config.batch_size)
+    gradient_cost = fit_batch_cost(lambda batch: summed_gradient(model, params, batch, pad, len(batch)),
+                                   gradient_batches, settings)
+
+    def forward(batch: Sequence[TokenizedExample]) -> None:
+        with torch.no_grad():
+            example_losses(model, collate(list(batch), pad))
+
+    forward_cost = fit_batch_cost(forward, forward_batches, settings)
+    gradient_s = gradient_cost.total([batch_tokens(b) for b in gradient_batches])
+    forward_s = forward_cost.total([batch_tokens(b) for b in forward_batches])
+    steps = config.trust_region_steps
+    seconds = ((steps + 1) * gradient_s + (1 + steps * LINE_SEARCH_EVALUATIONS) * forward_s
+               + gradient_cost.first_call_s + forward_cost.first_call_s)
+    how = (f"{steps} steps × (1 gradient over {len(gradient_items)} kept + replacement examples + "
+           f"{LINE_SEARCH_EVALUATIONS:g} forward passes over {len(forward_items)} examples), + θ̂'s; "
+           f"{gradient_cost.probes + forward_cost.probes} probe passes")
+    return StageEstimate("trust region", seconds, peak_memory_mb(), how)
 
 
 def _estimate_solve(
@@ -622,7 +674,8 @@ def estimate_fit_curvature(
     settings: ProbeSettings | None = None,
 ) -> RunEstimate:
     """Estimate ``fit-curvature`` (``fit_and_time``, ``calibrate_step_length`` when ``calibration_examples``
-    > 0, ``save_cache``) from a few timed probe passes on its own batches; θ is untouched.
+    > 0, ``save_cache``) from a few timed probe passes on its own batches; θ is untouched. The estimate's
+    ``layers`` are the probe's fitted layers (an erase after the fit is estimated with them).
 
     The fit examples (``curvature_subset``) and the calibration's draws (``calibration_draws``) are those
     of the real run; the fit is estimated as its method says (``CurvatureMethod.estimate_fit``; the module
@@ -702,5 +755,5 @@ def estimate_fit_curvature(
     if calibration_examples > 0:
         sizes["calibration"] = f"{directions} directions × {len(curvature_items)} examples"
     notes = _notes() + calibration_note
-    return RunEstimate("fit-curvature", stages, sizes, notes)
+    return RunEstimate("fit-curvature", stages, sizes, notes, factors)
 

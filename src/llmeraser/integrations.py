@@ -175,22 +175,14 @@ class LlmeraserCallback(TrainerCallback):
 
     def _fit(self, args: Any, model: Any) -> None:
         """Save the adapter beside the record and fit its curvature cache where ``erase --mode auto`` looks."""
-        from llmeraser.curvature import CurvatureFitConfig
         from llmeraser.lifecycle import Adapter
-        from llmeraser.plan import (
-            AUTO_CACHE_METHOD,
-            AUTO_CALIBRATION_DIRECTIONS,
-            AUTO_CALIBRATION_EXAMPLES,
-            AUTO_CURVATURE_EXAMPLES,
-        )
+        from llmeraser.plan import AUTO_CACHE_METHOD, auto_fit_config
 
         model.save_pretrained(args.output_dir)
         adapter = Adapter.load(args.output_dir)
         path = adapter.default_curvature_path(self.examples, AUTO_CACHE_METHOD)
         if not (path / "curvature.json").is_file():
-            adapter.fit_curvature(self.examples, path, CurvatureFitConfig(
-                method=AUTO_CACHE_METHOD, curvature_examples=AUTO_CURVATURE_EXAMPLES,
-                calibration_examples=AUTO_CALIBRATION_EXAMPLES, calibration_directions=AUTO_CALIBRATION_DIRECTIONS))
+            adapter.fit_curvature(self.examples, path, auto_fit_config())
 
 
 def _tokenizer(kwargs: Mapping[str, Any]) -> Any:

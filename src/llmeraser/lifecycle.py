@@ -31,18 +31,22 @@ from typing import Any
 
 from llmeraser.adapter import LoraSettings, adapter_config, check_adapter_fits, load_adapter
 from llmeraser.curvature.cache import CurvatureCache
+from llmeraser.curvature.calibration import StepCalibration
 from llmeraser.data import Example
-from llmeraser.errors import InputError, NumericalError
+from llmeraser.distributed import wait_for_rank_zero
+from llmeraser.errors import ConfigError, InputError, NumericalError
+from llmeraser.estimate import RunEstimate
 from llmeraser.hashing import adapter_hash, combine_parts, dataset_hash, fingerprint_parts
 from llmeraser.lineage import LINEAGE_FILE, append_entry, erase_entry, lineage_text, read_lineage, verify_chain
 from llmeraser.models import DTYPES, load_base_model
+from llmeraser.plan import EraseRun
 from llmeraser.provenance import (
     ORIGIN_ASSUMED,
     TRAINING_RECORD,
     TrainingRecord,
     read_training_record,
 )
-from llmeraser.train import TrainConfig
+from llmeraser.train import Schedule, TrainConfig
 
 REPORT_FILE = "erasure_report.json"
 RECIPE_FIELDS = ("weight_decay", "max_length", "loss_scope")
@@ -462,6 +466,134 @@ class Adapter:
         return ErasedAdapter(self, self.model, result.theta_new, report, data_hash,
                              edited_training_set(train, result.pairs), result)
 
+    def plan_erase(
+        self,
+        train: Sequence[Example],
+        requests: Sequence[Any],
+        *,
+        mode: str = "auto",
+        options: Mapping[str, Any] | None = None,
+        curvature_cache: str | Path | None = None,
+        heldout: Sequence[Example] | None = None,
+    ) -> EraseRun:
+        """Resolve what an erase of ``requests`` will run, before anything runs (``EraseRun``).
+
+        ``mode``: ``auto`` (without solver ``options`` or a ``curvature_cache``: the cheaper of a paired retrain
+        and the cached trust-region update, the EK-FAC curvature fitted on first use into the user cache;
+        with them: the update they configure), ``update`` (the update as ``options`` say, the trust region
+        on only if they ask) or ``retrain`` (a paired retrain; needs a reproducible training record).
+        ``options``: ``EraseConfig`` fields given by the caller (the others keep their defaults and the
+        recipe's weight decay, max length and loss scope); ``trust_region``/``trust_region_steps`` None:
+        the mode's default. ``heldout``: counted in the automatic path's cost."""
+        from llmeraser.plan import (
+            AUTO_CACHE_METHOD,
+            AUTO_TRUST_REGION_STEPS,
+            SOLVER_FIELDS,
+            auto_fit_config,
+            dearer_than_retraining,
+            plan_erase,
+        )
+        from llmeraser.requests import resolve
+
+        if mode not in ("auto", "update", "retrain"):
+            raise ConfigError("mode", f"must be one of auto, update, retrain, got {mode!r}")
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        pairs = resolve(requests, train)
+        removed = sum(p.new is None for p in pairs)
+        reproducible = self.recipe if self.record.reproducible else None
+        if mode == "retrain" and reproducible is None:
+            raise InputError("`mode=retrain` needs the adapter's training record (its recipe, as llmeraser train ran it)",
+                             self.path)
+        configured = curvature_cache is not None or any(name in given for name in SOLVER_FIELDS)
+        if mode == "update" or (mode == "auto" and configured):
+            config = self.erase_config(**{"trust_region": False, **given})
+            cached_direct = curvature_cache is not None and config.curvature_use == "direct"
+            warning = dearer_than_retraining(config, reproducible, len(train), removed, len(pairs), cached_direct)
+            return EraseRun("update", mode, None, config, Path(curvature_cache) if curvature_cache else None, None, warning)
+        cache_path = self.default_curvature_path(train, AUTO_CACHE_METHOD)
+        fitted = (cache_path / "curvature.json").is_file()
+        steps = given.get("trust_region_steps", AUTO_TRUST_REGION_STEPS)
+        choice = plan_erase(n_train=len(train), n_removed=removed, n_old=len(pairs), n_new=len(pairs) - removed,
+                            recipe=reproducible, cache_fitted=fitted,
+                            kept_examples=given.get("kept_examples", self.erase_config().kept_examples),
+                            heldout=len(heldout or ()), steps=steps)
+        if mode == "retrain" or choice.choice == "retrain":
+            return EraseRun("retrain", mode, choice)
+        fit = None if fitted else auto_fit_config(given.get("batch_size", 8), given.get("seed", 0))
+        calibration = self.load_curvature(cache_path, train).calibration if fitted else None
+        if fitted:
+            damping = calibration.damping if calibration else self.erase_config().damping
+        else:
+            assert fit is not None
+            damping = fit.calibration_damping if fit.calibration_examples > 0 else self.erase_config().damping
+        config = self.erase_config(**{**given, "damping": damping, "curvature_use": "direct",
+                                      "trust_region": given.get("trust_region", True),
+                                      "trust_region_steps": steps})
+        return EraseRun("update", mode, choice, config, cache_path, fit)
+
+    def estimate_plan(self, plan: EraseRun, train: Sequence[Example], requests: Sequence[Any], *,
+                      heldout: Sequence[Example] | None = None) -> RunEstimate:
+        """The dry run of ``plan``: each stage ``run_plan`` would run, estimated from timed probe steps on this
+        data (``llmeraser.estimate``); nothing is trained, fitted or written."""
+        from llmeraser.estimate import estimate_erase, estimate_fit_curvature, estimate_train
+
+        if plan.mode == "retrain":
+            from llmeraser.adapter import attach_lora
+            from llmeraser.requests import edited_training_set, resolve
+
+            edited = edited_training_set(train, resolve(requests, train))
+            estimate = estimate_train(attach_lora(self.base, self.record.lora), self.tokenizer, edited, self.recipe,
+                                      schedule=self.retrain_schedule(train, edited))
+            estimate.command = "erase (paired retrain)"
+            return estimate
+        recipe, layers, calibration, stages = self.recipe, None, None, []
+        if plan.fit is not None:
+            fit = plan.fit
+            fitted = estimate_fit_curvature(
+                self.model, self.tokenizer, train, fit.method, batch_size=fit.batch_size, seed=fit.seed,
+                max_length=recipe.max_length, loss_scope=recipe.loss_scope, curvature_examples=fit.curvature_examples,
+                damping=fit.datainf_damping, calibration_examples=fit.calibration_examples,
+                calibration_directions=fit.calibration_directions, calibration_damping=fit.calibration_damping,
+                weight_decay=recipe.weight_decay)
+            stages = [replace(stage, name=f"fit: {stage.name}") for stage in fitted.stages]
+            layers = fitted.layers
+            if fit.calibration_examples > 0:
+                calibration = StepCalibration.planned(fit.calibration_damping, recipe.weight_decay,
+                                                      fit.calibration_examples, fit.calibration_directions, fit.seed)
+        elif plan.cache_path is not None:
+            cache = self.load_curvature(plan.cache_path, train)
+            layers, calibration = cache.factors, cache.calibration
+        estimate = estimate_erase(self.model, self.tokenizer, train, requests, plan.config, curvature_cache=layers,
+                                  calibration=calibration, heldout=heldout)
+        if plan.fit is not None:  # timed with the probe's stand-in layers (same sizes): named as the fit's method
+            estimate.stages = [replace(stage, name=f"solve ({plan.fit.method})") if stage.name.startswith("solve (")
+                               else stage for stage in estimate.stages]
+        estimate.stages[:0] = stages
+        return estimate
+
+    def run_plan(self, plan: EraseRun, train: Sequence[Example], requests: Sequence[Any], *,
+                 heldout: Sequence[Example] | None = None, progress: bool = True,
+                 requests_sha256: str | None = None) -> ErasedAdapter:
+        """Run ``plan`` (``plan_erase``): the paired retrain, or the update (fitting its curvature first when
+        the plan says so). The report records the plan."""
+        if plan.mode == "retrain":
+            erased = self.retrain(train, requests, progress=progress, requests_sha256=requests_sha256)
+        else:
+            cache = None
+            if plan.fit is not None:
+                assert plan.cache_path is not None
+                if progress:
+                    print(f"fitting the {plan.fit.method} curvature once for this adapter and data (kept in "
+                          f"{plan.cache_path})")
+                self.fit_curvature(train, plan.cache_path, plan.fit)
+                wait_for_rank_zero()
+            if plan.cache_path is not None:
+                cache = self.load_curvature(plan.cache_path, train)
+            erased = self.erase(train, requests, plan.config, cache, heldout=heldout, progress=progress,
+                                requests_sha256=requests_sha256)
+        erased.report.update({"plan": plan.to_json()})
+        return erased
+
     def retrain(self, train: Sequence[Example], requests: Sequence[Any], *, progress: bool = True,
                 requests_sha256: str | None = None) -> ErasedAdapter:
         """Erase by a paired retrain (exact by construction): a fresh LoRA with the recorded settings and seed,
@@ -470,7 +602,7 @@ class Adapter:
         from llmeraser.adapter import attach_lora
         from llmeraser.eraser import library_versions, peak_memory_mb
         from llmeraser.requests import affected_examples, count_by_kind, duplicates_report, edited_training_set, resolve
-        from llmeraser.train import paired_schedule, train_adapter
+        from llmeraser.train import train_adapter
 
         if not self.record.reproducible:
             raise InputError(f"a paired retrain needs the recipe llmeraser train ran; this adapter's record is "
@@ -481,7 +613,7 @@ class Adapter:
         edited = edited_training_set(train, pairs)
         recipe = self.recipe
         model = attach_lora(self.base, self.record.lora)
-        schedule = paired_schedule([e.id for e in train], [e.id for e in edited], recipe) if recipe.optimizer == "adam" else None
+        schedule = self.retrain_schedule(train, edited)
         result = train_adapter(model, self.tokenizer, edited, recipe, progress=progress, schedule=schedule)
         if result.losses and not math.isfinite(result.losses[-1]):
             raise NumericalError(f"the retraining objective is {result.losses[-1]}", stage="train")
@@ -501,6 +633,14 @@ class Adapter:
             **self._report_fields(requests, requests_sha256, None),
         })
         return ErasedAdapter(self, model, None, report, data_hash, edited)
+
+    def retrain_schedule(self, train: Sequence[Example], edited: Sequence[Example]) -> Schedule | None:
+        """The paired retrain's mini-batches (``train.paired_schedule``; None for L-BFGS, which is full-batch)."""
+        from llmeraser.train import paired_schedule
+
+        if self.recipe.optimizer != "adam":
+            return None
+        return paired_schedule([e.id for e in train], [e.id for e in edited], self.recipe)
 
     def _report_fields(self, requests: Sequence[Any], requests_sha256: str | None,
                        heldout: Sequence[Example] | None) -> dict[str, Any]:

@@ -10,9 +10,12 @@ and long recipes, and whenever its curvature is already fitted.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from llmeraser.train import LBFGS_MAX_ITER
+from llmeraser.curvature.cache import CurvatureFitConfig
+from llmeraser.eraser import DEFAULT_PROBE_EXAMPLES, EraseConfig
+from llmeraser.train import LBFGS_MAX_ITER, TrainConfig
 from llmeraser.trust_region import TrustRegionSettings
 
 FORWARD = 1.0 / 3.0  # a forward pass, in example passes
@@ -25,6 +28,7 @@ AUTO_CURVATURE_EXAMPLES = 256
 AUTO_CALIBRATION_EXAMPLES = 8
 AUTO_CALIBRATION_DIRECTIONS = 4
 AUTO_TRUST_REGION_STEPS = TrustRegionSettings.steps
+LINE_SEARCH_EVALUATIONS = 3.0  # evaluations of a trust-region step's line search, as the cost model and dry run count them
 # the update is chosen only when predicted to cost at most 1/RETRAIN_MARGIN of a retrain: retraining is exact,
 # and the prediction (a count of passes, not seconds) is only good to a factor of about two
 RETRAIN_MARGIN = 2.0
@@ -57,7 +61,8 @@ def fit_cost(n_curvature: int, calibration_examples: int, calibration_directions
     return 2.5 * n_curvature + calibration_directions * (1 + GAUSS_NEWTON_PRODUCT * calibration_examples)
 
 
-def update_cost(n_old: int, n_new: int, kept: int, heldout: int, steps: int, evaluations_per_step: float = 3.0) -> float:
+def update_cost(n_old: int, n_new: int, kept: int, heldout: int, steps: int,
+                evaluations_per_step: float = LINE_SEARCH_EVALUATIONS) -> float:
     """The trust-region update: b from the edited examples' old and new versions, then per step one
     gradient over the kept sample and the replacements and a few line-search evaluations (forward passes
     over the kept sample, the edited and the held-out examples)."""
@@ -110,3 +115,69 @@ def plan_erase(
     return ErasePlan("update", f"the cached trust-region update ({fit + update:,.0f} example passes"
                      f"{', curvature fit included' if not cache_fitted else ''}) costs less than 1/{RETRAIN_MARGIN:g} of a "
                      f"paired retrain ({retrain:,.0f})", retrain, fit, update)
+
+
+# ------------------------------------------------------------------------------------- the resolved plan
+
+SOLVER_FIELDS = ("solver", "curvature", "damping", "scaling", "max_iters", "tol", "curvature_examples",
+                 "curvature_use", "probe_examples", "auto_damping")
+"""The ``EraseConfig`` fields that configure the influence update by hand: given any of them (or a curvature
+cache), ``mode="auto"`` runs the update they configure instead of choosing by cost."""
+
+
+def auto_fit_config(batch_size: int = 8, seed: int = 0) -> CurvatureFitConfig:
+    """The curvature the automatic path fits on first use (and the Trainer callback fits ahead of it)."""
+    return CurvatureFitConfig(method=AUTO_CACHE_METHOD, curvature_examples=AUTO_CURVATURE_EXAMPLES,
+                              calibration_examples=AUTO_CALIBRATION_EXAMPLES,
+                              calibration_directions=AUTO_CALIBRATION_DIRECTIONS, batch_size=batch_size, seed=seed)
+
+
+@dataclass(frozen=True)
+class EraseRun:
+    """One erase, resolved before anything runs: the dry run estimates this object and the real run executes
+    it (``Adapter.plan_erase``, ``Adapter.estimate_plan``, ``Adapter.run_plan``), so the two cannot differ.
+
+    - ``mode``: ``retrain`` (a paired retrain with the recorded recipe) or ``update`` (the influence update
+      as ``config`` says); ``requested``: the mode asked for (``auto`` | ``update`` | ``retrain``).
+    - ``choice``: the cost comparison behind an automatic choice (None when the mode or the solver options
+      decided).
+    - ``config``: the update's ``EraseConfig`` (None for a retrain).
+    - ``cache_path``: the curvature directory the update reads; ``fit``: the ``CurvatureFitConfig`` it is
+      fitted with first (None when it exists or no cache is used).
+    - ``warning``: a configured update predicted to cost more than a paired retrain says so here.
+    """
+
+    mode: Literal["retrain", "update"]
+    requested: str
+    choice: ErasePlan | None = None
+    config: EraseConfig | None = None
+    cache_path: Path | None = None
+    fit: CurvatureFitConfig | None = None
+    warning: str | None = None
+
+    def summary(self) -> str:
+        """One line: what runs and, for an automatic choice, why."""
+        return f"erase --mode {self.requested}: {self.mode}" + (
+            f" ({self.choice.reason})" if self.requested == "auto" and self.choice else "")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "requested": self.requested, **(self.choice.to_json() if self.choice else {}),
+                "cache_path": str(self.cache_path) if self.cache_path else None,
+                "fit_first": asdict(self.fit) if self.fit is not None else None}
+
+
+def dearer_than_retraining(config: EraseConfig, recipe: TrainConfig | None, n_train: int, n_removed: int, n_old: int,
+                           cached_direct: bool) -> str | None:
+    """The warning for a configured one-step update predicted to cost more than a paired retrain (None when
+    it does not, or without a recipe to retrain with)."""
+    if recipe is None:
+        return None
+    n_curvature = min(config.curvature_examples or n_train, n_train - n_removed)
+    cost = configured_update_cost(config.solver, config.max_iters, n_curvature, n_old, n_old - n_removed,
+                                  cached_direct=cached_direct, batch_size=config.batch_size,
+                                  probe_examples=config.probe_examples or DEFAULT_PROBE_EXAMPLES)
+    retrain = retrain_cost(n_train - n_removed, recipe.epochs, recipe.optimizer)
+    if cost <= retrain:
+        return None
+    return (f"this update is predicted to cost up to {cost:,.0f} example passes, more than a paired retrain "
+            f"({retrain:,.0f}); `mode=retrain` is exact, and without solver options `mode=auto` chooses the cheaper")

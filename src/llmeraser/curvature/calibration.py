@@ -8,6 +8,7 @@ It is stored in the cache's ``curvature.json`` as ``calibration``.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -83,6 +84,12 @@ class StepCalibration:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "shift": self.shift}
+
+    @classmethod
+    def planned(cls, damping: float, weight_decay: float, examples: int, directions: int, seed: int,
+                curvature: str = "gauss-newton") -> StepCalibration:
+        """A calibration not yet run (a dry run's stand-in): its settings, with the step lengths unknown (NaN)."""
+        return cls(math.nan, [], [], damping, weight_decay, curvature, examples, directions, seed, 0.0)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> StepCalibration:
