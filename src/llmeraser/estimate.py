@@ -621,7 +621,7 @@ def estimate_fit_curvature(
     weight_decay: float = 0.0,
     settings: ProbeSettings | None = None,
 ) -> RunEstimate:
-    """Estimate ``fit-curvature`` (``fit_and_time``, ``calibrate_step_length`` when ``calibration_examples``
+    """Estimate ``fit-curvature`` (the method's ``fit``, ``calibrate_step_length`` when ``calibration_examples``
     > 0, ``save_cache``) from a few timed probe passes on its own batches; θ is untouched.
 
     The fit examples (``curvature_subset``) and the calibration's draws (``calibration_draws``) are those

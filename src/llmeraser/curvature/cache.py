@@ -11,6 +11,7 @@ hash mismatch when read. ``fit_curvature_cache`` fits one for an adapter (``fit-
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from llmeraser.curvature.calibration import (
     calibration_pool,
     load_calibration,
 )
-from llmeraser.curvature.registry import CurvatureLayer, Layers, cache_method, fit_and_time, get_curvature_method
+from llmeraser.curvature.registry import CurvatureLayer, Layers, cache_method, get_curvature_method
 from llmeraser.data import Example, TokenizationConfig, TokenizedExample, tokenize_examples
 from llmeraser.distributed import is_distributed, is_main_process
 from llmeraser.errors import InputError
@@ -196,8 +197,11 @@ def fit_cached_curvature(
     for erasures at ``damping`` + ``weight_decay`` on ``calibration_items`` (default: ``items``);
     ``calibration_examples=0``: no calibration (``erase`` then probes the exact operator itself).
     ``datainf_damping``: the method's own damping, for a method that ``takes_damping``."""
-    factors, seconds = fit_and_time(model, params, items, pad_token_id, batch_size, seed, distributed, method,
-                                    datainf_damping)
+    fit = get_curvature_method(method).fit
+    start = time.perf_counter()
+    factors = fit(model, params, items, pad_token_id, batch_size=batch_size, seed=seed, distributed=distributed,
+                  damping=datainf_damping)
+    seconds = time.perf_counter() - start
     calibration = None
     if calibration_examples > 0:
         calibration = calibrate_step_length(
