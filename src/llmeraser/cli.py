@@ -358,7 +358,7 @@ def _erase(args: argparse.Namespace) -> None:
         if is_main_process():
             _print_dry_run("erase", time.perf_counter() - started,
                            lambda: estimate_erase(adapter.model, tokenizer, examples, requests, config,
-                                                  curvature_cache=cache.factors if cache else None,
+                                                  curvature_cache=cache.layers if cache else None,
                                                   calibration=calibration))
         return
     erased = adapter.erase(examples, requests, config, cache, heldout=heldout, progress=is_main_process(),
@@ -470,7 +470,7 @@ def _fit_curvature(args: argparse.Namespace) -> None:
             ))
         return
     cache = adapter.fit_curvature(examples, args.out, settings)
-    metadata, factors, calibration = cache.metadata, cache.factors, cache.calibration
+    metadata, factors, calibration = cache.metadata, cache.layers, cache.calibration
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
     what = get_curvature_method(args.method).summary

@@ -281,7 +281,7 @@ def _save_seconds(params: AdapterParameters) -> float:
     return time.perf_counter() - start
 
 
-def _save_cache_seconds(factors: dict[str, Any], examples: Sequence[Example]) -> float:
+def _save_cache_seconds(layers: dict[str, Any], examples: Sequence[Example]) -> float:
     """The data hash of the cache's metadata and the cache's tensors serialised in memory (safetensors):
     the work of ``save_cache``, without writing."""
     from safetensors.torch import save
@@ -291,7 +291,7 @@ def _save_cache_seconds(factors: dict[str, Any], examples: Sequence[Example]) ->
 
     start = time.perf_counter()
     dataset_hash(examples)
-    save(cache_tensors(factors))
+    save(cache_tensors(layers))
     return time.perf_counter() - start
 
 
@@ -663,7 +663,7 @@ def estimate_fit_curvature(
     probe = FitProbe(model, params, items, batches, pad, seed, damping, time_batches, time_once)
     fitted = (curvature_method.estimate_fit(probe) if curvature_method.estimate_fit is not None
               else default_fit_estimate(curvature_method, probe))
-    factors, extra_mib = fitted.layers, fitted.extra_mib
+    layers, extra_mib = fitted.layers, fitted.extra_mib
     stages.append(StageEstimate(f"fit ({method})", fitted.seconds, peak_memory_mb() + extra_mib, fitted.how))
 
     calibration_note = []
@@ -677,7 +677,7 @@ def estimate_fit_curvature(
         dtype = params.tensors[0].dtype
         vector = 1e-3 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0),
                                     dtype=torch.float64).to(dtype)
-        inverse = CachedInverse(factors, params, calibration_damping + weight_decay)
+        inverse = CachedInverse(layers, params, calibration_damping + weight_decay)
         _, inverse_s, inverse_first = warm_timed(lambda: inverse(vector), settings)
         product_batches = chunks(curvature_items, batch_size)
         product_cost = fit_batch_cost(
@@ -696,7 +696,7 @@ def estimate_fit_curvature(
     else:
         calibration_note = ["`calibration_examples=0`: no step-length calibration"]
 
-    stages.append(StageEstimate("save", _save_cache_seconds(factors, examples), peak_memory_mb() + extra_mib,
+    stages.append(StageEstimate("save", _save_cache_seconds(layers, examples), peak_memory_mb() + extra_mib,
                                 "data hash + in-memory serialisation of the cache"))
     sizes = {**_sizes(model, params), "fit examples": n}
     if calibration_examples > 0:

@@ -452,7 +452,7 @@ class Adapter:
                 warn(f"the erase config's {name} {getattr(config, name)} differs from the adapter's recipe "
                      f"({getattr(recipe, name)})" + ("" if self.recorded else ", as given to Adapter.load"))
         result = erase(self.model, self.tokenizer, train, requests, config, progress=progress,
-                       curvature_cache=cache.factors if cache else None, calibration=cache.calibration if cache else None,
+                       curvature_cache=cache.layers if cache else None, calibration=cache.calibration if cache else None,
                        heldout=heldout)
         from llmeraser.requests import edited_training_set
 
