@@ -36,7 +36,7 @@ from llmeraser.curvature import (
     CurvatureOperator,
     calibrate_step_length,
     curvature_methods,
-    fit_and_time,
+    fit_cached_curvature,
     load_cache,
     load_calibration,
     save_cache,
@@ -109,21 +109,22 @@ def main() -> None:
 
     results["auc_original"] = test_auc(theta)
     rng = np.random.default_rng(args.seed)
-    kfac_subset = sorted(rng.permutation(len(train))[: args.kfac_examples])
-    kfac_items = tokenize_examples(tokenizer, [train[i] for i in kfac_subset], config)
+    cache_subset = sorted(rng.permutation(len(train))[: args.kfac_examples])
+    cache_items = tokenize_examples(tokenizer, [train[i] for i in cache_subset], config)
     caches = {}
     for method in args.curvature_methods:
-        print(f"fit {method} on {len(kfac_items)} examples + calibrate its step length", flush=True)
+        print(f"fit {method} on {len(cache_items)} examples + calibrate its step length", flush=True)
         with measured(stages, f"fit_{method}"):
-            factors, _ = fit_and_time(model, params, kfac_items, tokenizer.pad_token_id, 8, args.seed, method=method)
+            layers = fit_cached_curvature(model, params, cache_items, tokenizer.pad_token_id, method, batch_size=8,
+                                          seed=args.seed, calibration_examples=0).layers
         with measured(stages, f"calibrate_{method}"):
             calibration = calibrate_step_length(
-                model, params, factors, kfac_items, tokenizer.pad_token_id, args.calibration_examples,
+                model, params, layers, cache_items, tokenizer.pad_token_id, args.calibration_examples,
                 args.calibration_directions, args.damping, recipe.weight_decay, seed=args.seed,
             )
         stages[f"calibrate_{method}"]["step_length"] = calibration.step_length
         stages[f"calibrate_{method}"]["residuals"] = list(calibration.residuals)
-        caches[method] = (factors, calibration)
+        caches[method] = (layers, calibration)
     probe_subset = sorted(rng.permutation(len(train))[: args.probe_examples])
     probe_items = tokenize_examples(tokenizer, [train[i] for i in probe_subset], config)
     probe = CurvatureOperator(model, params, probe_items, tokenizer.pad_token_id, "gauss-newton", args.damping,
@@ -141,8 +142,8 @@ def main() -> None:
         with measured(row, "floor"):
             summed_gradient(model, params, affected, tokenizer.pad_token_id, 8)
         variants = [("cold", {})] + [
-            (f"cached_{method}", {"curvature_cache": factors, "calibration": calibration, "curvature_use": "direct"})
-            for method, (factors, calibration) in caches.items()
+            (f"cached_{method}", {"curvature_cache": layers, "calibration": calibration, "curvature_use": "direct"})
+            for method, (layers, calibration) in caches.items()
         ]
         for name, options in variants:
             try:
@@ -172,8 +173,8 @@ def main() -> None:
         torch.save(theta, Path(work) / "theta.pt")
         ids = [train[i].id for i in sorted(np.random.default_rng(args.seed + 1).permutation(len(train))[:largest])]
         (Path(work) / "requests.json").write_text(json.dumps(ids))
-        for method, (factors, calibration) in caches.items():
-            save_cache(factors, Path(work) / method, {"calibration": calibration.to_json()})
+        for method, (layers, calibration) in caches.items():
+            save_cache(layers, Path(work) / method, {"calibration": calibration.to_json()})
         stages_to_measure = ["train_step", *(f"erase_cached_{m}" for m in caches)]
         results["memory"] = {"requests": largest, **{stage: stage_peak_memory(stage, work) for stage in stages_to_measure}}
 
@@ -220,11 +221,11 @@ def run_memory_stage(args: argparse.Namespace) -> None:
         train_adapter(model, tokenizer, train[: recipe.batch_size], TrainConfig(**{**recipe.to_json(), "epochs": 1}))
     else:
         method = args.memory_stage.removeprefix("erase_cached_")
-        factors, metadata = load_cache(work / method, {})
+        layers, metadata = load_cache(work / method, {})
         requests = [Remove(i) for i in json.loads((work / "requests.json").read_text())]
         config = EraseConfig(solver="cg", curvature="gauss-newton", damping=args.damping, weight_decay=recipe.weight_decay,
                              curvature_use="direct", seed=args.seed)
-        erase(model, tokenizer, train, requests, config, curvature_cache=factors, calibration=load_calibration(metadata))
+        erase(model, tokenizer, train, requests, config, curvature_cache=layers, calibration=load_calibration(metadata))
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "peak_rss_mib": peak_memory_mb()}))
 

@@ -110,11 +110,11 @@ def test_a_toy_method_fits_and_erases_in_the_library(toy):
     settings = dict(damping=1e-3, weight_decay=0.1)
     cache = fit_cached_curvature(model, params, items, tokenizer.pad_token_id, TOY, calibration_examples=6,
                                  calibration_directions=3, **settings)
-    assert cache.method == TOY and set(cache.factors) == set(params.names)
-    assert all(isinstance(layer, ScaledIdentity) for layer in cache.factors.values())
+    assert cache.method == TOY and set(cache.layers) == set(params.names)
+    assert all(isinstance(layer, ScaledIdentity) for layer in cache.layers.values())
     requests = [Remove("ex1")]
     exact = erase(model, tokenizer, train, requests, solver="cg", tol=1e-9, max_iters=200, **settings)
-    direct = erase(model, tokenizer, train, requests, curvature_cache=cache.factors, calibration=cache.calibration,
+    direct = erase(model, tokenizer, train, requests, curvature_cache=cache.layers, calibration=cache.calibration,
                    curvature_use="direct", **settings)
     assert direct.report["curvature_cache_method"] == TOY
     assert direct.solver.details["curvature_cache"] == f"{TOY} direct"
@@ -139,7 +139,7 @@ def test_a_toy_method_runs_through_fit_curvature_and_erase(toy, tmp_path):
     stored = json.loads((tmp_path / "curv" / "curvature.json").read_text())
     assert stored["kind"] == TOY and stored["n_examples"] == 6 and stored["calibration"]
     loaded = CurvatureCache.load(tmp_path / "curv")
-    assert loaded.method == TOY and all(isinstance(layer, ScaledIdentity) for layer in loaded.factors.values())
+    assert loaded.method == TOY and all(isinstance(layer, ScaledIdentity) for layer in loaded.layers.values())
     requests = tmp_path / "requests.jsonl"
     requests.write_text('{"op": "remove", "id": "ex2"}\n')
     done = cli("erase", "--adapter", tmp_path / "adapter", "--data", data, "--requests", requests,
@@ -160,14 +160,14 @@ def test_unregistered_methods_are_refused_and_old_caches_without_a_kind_load_as_
     del stored["kind"]  # the oldest caches: K-FAC, no ``kind``
     meta.write_text(json.dumps(stored))
     cache = CurvatureCache.load(tmp_path / "old", {"adapter_sha256": "a"})
-    assert cache.method == "kfac" and torch.equal(cache.factors["w"].g_vectors, factors["w"].g_vectors)
+    assert cache.method == "kfac" and torch.equal(cache.layers["w"].g_vectors, factors["w"].g_vectors)
     assert cache.metadata.extra == {"legacy_key": 1} and cache.calibration is None
     resaved = cache.save(tmp_path / "again")
     assert resaved.path == tmp_path / "again"
     assert CacheMetadata.from_json(json.loads((tmp_path / "again" / "curvature.json").read_text())) == cache.metadata
     toy_dir = CurvatureCache({"w": ScaledIdentity(torch.tensor(2.0))}, None, CacheMetadata(kind=TOY)).save(
         tmp_path / "toy").path
-    assert toy_dir is not None and CurvatureCache.load(toy_dir).factors["w"].scale == 2.0
+    assert toy_dir is not None and CurvatureCache.load(toy_dir).layers["w"].scale == 2.0
     unregister_curvature_method(TOY)
     from llmeraser.errors import InputError
 

@@ -35,7 +35,7 @@ def dumps(**obj):
 
 @pytest.fixture(scope="module", autouse=True)
 def float64_llama():
-    """The tiny model computed fully in float64 (see test_curvature), so padding checks can be tight."""
+    """The tiny model computed fully in float64 (see curvature/test_operators.py), so padding checks can be tight."""
     with exact_float64_llama(), one_thread():
         yield
 

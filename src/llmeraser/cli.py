@@ -361,7 +361,7 @@ def _fit_curvature(args: argparse.Namespace) -> None:
             ))
         return
     cache = adapter.fit_curvature(examples, args.out, settings)
-    metadata, factors, calibration = cache.metadata, cache.factors, cache.calibration
+    metadata, factors, calibration = cache.metadata, cache.layers, cache.calibration
     if not is_main_process():  # data-parallel run: rank 0 writes
         return
     what = get_curvature_method(args.method).summary

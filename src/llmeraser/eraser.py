@@ -141,7 +141,6 @@ class EraseConfig:
         return asdict(self)
 
 
-
 @dataclass
 class ErasureResult:
     """θ̂, v and θ_new = θ̂ + v as flat (p,) vectors, the resolved pairs, solver diagnostics, the report,
@@ -345,7 +344,7 @@ def _solve_with_cache(
     shift and curvature kind (no exact product; with ``probe_examples`` > 0 the residual of that step is
     measured on the probe examples), else fitted on the probe examples (one exact product), with the
     reason in ``details["step_length_fallback"]``."""
-    method = cache_method(inverse.factors)
+    method = cache_method(inverse.layers)
     if config.curvature_use == "precondition":
         if config.solver not in ("cg", "sgd"):
             raise ConfigError("solver", "must be cg or sgd with `curvature_use=precondition`: a curvature cache "
@@ -432,7 +431,7 @@ def erase(
     """Compute the influence update of θ (the PEFT model's trainable tensors) for ``requests``.
 
     ``train`` is the training set the adapter was trained on; ``curvature_cache``: a fitted curvature's layers
-    (``CurvatureCache.factors``: K-FAC, EK-FAC, DataInf or any registered method, ``llmeraser.curvature``), used as
+    (``CurvatureCache.layers``: K-FAC, EK-FAC, DataInf or any registered method, ``llmeraser.curvature``), used as
     ``config.curvature_use`` says; ``calibration``: its step length fitted at fit time
     (``llmeraser.curvature.load_calibration``), used by ``curvature_use="direct"`` when its damping + weight decay
     equal the erasure's (the report's ``solver.step_length_source`` says); ``overrides`` replace fields of ``config``

@@ -288,7 +288,7 @@ def _save_seconds(params: AdapterParameters) -> float:
     return time.perf_counter() - start
 
 
-def _save_cache_seconds(factors: dict[str, Any], examples: Sequence[Example]) -> float:
+def _save_cache_seconds(layers: dict[str, Any], examples: Sequence[Example]) -> float:
     """The data hash of the cache's metadata and the cache's tensors serialised in memory (safetensors):
     the work of ``save_cache``, without writing."""
     from safetensors.torch import save
@@ -298,7 +298,7 @@ def _save_cache_seconds(factors: dict[str, Any], examples: Sequence[Example]) ->
 
     start = time.perf_counter()
     dataset_hash(examples)
-    save(cache_tensors(factors))
+    save(cache_tensors(layers))
     return time.perf_counter() - start
 
 
@@ -673,7 +673,7 @@ def estimate_fit_curvature(
     weight_decay: float = 0.0,
     settings: ProbeSettings | None = None,
 ) -> RunEstimate:
-    """Estimate ``fit-curvature`` (``fit_and_time``, ``calibrate_step_length`` when ``calibration_examples``
+    """Estimate ``fit-curvature`` (the method's ``fit``, ``calibrate_step_length`` when ``calibration_examples``
     > 0, ``save_cache``) from a few timed probe passes on its own batches; θ is untouched. The estimate's
     ``layers`` are the probe's fitted layers (an erase after the fit is estimated with them).
 
@@ -716,7 +716,7 @@ def estimate_fit_curvature(
     probe = FitProbe(model, params, items, batches, pad, seed, damping, time_batches, time_once)
     fitted = (curvature_method.estimate_fit(probe) if curvature_method.estimate_fit is not None
               else default_fit_estimate(curvature_method, probe))
-    factors, extra_mib = fitted.layers, fitted.extra_mib
+    layers, extra_mib = fitted.layers, fitted.extra_mib
     stages.append(StageEstimate(f"fit ({method})", fitted.seconds, peak_memory_mb() + extra_mib, fitted.how))
 
     calibration_note = []
@@ -730,7 +730,7 @@ def estimate_fit_curvature(
         dtype = params.tensors[0].dtype
         vector = 1e-3 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0),
                                     dtype=torch.float64).to(dtype)
-        inverse = CachedInverse(factors, params, calibration_damping + weight_decay)
+        inverse = CachedInverse(layers, params, calibration_damping + weight_decay)
         _, inverse_s, inverse_first = warm_timed(lambda: inverse(vector), settings)
         product_batches = chunks(curvature_items, batch_size)
         product_cost = fit_batch_cost(
@@ -749,11 +749,11 @@ def estimate_fit_curvature(
     else:
         calibration_note = ["`calibration_examples=0`: no step-length calibration"]
 
-    stages.append(StageEstimate("save", _save_cache_seconds(factors, examples), peak_memory_mb() + extra_mib,
+    stages.append(StageEstimate("save", _save_cache_seconds(layers, examples), peak_memory_mb() + extra_mib,
                                 "data hash + in-memory serialisation of the cache"))
     sizes = {**_sizes(model, params), "fit examples": n}
     if calibration_examples > 0:
         sizes["calibration"] = f"{directions} directions × {len(curvature_items)} examples"
     notes = _notes() + calibration_note
-    return RunEstimate("fit-curvature", stages, sizes, notes, factors)
+    return RunEstimate("fit-curvature", stages, sizes, notes, layers)
 

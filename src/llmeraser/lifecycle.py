@@ -456,7 +456,7 @@ class Adapter:
                 warn(f"the erase config's {name} {getattr(config, name)} differs from the adapter's recipe "
                      f"({getattr(recipe, name)})" + ("" if self.recorded else ", as given to Adapter.load"))
         result = erase(self.model, self.tokenizer, train, requests, config, progress=progress,
-                       curvature_cache=cache.factors if cache else None, calibration=cache.calibration if cache else None,
+                       curvature_cache=cache.layers if cache else None, calibration=cache.calibration if cache else None,
                        heldout=heldout)
         from llmeraser.requests import edited_training_set
 
@@ -562,7 +562,7 @@ class Adapter:
                                                       fit.calibration_examples, fit.calibration_directions, fit.seed)
         elif plan.cache_path is not None:
             cache = self.load_curvature(plan.cache_path, train)
-            layers, calibration = cache.factors, cache.calibration
+            layers, calibration = cache.layers, cache.calibration
         estimate = estimate_erase(self.model, self.tokenizer, train, requests, plan.config, curvature_cache=layers,
                                   calibration=calibration, heldout=heldout)
         if plan.fit is not None:  # timed with the probe's stand-in layers (same sizes): named as the fit's method

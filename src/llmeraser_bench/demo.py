@@ -122,14 +122,14 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print, out_dir: st
     counts = {op: sum(p.request.op == op for p in pairs) for op in ("remove", "modify_query", "correct_response")}
     log(f"erase: {counts}")
     start = time.perf_counter()
-    result = erase(model, tokenizer, task.train, task.requests, eraser, curvature_cache=cache.factors,
+    result = erase(model, tokenizer, task.train, task.requests, eraser, curvature_cache=cache.layers,
                    calibration=cache.calibration)
     erase_time = time.perf_counter() - start
     log(f"erase with the trust region: up to {config.trust_region_steps} steps, {len(heldout)} held-out examples")
     start = time.perf_counter()
     refined = erase(model, tokenizer, task.train, task.requests,
                     dataclasses.replace(eraser, trust_region=True, trust_region_steps=config.trust_region_steps),
-                    curvature_cache=cache.factors, calibration=cache.calibration, heldout=heldout)
+                    curvature_cache=cache.layers, calibration=cache.calibration, heldout=heldout)
     refine_time = time.perf_counter() - start
     removed = sum(p.new is None for p in pairs)
     plan = plan_erase(n_train=len(task.train), n_removed=removed, n_old=len(pairs), n_new=len(pairs) - removed,

@@ -316,14 +316,14 @@ def run_seed(
         if "llmeraser_cached" in methods:
             log(f"  seed {seed}: llmeraser_cached (one step, {config.cache_method})")
             with measured(cost, "llmeraser_cached"):
-                cached = erase(model, tokenizer, task.train, task.requests, eraser, curvature_cache=cache.factors,
+                cached = erase(model, tokenizer, task.train, task.requests, eraser, curvature_cache=cache.layers,
                                calibration=calibration)
             thetas["llmeraser_cached"] = [cached.theta_new]
         if "llmeraser_tr" in methods:
             log(f"  seed {seed}: llmeraser_tr (up to {config.trust_region_steps} trust-region steps, {config.cache_method})")
             tr_config = dataclasses.replace(eraser, trust_region=True, trust_region_steps=config.trust_region_steps)
             with measured(cost, "llmeraser_tr"):
-                refined = erase(model, tokenizer, task.train, task.requests, tr_config, curvature_cache=cache.factors,
+                refined = erase(model, tokenizer, task.train, task.requests, tr_config, curvature_cache=cache.layers,
                                 calibration=calibration, heldout=sets.holdout)
             thetas["llmeraser_tr"] = [refined.theta_new]
             extras["trust_region"] = refined.report["trust_region"]

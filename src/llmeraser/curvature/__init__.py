@@ -1,7 +1,7 @@
 """The curvature of the training objective in θ, exact or cached.
 
 - ``operators``: the exact operators v ↦ (C + shift·I) v (Hessian, Gauss–Newton) the solvers use.
-- ``registry``: the cached methods by name (``CurvatureMethod``, ``register_curvature_method``,
+- ``registry``: the cached methods by name (``CurvatureMethod``, ``register_curvature_method``, ``fit_function``,
   ``get_curvature_method``, ``curvature_methods``); ``inverse``: ``CachedInverse``, the inverse product of
   any of them over θ.
 - one module per cached method, each registering itself: ``kfac`` (K-FAC), ``ekfac`` (EK-FAC), ``datainf``
@@ -11,8 +11,8 @@
   one for an adapter (``fit_curvature_cache``, ``CurvatureFitConfig``, ``default_cache_path``).
 
 Adding a method is one module that defines its layer type and fit function and calls
-``register_curvature_method``; ``fit-curvature --method``, the cache files, the dry run and ``erase`` then
-know it by name.
+``register_curvature_method`` (its ``fit``: ``fit_function`` of that fit function); ``fit-curvature --method``,
+the cache files, the dry run and ``erase`` then know it by name.
 """
 
 # ruff: noqa: I001  (the built-in methods register as they are imported: kfac, ekfac, datainf, the order of
@@ -31,7 +31,7 @@ from llmeraser.curvature.registry import (
     FitProbe,
     cache_method,
     curvature_methods,
-    fit_and_time,
+    fit_function,
     get_curvature_method,
     register_curvature_method,
     unregister_curvature_method,
@@ -73,11 +73,11 @@ __all__ = [
     "calibrate_step_length",
     "curvature_methods",
     "default_cache_path",
-    "fit_and_time",
     "fit_cached_curvature",
     "fit_curvature_cache",
     "fit_datainf",
     "fit_ekfac",
+    "fit_function",
     "fit_kfac",
     "gauss_newton_vector_product",
     "get_curvature_method",

@@ -11,6 +11,7 @@ hash mismatch when read. ``fit_curvature_cache`` fits one for an adapter (``fit-
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -30,7 +31,7 @@ from llmeraser.curvature.calibration import (
     calibration_pool,
     load_calibration,
 )
-from llmeraser.curvature.registry import CurvatureLayer, Layers, cache_method, fit_and_time, get_curvature_method
+from llmeraser.curvature.registry import CurvatureLayer, Layers, cache_method, get_curvature_method
 from llmeraser.data import Example, TokenizationConfig, TokenizedExample, tokenize_examples
 from llmeraser.distributed import is_distributed, is_main_process
 from llmeraser.errors import InputError
@@ -77,25 +78,25 @@ class CacheMetadata:
         return cls(**values, extra={k: v for k, v in data.items() if k not in known})
 
 
-def cache_tensors(factors: Layers) -> dict[str, Tensor]:
+def cache_tensors(layers: Layers) -> dict[str, Tensor]:
     """The tensors of the cache's tensor file: ``layer::field`` for every stored field of every layer."""
     tensors = {}
-    for name, factor in factors.items():
-        for item in fields(factor):  # type: ignore[arg-type]  # every layer type is a dataclass
-            value = getattr(factor, item.name)
+    for name, layer in layers.items():
+        for item in fields(layer):  # type: ignore[arg-type]  # every layer type is a dataclass
+            value = getattr(layer, item.name)
             if value is not None:
                 tensors[f"{name}::{item.name}"] = value.contiguous()
     return tensors
 
 
-def save_cache(factors: Layers, out_dir: str | Path, metadata: Mapping[str, Any]) -> Path:
+def save_cache(layers: Layers, out_dir: str | Path, metadata: Mapping[str, Any]) -> Path:
     """Write the tensors (the method's ``file_name``) + ``curvature.json``, whose ``kind`` records the
     method, to a new directory (atomically, ``atomic_directory``)."""
     from safetensors.torch import save_file
 
-    method = cache_method(factors)
+    method = cache_method(layers)
     with atomic_directory(out_dir) as tmp:
-        save_file(cache_tensors(factors), str(tmp / get_curvature_method(method).file_name))
+        save_file(cache_tensors(layers), str(tmp / get_curvature_method(method).file_name))
         stored = {**metadata, "kind": method}
         (tmp / CURVATURE_META).write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return Path(out_dir)
@@ -135,10 +136,10 @@ def load_cache(
 
 @dataclass
 class CurvatureCache:
-    """A fitted curvature: its layers (``factors``: one ``CurvatureLayer`` per θ tensor), its step-length
+    """A fitted curvature: its ``layers`` (one ``CurvatureLayer`` per θ tensor), its step-length
     ``calibration``, its ``metadata`` and where it is stored (None: in memory only)."""
 
-    factors: dict[str, CurvatureLayer]
+    layers: dict[str, CurvatureLayer]
     calibration: StepCalibration | None
     metadata: CacheMetadata
     path: Path | None = None
@@ -154,15 +155,15 @@ class CurvatureCache:
 
     def save(self, out_dir: str | Path) -> CurvatureCache:
         """Write the cache to a new directory ``out_dir`` (atomically); returns it with ``path`` set."""
-        save_cache(self.factors, out_dir, self.metadata.to_json())
+        save_cache(self.layers, out_dir, self.metadata.to_json())
         return replace(self, path=Path(out_dir))
 
     @classmethod
     def load(cls, curvature_dir: str | Path, expected: Mapping[str, str] | None = None) -> CurvatureCache:
         """Read a cache directory (any registered method; the old file names included), refused when any
         ``expected`` hash (``model_fingerprint``, ``adapter_sha256``, ``data_sha256``) differs."""
-        factors, stored = load_cache(curvature_dir, expected or {})
-        return cls(factors, load_calibration(stored), CacheMetadata.from_json(stored), Path(curvature_dir))
+        layers, stored = load_cache(curvature_dir, expected or {})
+        return cls(layers, load_calibration(stored), CacheMetadata.from_json(stored), Path(curvature_dir))
 
 
 def curvature_subset(examples: Sequence[Any], count: int | None, seed: int) -> list[Any]:
@@ -196,20 +197,23 @@ def fit_cached_curvature(
     for erasures at ``damping`` + ``weight_decay`` on ``calibration_items`` (default: ``items``);
     ``calibration_examples=0``: no calibration (``erase`` then probes the exact operator itself).
     ``datainf_damping``: the method's own damping, for a method that ``takes_damping``."""
-    factors, seconds = fit_and_time(model, params, items, pad_token_id, batch_size, seed, distributed, method,
-                                    datainf_damping)
+    fit = get_curvature_method(method).fit
+    start = time.perf_counter()
+    layers = fit(model, params, items, pad_token_id, batch_size=batch_size, seed=seed, distributed=distributed,
+                 damping=datainf_damping)
+    seconds = time.perf_counter() - start
     calibration = None
     if calibration_examples > 0:
         calibration = calibrate_step_length(
-            model, params, factors, items if calibration_items is None else calibration_items, pad_token_id,
+            model, params, layers, items if calibration_items is None else calibration_items, pad_token_id,
             calibration_examples, calibration_directions, damping, weight_decay, curvature, batch_size, seed,
             distributed,
         )
     metadata = CacheMetadata(
-        kind=method, damping=datainf_damping, n_examples=len(items), n_layers=len(factors), n_parameters=params.dim,
+        kind=method, damping=datainf_damping, n_examples=len(items), n_layers=len(layers), n_parameters=params.dim,
         seed=seed, fit_time_s=seconds, calibration=calibration.to_json() if calibration else None,
     )
-    return CurvatureCache(factors, calibration, metadata)
+    return CurvatureCache(layers, calibration, metadata)
 
 
 # --- a cache for an adapter and its training data (fit-curvature; the default erase) -------------------
@@ -306,5 +310,5 @@ def fit_curvature_cache(
     if out is not None:
         cache.path = Path(out)
         if is_main_process():
-            save_cache(cache.factors, out, cache.metadata.to_json())
+            save_cache(cache.layers, out, cache.metadata.to_json())
     return cache

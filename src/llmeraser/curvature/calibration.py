@@ -115,7 +115,7 @@ def calibration_draws(
 def calibrate_step_length(
     model: Any,
     params: AdapterParameters,
-    factors: Layers,
+    layers: Layers,
     items: Sequence[TokenizedExample],
     pad_token_id: int,
     examples: int = 16,
@@ -127,7 +127,7 @@ def calibrate_step_length(
     seed: int = 0,
     distributed: bool = False,
 ) -> StepCalibration:
-    """Fit ``StepCalibration`` for the cached curvature ``factors`` on the training ``items``: the exact
+    """Fit ``StepCalibration`` for the cached curvature ``layers`` on the training ``items``: the exact
     operator over a seeded random subset of ``examples`` items, the directions from the per-example loss
     gradients of ``directions`` other random draws (the gradients b is made of). Costs ``directions``
     exact products over the subset and one per-example gradient pass. ``distributed``: every rank computes
@@ -139,7 +139,7 @@ def calibrate_step_length(
         curvature, damping, weight_decay, batch_size, distributed=distributed,  # type: ignore[arg-type]
     )
     gradients = per_example_gradients(model, params, direction_items, pad_token_id, batch_size)
-    inverse = CachedInverse(factors, params, operator.shift)
+    inverse = CachedInverse(layers, params, operator.shift)
     solved = torch.stack([inverse(g) for g in gradients])
     products = operator.matmat(solved)
     alphas = [step_length(g, d, hd) for g, d, hd in zip(gradients, solved, products)]

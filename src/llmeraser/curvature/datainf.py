@@ -21,6 +21,7 @@ from llmeraser.curvature.registry import (
     CurvatureMethod,
     FitEstimate,
     FitProbe,
+    fit_function,
     register_curvature_method,
 )
 from llmeraser.data import TokenizedExample
@@ -92,21 +93,6 @@ def fit_datainf(
     return layers
 
 
-def _fit(
-    model: Any,
-    params: AdapterParameters,
-    items: Sequence[TokenizedExample],
-    pad_token_id: int,
-    *,
-    batch_size: int,
-    seed: int,
-    distributed: bool,
-    damping: float | None,
-) -> dict[str, CurvatureLayer]:
-    """DataInf is fitted on all ``items`` on every rank (``distributed`` changes nothing)."""
-    return dict(fit_datainf(model, params, items, pad_token_id, batch_size, damping))
-
-
 def estimate_datainf_fit(probe: FitProbe) -> FitEstimate:
     """The dry run's DataInf fit: the per-example gradients of every batch; the layers stand for the n × p
     per-example gradients the real run stores (the probe's, repeated), and the extra memory is their
@@ -134,8 +120,9 @@ def _repeat_rows(rows: Tensor, count: int) -> Tensor:
 
 
 register_curvature_method(CurvatureMethod(
-    name="datainf", file_name=DATAINF_FILE, fit=_fit, from_tensors=DataInfLayer,
-    summary="DataInf per-example gradients",
+    name="datainf", file_name=DATAINF_FILE,
+    fit=fit_function(fit_datainf, "batch_size", "damping"),  # on all items on every rank: not distributed
+    from_tensors=DataInfLayer, summary="DataInf per-example gradients",
     help="per-example gradients for DataInf's closed form (stores n x p float32 numbers: bound n with "
     "--curvature-examples)",
     takes_damping=True, estimate_fit=estimate_datainf_fit,

@@ -19,10 +19,10 @@ from llmeraser.adapter import AdapterParameters
 from llmeraser.curvature.hooks import all_reduce_sums, lora_layers, sampled_passes
 from llmeraser.curvature.kfac import KFAC_FILE, KroneckerFactors, estimate_kfac_factors, fit_kfac
 from llmeraser.curvature.registry import (
-    CurvatureLayer,
     CurvatureMethod,
     FitEstimate,
     FitProbe,
+    fit_function,
     register_curvature_method,
 )
 from llmeraser.data import TokenizedExample
@@ -104,20 +104,6 @@ def ekfac_sums(
     return sums
 
 
-def _fit(
-    model: Any,
-    params: AdapterParameters,
-    items: Sequence[TokenizedExample],
-    pad_token_id: int,
-    *,
-    batch_size: int,
-    seed: int,
-    distributed: bool,
-    damping: float | None,
-) -> dict[str, CurvatureLayer]:
-    return dict(fit_ekfac(model, params, items, pad_token_id, batch_size, seed, distributed))
-
-
 def estimate_ekfac_fit(probe: FitProbe) -> FitEstimate:
     """The dry run's EK-FAC fit: K-FAC's (``estimate_kfac_fit``) + the second sampled pass (``ekfac_sums``)."""
     factors, seconds, probes = estimate_kfac_factors(probe)
@@ -131,7 +117,8 @@ def estimate_ekfac_fit(probe: FitProbe) -> FitEstimate:
 
 
 register_curvature_method(CurvatureMethod(
-    name="ekfac", file_name=KFAC_FILE, fit=_fit, from_tensors=KroneckerFactors, summary="EK-FAC factors",
+    name="ekfac", file_name=KFAC_FILE, fit=fit_function(fit_ekfac, "batch_size", "seed", "distributed"),
+    from_tensors=KroneckerFactors, summary="EK-FAC factors",
     help="K-FAC eigenbases with the diagonal refitted from per-example gradients (a second pass)",
     estimate_fit=estimate_ekfac_fit,
 ))

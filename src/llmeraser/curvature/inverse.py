@@ -16,7 +16,7 @@ class CachedInverse:
     """v ↦ (K + shift·I)⁻¹ v for a flat θ-shaped vector, K the block-diagonal cached curvature of any
     registered method (one ``CurvatureLayer`` per θ tensor)."""
 
-    factors: Layers
+    layers: Layers
     params: AdapterParameters
     shift: float
 
@@ -24,7 +24,6 @@ class CachedInverse:
         pieces = self.params.split(vector)
         solved = []
         for name, piece in zip(self.params.names, pieces):
-            factor = self.factors[name]
-            result = factor.inverse_product(piece.to(torch.float64), self.shift)
+            result = self.layers[name].inverse_product(piece.to(torch.float64), self.shift)
             solved.append(result.to(vector.dtype))
         return self.params.flatten(solved)

@@ -39,10 +39,10 @@ from llmeraser.curvature.hooks import (
     suffix,
 )
 from llmeraser.curvature.registry import (
-    CurvatureLayer,
     CurvatureMethod,
     FitEstimate,
     FitProbe,
+    fit_function,
     register_curvature_method,
 )
 from llmeraser.data import TokenizedExample
@@ -162,20 +162,6 @@ def kfac_factors(
     return factors
 
 
-def _fit(
-    model: Any,
-    params: AdapterParameters,
-    items: Sequence[TokenizedExample],
-    pad_token_id: int,
-    *,
-    batch_size: int,
-    seed: int,
-    distributed: bool,
-    damping: float | None,
-) -> dict[str, CurvatureLayer]:
-    return dict(fit_kfac(model, params, items, pad_token_id, batch_size, seed, distributed))
-
-
 def estimate_kfac_fit(probe: FitProbe) -> FitEstimate:
     """The dry run's K-FAC fit: one sampled forward + backward per batch (``kfac_sums``) + the
     eigendecompositions of the factors (timed once on the probe's factors: their sizes do not depend on the
@@ -201,6 +187,7 @@ def estimate_kfac_factors(probe: FitProbe) -> tuple[dict[str, KroneckerFactors],
 
 
 register_curvature_method(CurvatureMethod(
-    name="kfac", file_name=KFAC_FILE, fit=_fit, from_tensors=KroneckerFactors, summary="K-FAC factors",
-    help="Kronecker factors per LoRA layer", estimate_fit=estimate_kfac_fit,
+    name="kfac", file_name=KFAC_FILE, fit=fit_function(fit_kfac, "batch_size", "seed", "distributed"),
+    from_tensors=KroneckerFactors, summary="K-FAC factors", help="Kronecker factors per LoRA layer",
+    estimate_fit=estimate_kfac_fit,
 ))

@@ -1,11 +1,12 @@
 """The cached curvature methods by name: what each stores, how it is fitted, and how it is read back.
 
 A method is one module that defines its layer type (``CurvatureLayer``: the inverse product of one θ tensor's
-block) and a fit function, and registers itself once::
+block) and a fit function, and registers itself once (``fit_function``: the fit called with the settings it
+takes)::
 
     register_curvature_method(CurvatureMethod(
-        name="kfac", file_name="kfac.safetensors", fit=_fit, from_tensors=KroneckerFactors,
-        summary="K-FAC factors", help="Kronecker factors per LoRA layer"))
+        name="kfac", file_name="kfac.safetensors", fit=fit_function(fit_kfac, "batch_size", "seed", "distributed"),
+        from_tensors=KroneckerFactors, summary="K-FAC factors", help="Kronecker factors per LoRA layer"))
 
 Everything that chooses a method by name (``fit-curvature --method``, the cache's ``curvature.json``
 ``kind``, the dry run, the benchmarks) reads it from here (``get_curvature_method``, ``curvature_methods``).
@@ -13,10 +14,9 @@ Everything that chooses a method by name (``fit-curvature --method``, the cache'
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from torch import Tensor
 
@@ -41,7 +41,8 @@ Layers = Mapping[str, CurvatureLayer]
 class FitFunction(Protocol):
     """Fit a method's curvature of every θ tensor over ``items``. ``distributed``: ``items`` are all examples
     and this rank fits its share (sums all-reduced; the same result as one process); ``damping``: the
-    method's own damping where it has one (``CurvatureMethod.takes_damping``), None for its default."""
+    method's own damping where it has one (``CurvatureMethod.takes_damping``), None for its default. A method
+    module makes its own from its fit function with ``fit_function``."""
 
     def __call__(
         self,
@@ -55,6 +56,20 @@ class FitFunction(Protocol):
         distributed: bool,
         damping: float | None,
     ) -> dict[str, CurvatureLayer]: ...
+
+
+FitSetting = Literal["batch_size", "seed", "distributed", "damping"]
+
+
+def fit_function(fit: Callable[..., Mapping[str, CurvatureLayer]], *settings: FitSetting) -> FitFunction:
+    """The ``FitFunction`` of a method's own fit function, called as ``fit(model, params, items, pad_token_id,
+    **{setting: value})`` with only the ``settings`` it takes (the rest do not apply to the method)."""
+
+    def fitted(model: Any, params: AdapterParameters, items: Sequence[TokenizedExample], pad_token_id: int,
+               **given: Any) -> dict[str, CurvatureLayer]:
+        return dict(fit(model, params, items, pad_token_id, **{name: given[name] for name in settings}))
+
+    return fitted
 
 
 @dataclass(frozen=True)
@@ -146,26 +161,6 @@ def cache_method(layers: Layers) -> str:
     if len(methods) != 1:
         raise ValueError(f"a curvature cache holds one method, got {sorted(methods)}")
     return methods.pop()
-
-
-def fit_and_time(
-    model: Any,
-    params: AdapterParameters,
-    items: Sequence[TokenizedExample],
-    pad_token_id: int,
-    batch_size: int,
-    seed: int,
-    distributed: bool = False,
-    method: str = "kfac",
-    damping: float | None = None,
-) -> tuple[dict[str, CurvatureLayer], float]:
-    """Fit the curvature of the registered ``method`` (``damping``: its own damping, for a method that
-    ``takes_damping``; None: its default) and its wall time in seconds."""
-    fit = get_curvature_method(method).fit
-    start = time.perf_counter()
-    layers = dict(fit(model, params, items, pad_token_id, batch_size=batch_size, seed=seed, distributed=distributed,
-                      damping=damping))
-    return layers, time.perf_counter() - start
 
 
 def default_fit_estimate(method: CurvatureMethod, probe: FitProbe) -> FitEstimate:
