@@ -19,7 +19,8 @@ from cli_helpers import FAST_TRAIN, cli
 from conftest import toy_examples
 
 from llmeraser.adapter import LoraSettings
-from llmeraser.cli import _subcommand, build_parser, main
+from llmeraser.cli import build_parser, main
+from llmeraser.cli.flags import _subcommand
 from llmeraser.data import write_examples
 from llmeraser.eraser import EraseConfig
 from llmeraser.errors import ConfigError, LLMEraserError
