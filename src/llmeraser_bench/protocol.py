@@ -79,7 +79,7 @@ DEFAULT_METHODS = {
     "next-item": ("original", "retrain", "llmeraser_cached", "llmeraser_tr", "finetune", "sisa"),
 }
 BenchTask = Literal["removal", "query", "response", "pii", "next-item"]  # recsys.corruption.TASKS and the generative ones
-BENCH_TASKS: tuple[str, ...] = get_args(BenchTask)
+BENCH_TASKS: tuple[BenchTask, ...] = get_args(BenchTask)
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,11 @@ one module per group of commands (``train``, ``erase``, ``fit_curvature``, ``ins
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import Any
 
 from llmeraser.cli.erase import ERASE
 from llmeraser.cli.experiments import BENCH, DEMO, MAKE_DATA
@@ -36,7 +38,7 @@ from llmeraser.cli.flags import (
     _subcommand,
 )
 from llmeraser.cli.inspection import APPLY_REQUESTS, EVALUATE, HISTORY
-from llmeraser.cli.run_file import _config_defaults, _run_with_run_file
+from llmeraser.cli.run_file import _config_defaults, _preparse, _run_with_run_file
 from llmeraser.cli.train import RETRAIN, TRAIN
 from llmeraser.distributed import init_from_environment, shutdown
 from llmeraser.errors import ConfigError, InputError, NumericalError, OutputSpaceError, is_out_of_space
@@ -46,22 +48,27 @@ __all__ = ["build_parser", "main"]
 EXIT_USAGE, EXIT_INPUT, EXIT_NUMERICAL, EXIT_NO_SPACE = 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a command stopped by Ctrl-C
 
-COMMANDS = (DEMO, BENCH, TRAIN, ERASE, FIT_CURVATURE, RETRAIN, MAKE_DATA, EVALUATE, HISTORY, APPLY_REQUESTS)
+COMMANDS = (TRAIN, ERASE, RETRAIN, FIT_CURVATURE, EVALUATE, HISTORY, APPLY_REQUESTS, MAKE_DATA, BENCH, DEMO)  # --help's order
 
 
-def build_parser() -> argparse.ArgumentParser:
-    fmt = _HelpFormatter
+def build_parser(commands: Collection[str] | None = None, *, width: int | None = None) -> argparse.ArgumentParser:
+    """The ``llmeraser`` parser: every subcommand, with the flags of ``commands`` (default: all). ``main``
+    adds those of the command it runs alone, so that a core command never builds the experiments' flags
+    (generated from ``llmeraser_bench``'s configs). ``width``: of the help text (default: the terminal's)."""
+    fmt: Any = functools.partial(_HelpFormatter, width=width) if width else _HelpFormatter
     parser = argparse.ArgumentParser(
         prog="llmeraser", formatter_class=fmt,
         description="Unlearn training examples from a LoRA adapter by influence functions, without retraining.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        sub = commands.add_parser(command.name, help=command.help, description=command.help, formatter_class=fmt)
+        sub = subparsers.add_parser(command.name, help=command.help, formatter_class=fmt,
+                                    description=f"{command.help}. {command.details}" if command.details else command.help)
         sub.add_argument("--config", default=None, help="TOML file with default values for these options")
-        command.add_flags(sub)
+        if commands is None or command.name in commands:
+            command.add_flags(sub)
         sub.set_defaults(run=command.run)
-    for sub in commands.choices.values():  # the options help texts name as fields, spelled as the flags
+    for sub in subparsers.choices.values():  # the options help texts name as fields, spelled as the flags
         flags = _flag_names(sub)
         for action in sub._actions:
             if action.help:
@@ -75,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from llmeraser import lifecycle
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    command = _preparse(argv).command
+    parser = build_parser({command} if command else set())
     _FLAGS.clear()
     lifecycle.spell_options = _spell
     try:

@@ -216,7 +216,8 @@ def _erase_flags(erase: argparse.ArgumentParser) -> None:
 
     _add_model(erase, required=False)
     erase.add_argument("--adapter", required=True, help="input PEFT adapter directory")
-    erase.add_argument("--data", required=True, help="the training data the adapter was trained on (.jsonl, .json, .csv/.tsv, .parquet)")
+    erase.add_argument("--data", required=True,
+                       help="the training data the adapter was trained on (.jsonl, .json, .csv/.tsv, .parquet)")
     erase.add_argument("--requests", required=True, help="request file, JSONL: remove / modify_query / correct_response")
     erase.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     _add_options(erase, EraseConfig, ["solver", "curvature", "damping", "scaling"])
@@ -225,7 +226,8 @@ def _erase_flags(erase: argparse.ArgumentParser) -> None:
     _add_record_recipe(erase, ["max_length", "loss_scope"], EraseConfig)
     _add_options(erase, EraseConfig, ["seed"])
     erase.add_argument("--curvature-cache", default=None,
-                       help="a fit-curvature directory (K-FAC, EK-FAC or DataInf) for this adapter and data, used as --curvature-use says")
+                       help="a fit-curvature directory (K-FAC, EK-FAC or DataInf) for this adapter and data, used as "
+                       "--curvature-use says")
     _add_options(erase, EraseConfig, ["curvature_use", "probe_examples"])
     erase.add_argument("--mode", default="auto", choices=["auto", "update", "retrain"],
                        help="auto: without solver flags, the cheaper of a paired retrain (exact) and the cached "
@@ -242,7 +244,8 @@ def _erase_flags(erase: argparse.ArgumentParser) -> None:
                  defaults={"trust_region_steps": None},
                  helps={"trust_region_steps": f"trust-region steps at most (default {EraseConfig.trust_region_steps})"})
     _add_options(erase, EraseConfig, ["kept_examples", "heldout_tolerance", "kl_budget"])
-    erase.add_argument("--allow-mismatch", action="store_true", help="proceed although base model or data differ from the adapter's record")
+    erase.add_argument("--allow-mismatch", action="store_true",
+                       help="proceed although base model or data differ from the adapter's record")
     _add_options(erase, EraseConfig, ["auto_damping"])
     _add_dtype(erase)
     _add_dry_run(erase, "erasure (prepare, gradients, solve, save)")

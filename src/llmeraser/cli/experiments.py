@@ -4,41 +4,43 @@ the core reaches ``llmeraser_bench``, and only inside these commands (it needs t
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from llmeraser.cli.flags import Command
+from llmeraser.cli.flags import Command, _add_options
 from llmeraser.cli.shared import _refuse_existing
 from llmeraser.errors import InputError
 
+# the options of bench, in --help's order: BenchConfig's fields, and those of its eraser and recipe
+_BENCH_FIELDS = ("data", "format", "ratios", "model", "methods", "n_train", "n_test")
+_ERASER_FIELDS = ("solver", "max_iters", "curvature_examples", "damping")
+_RECIPE_FIELDS = ("epochs",)
+_MORE_BENCH_FIELDS = ("cache_method", "removal_unit", "trust_region_steps", "query_mode", "relearn_steps", "quantise_bits")
+_HELPS = {"solver": "LLMEraser's solver", "max_iters": "LLMEraser's solver iterations",
+          "curvature_examples": "examples for LLMEraser's curvature", "damping": "LLMEraser's damping λ",
+          "epochs": "training epochs of the recipe"}
+
 
 def _bench(args: argparse.Namespace) -> None:
-    from llmeraser_bench import BenchConfig, finish, quick_config, render_text, run_bench, write_results
-    from llmeraser_bench.protocol import next_item_config, pii_config
+    from llmeraser_bench import finish, render_text, run_bench, write_results
+    from llmeraser_bench.protocol import task_config
 
-    if args.task == "pii":
-        config = pii_config(quick=args.quick)
-    elif args.task == "next-item":
-        config = next_item_config(quick=args.quick)
-    else:
-        config = quick_config(args.task) if args.quick else BenchConfig(task=args.task)
-    eraser = replace(config.eraser, **{k: v for k, v in {
-        "solver": args.solver, "max_iters": args.max_iters, "curvature_examples": args.curvature_examples,
-        "damping": args.damping}.items() if v is not None})
-    recipe = replace(config.recipe, epochs=args.epochs) if args.epochs else config.recipe
-    config = replace(config, eraser=eraser, recipe=recipe, data=args.data, format=args.format, **{k: v for k, v in {
-        "ratios": tuple(args.ratio) if args.ratio else None, "model": args.model,
-        "seeds": tuple(range(args.seeds)) if args.seeds else None,
-        "methods": tuple(args.methods) if args.methods else None,
-        "n_train": args.n_train, "n_test": args.n_test, "cache_method": args.cache_method,
-        "removal_unit": args.removal_unit, "trust_region_steps": args.trust_region_steps, "query_mode": args.query_mode,
-        "relearn_steps": args.relearn_steps,
-        "quantise_bits": tuple(args.quantise_bits) if args.quantise_bits is not None else None}.items() if v is not None})
+    def given(names: Sequence[str]) -> dict[str, Any]:  # an option not given keeps the task's value
+        values = {name: getattr(args, "ratio" if name == "ratios" else name) for name in names}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+
+    config = task_config(args.task, quick=args.quick)
+    seeds: dict[str, Any] = {"seeds": tuple(range(args.seeds))} if args.seeds is not None else {}
+    config = replace(config, eraser=replace(config.eraser, **given(_ERASER_FIELDS)),
+                     recipe=replace(config.recipe, **given(_RECIPE_FIELDS)),
+                     **given(_BENCH_FIELDS + _MORE_BENCH_FIELDS), **seeds)
     try:
         config.validate()
     except ValueError as error:
         raise InputError(str(error)) from None
+
     def checkpoint(partial: dict[str, Any]) -> None:  # what an interrupted run has measured stays on disk
         write_results(finish(partial), args.out)
 
@@ -87,57 +89,73 @@ def _make_data(args: argparse.Namespace) -> None:
 
 
 def _bench_flags(bench: argparse.ArgumentParser) -> None:
-    from llmeraser.curvature import curvature_methods
+    """BenchConfig's options (and its eraser's and recipe's), default None: the task's value (``task_config``)."""
     from llmeraser.eraser import EraseConfig
-    from llmeraser.options import choices_of
-    from llmeraser.trust_region import TrustRegionSettings
+    from llmeraser.options import field_help
+    from llmeraser.train import TrainConfig
+    from llmeraser_bench.protocol import BENCH_TASKS, BenchConfig, task_config
 
-    bench.add_argument("--task", required=True, choices=["removal", "query", "response", "pii", "next-item"],
-                       help="removal / query (noisy prompts restored) / response (flipped labels corrected) on TALLRec "
-                       "data; pii: the generated people-attributes question-answer scenario")
-    bench.add_argument("--data", default="ml-100k", help="ml-100k (the copy in the recbole package) or a rating-data directory")
-    bench.add_argument("--format", default=None, choices=["recbole", "movielens", "bookcrossing", "lastfm"],
-                       help="format of --data (default: detected from the files)")
-    bench.add_argument("--ratio", type=float, nargs="+", default=None, help="fraction(s) of training examples edited (default 0.05)")
-    bench.add_argument("--model", default=None, help="base model (default smollm2-135m; tiny with --quick)")
-    bench.add_argument("--seeds", type=int, default=None, help="number of training seeds (0, 1, …; default 3)")
-    bench.add_argument("--methods", nargs="+", default=None,
-                       help="subset of: original retrain llmeraser llmeraser_cached llmeraser_tr gradient_ascent finetune sisa (default: the task's)")
-    bench.add_argument("--n-train", type=int, default=None, help="training examples")
-    bench.add_argument("--n-test", type=int, default=None, help="test examples")
-    bench.add_argument("--epochs", type=int, default=None, help="training epochs of the recipe")
-    bench.add_argument("--solver", default=None, choices=list(choices_of(EraseConfig, "solver")), help="LLMEraser's solver")
-    bench.add_argument("--max-iters", type=int, default=None, help="LLMEraser's solver iterations")
-    bench.add_argument("--curvature-examples", type=int, default=None, help="examples for LLMEraser's curvature")
-    bench.add_argument("--damping", type=float, default=None, help="LLMEraser's damping λ")
-    bench.add_argument("--cache-method", default=None, choices=curvature_methods(),
-                       help="curvature fitted once for llmeraser_cached (default ekfac)")
-    bench.add_argument("--removal-unit", default=None, choices=["example", "user"],
-                       help="removal task: remove --ratio of the examples, or every example of --ratio of the users")
-    bench.add_argument("--trust-region-steps", type=int, default=None,
-                       help=f"llmeraser_tr's steps at most (default: the task's, {TrustRegionSettings.steps} in the full protocol)")
-    bench.add_argument("--query-mode", default=None, choices=["replace", "delete"],
-                       help="next-item task: noisy history items restored (replace, default) or history items deleted (delete)")
-    bench.add_argument("--relearn-steps", type=int, default=None, help="steps of the relearning attack (default 5; 0: not run)")
-    bench.add_argument("--quantise-bits", type=int, nargs="*", default=None,
-                       help="bit widths of the quantisation check (default 8 4; none given: not run)")
+    full, tasks = BenchConfig(), [task_config(task, quick) for task in BENCH_TASKS for quick in (False, True)]
+
+    def default(path: tuple[str, ...], shown: Callable[[Any], str] = _shown) -> str:
+        """The default as the full protocol has it, and whether a task or --quick sets another."""
+        value = _value(full, path)
+        if value is None:
+            return "(default: the task's)"
+        if all(_value(config, path) == value for config in tasks):
+            return f"(default: {shown(value)})"
+        return f"(default: the task's; {shown(value)} in the full protocol)"
+
+    def add(cls: type, names: Sequence[str], path: tuple[str, ...] = (), **kwargs: Any) -> None:
+        helps = {name: _HELPS.get(name) or field_help(cls, name) for name in names}
+        helps = {name: text if "default" in text else f"{text} {default((*path, name))}" for name, text in helps.items()}
+        _add_options(bench, cls, names, defaults=dict.fromkeys(names), helps=helps, flags={"ratios": "--ratio"}, **kwargs)
+
+    _add_options(bench, BenchConfig, ["task"], required=["task"])
+    add(BenchConfig, _BENCH_FIELDS[:4])
+    bench.add_argument("--seeds", type=int, default=None,
+                       help=f"number of training seeds (0, 1, …) {default(('seeds',), shown=lambda s: str(len(s)))}")
+    add(BenchConfig, _BENCH_FIELDS[4:])
+    add(TrainConfig, _RECIPE_FIELDS, ("recipe",))
+    add(EraseConfig, _ERASER_FIELDS, ("eraser",))
+    add(BenchConfig, _MORE_BENCH_FIELDS, nargs={"quantise_bits": "*"})
     bench.add_argument("--quick", action="store_true", help="the tiny random-init model and a few dozen examples (seconds)")
     bench.add_argument("--out", required=True, help="output directory for results.json, results.md and the PNG plots")
 
 
+def _value(config: Any, path: tuple[str, ...]) -> Any:
+    for name in path:
+        config = getattr(config, name)
+    return config
+
+
+def _shown(value: Any) -> str:
+    """A default as the command line spells it (a tuple: its values, space-separated)."""
+    if isinstance(value, tuple):
+        return " ".join(map(_shown, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _demo_flags(demo: argparse.ArgumentParser) -> None:
-    demo.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny, a hub id or a local directory")
-    demo.add_argument("--seed", type=int, default=0, help="seed of data sampling, adapter init and training order")
+    from llmeraser_bench.demo import DemoConfig
+
+    _add_options(demo, DemoConfig, ["model", "seed"])
     demo.add_argument("--out", default=None, help="directory for demo_results.json")
 
 
 def _make_data_flags(make_data: argparse.ArgumentParser) -> None:
-    make_data.add_argument("--data", default="ml-100k", help="ml-100k (the copy inside the recbole package) or a directory of rating files")
-    make_data.add_argument("--format", default=None, choices=["recbole", "movielens", "bookcrossing", "lastfm"],
+    from llmeraser_bench.recsys.corruption import TASKS
+    from llmeraser_bench.recsys.ratings import FORMATS
+
+    make_data.add_argument("--data", default="ml-100k",
+                           help="ml-100k (the copy inside the recbole package) or a directory of rating files")
+    make_data.add_argument("--format", default=None, choices=FORMATS,
                            help="rating file format (default: detected from the files)")
-    make_data.add_argument("--task", default="mixed", choices=["removal", "query", "response", "mixed"],
-                           help="removal: remove examples; query: noisy prompts to restore; response: flipped labels to correct; mixed: all three")
-    make_data.add_argument("--fraction", type=float, default=0.05, help="fraction of training examples affected (per kind for mixed)")
+    make_data.add_argument("--task", default="mixed", choices=[*TASKS, "mixed"],
+                           help="removal: remove examples; query: noisy prompts to restore; response: flipped labels to "
+                           "correct; mixed: all three")
+    make_data.add_argument("--fraction", type=float, default=0.05,
+                           help="fraction of training examples affected (per kind for mixed)")
     make_data.add_argument("--n-train", type=int, default=200, help="training examples")
     make_data.add_argument("--n-test", type=int, default=100, help="validation and test examples (each)")
     make_data.add_argument("--history-length", type=int, default=5, help="rated items listed in each prompt")
@@ -148,5 +166,7 @@ def _make_data_flags(make_data: argparse.ArgumentParser) -> None:
 MAKE_DATA = Command("make-data", "TALLRec Yes/No examples from rating data, a corrupted training set and the requests "
                     "that repair it", _make_data_flags, _make_data)
 BENCH = Command("bench", "the paper's protocol on rating data: corrupt, train, undo by LLMEraser and baselines, compare "
-                "with retraining; prints a table, writes results.json, results.md and plots", _bench_flags, _bench)
+                "with retraining; prints a table, writes results.json, results.md and plots", _bench_flags, _bench,
+                details="An option not given takes the task's value: the full protocol's (removal, query, response) "
+                "unless the task (pii, next-item) or --quick sets another.")
 DEMO = Command("demo", "train, erase and retrain on built-in MovieLens data; print one table", _demo_flags, _demo)

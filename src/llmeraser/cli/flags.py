@@ -18,21 +18,25 @@ from llmeraser.models import DTYPES
 
 @dataclass(frozen=True)
 class Command:
-    """A subcommand: its ``name``, one line of ``help``, ``add_flags(parser)`` and ``run(args)``."""
+    """A subcommand: its ``name``, one line of ``help`` (``details``: more for its own ``--help``),
+    ``add_flags(parser)`` (called only for a command that is run, or for the whole reference: the
+    experiments' flags come from ``llmeraser_bench``) and ``run(args)``."""
 
     name: str
     help: str
     add_flags: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], None]
+    details: str = ""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default shown once: `` (default: X)`` is appended unless the help already says its default
-    or there is none to show (None, or an off switch)."""
+    or there is none to show (None, an off switch, a required flag)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        if ("default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or action.required):
             return text
         return super()._get_help_string(action)
 
@@ -46,12 +50,15 @@ def _add_options(
     flags: dict[str, str] | None = None,
     defaults: dict[str, Any] | None = None,
     helps: dict[str, str] | None = None,
+    required: Sequence[str] = (),
+    nargs: dict[str, str] | None = None,
 ) -> None:
     """Flags for the fields ``names`` of the config dataclass ``cls``, from their declaration
-    (``llmeraser.options``): ``--prefix-name`` (or ``flags[name]``), the type, the ``Literal`` choices, the
-    default and the help (``defaults`` / ``helps`` say where the command's differ, e.g. None: from the
-    adapter's record). Every value given is checked against the declaration before the command runs, and
-    a ``ConfigError`` naming the field is reported with its flag."""
+    (``llmeraser.options``): ``--prefix-name`` (or ``flags[name]``), the type, the choices, the default and
+    the help (``defaults`` / ``helps`` say where the command's differ, e.g. None: from the adapter's record);
+    the ``required`` ones must be given; a tuple field takes one or more values (``nargs[name]`` says
+    otherwise: ``*``, none for an empty tuple). Every value given is checked against the declaration before
+    the command runs, and a ``ConfigError`` naming the field is reported with its flag."""
     from dataclasses import MISSING, fields
 
     from llmeraser.options import field_type
@@ -64,12 +71,14 @@ def _add_options(
         if typing.get_origin(scalar) in (typing.Union, types.UnionType):  # str | tuple[str, ...]: the list form
             scalar = next(t for t in typing.get_args(scalar) if typing.get_origin(t) is tuple)
         declared_default = f.default_factory() if f.default_factory is not MISSING else f.default
-        default = (defaults or {}).get(name, declared_default)
-        kwargs: dict[str, Any] = {"default": default, "help": (helps or {}).get(name, f.metadata["help"]).replace("%", "%%")}
+        default = None if name in required else (defaults or {}).get(name, declared_default)
+        kwargs: dict[str, Any] = {"default": default, "help": (helps or {}).get(name, f.metadata["help"]).replace("%", "%%"),
+                                  "required": name in required}
         if scalar is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         elif typing.get_origin(scalar) is tuple:
-            kwargs.update(nargs="+", type=typing.get_args(scalar)[0], default=list(default) if default else default)
+            kwargs.update(nargs=(nargs or {}).get(name, "+"), type=typing.get_args(scalar)[0],
+                          default=list(default) if default else default)
         elif choices is not None:
             kwargs["choices"] = list(choices)
         else:

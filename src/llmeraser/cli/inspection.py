@@ -78,18 +78,19 @@ def _evaluate(args: argparse.Namespace) -> None:
              "loss_new": float(next(new_iter)) if p.new is not None else None}
             for p, old in zip(pairs, old_losses)
         ]
-        rows.append(("edited (old versions)", evaluate_examples(model, tokenizer, edited_old, max_length, args.batch_size, scope)))
+        rows.append(("edited (old versions)",
+                     evaluate_examples(model, tokenizer, edited_old, max_length, args.batch_size, scope)))
         if edited_new:
-            rows.append(("edited (new versions)", evaluate_examples(model, tokenizer, edited_new, max_length, args.batch_size, scope)))
+            rows.append(("edited (new versions)",
+                         evaluate_examples(model, tokenizer, edited_new, max_length, args.batch_size, scope)))
     comparisons = []
     for other in args.compare or []:
         theta_other = adapter_vector(model, other)
         entry: dict[str, Any] = {"adapter": other}
-        entry["data"] = function_space_distance(model, tokenizer, examples, theta_other, theta, max_length, args.batch_size, scope)
-        if edited_old:
-            entry["edited_old"] = function_space_distance(model, tokenizer, edited_old, theta_other, theta, max_length, args.batch_size, scope)
-        if edited_new:
-            entry["edited_new"] = function_space_distance(model, tokenizer, edited_new, theta_other, theta, max_length, args.batch_size, scope)
+        for key, items in (("data", examples), ("edited_old", edited_old), ("edited_new", edited_new)):
+            if items or key == "data":
+                entry[key] = function_space_distance(model, tokenizer, items, theta_other, theta, max_length,
+                                                     args.batch_size, scope)
         comparisons.append(entry)
     results["compare"] = comparisons
 

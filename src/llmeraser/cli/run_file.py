@@ -70,13 +70,18 @@ def _run_with_run_file(args: argparse.Namespace, parser: argparse.ArgumentParser
         write_text_atomic(Path(out) / RUN_FILE, text)
 
 
-def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
-    """Apply ``--config FILE`` (if given) as defaults of the chosen subcommand's parser; returns the keys
-    that count as given (a ``run.toml``'s ``given`` list, else every key of the file)."""
+def _preparse(argv: Sequence[str]) -> argparse.Namespace:
+    """The subcommand named in ``argv`` (``command``, None if none) and its ``--config`` file (``config``)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("command", nargs="?")
     pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
+    return pre.parse_known_args(argv)[0]
+
+
+def _config_defaults(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """Apply ``--config FILE`` (if given) as defaults of the chosen subcommand's parser; returns the keys
+    that count as given (a ``run.toml``'s ``given`` list, else every key of the file)."""
+    known = _preparse(argv)
     if not known.config or not known.command:
         return set()
     path = Path(known.config)

@@ -145,7 +145,8 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
 
 def _train_flags(train: argparse.ArgumentParser) -> None:
     _add_model(train, required=True)
-    train.add_argument("--data", required=True, help="training data: .jsonl, .json, .csv/.tsv or .parquet; prompt/response or conversation rows")
+    train.add_argument("--data", required=True,
+                       help="training data: .jsonl, .json, .csv/.tsv or .parquet; prompt/response or conversation rows")
     train.add_argument("--out", required=True, help="new adapter directory (must not exist)")
     _add_recipe(train)
     _add_dtype(train)
