@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmeraser.cli.flags import Command, _add_dry_run, _add_dtype, _add_model, _add_options, _add_record_recipe
+from llmeraser.cli.flags import Command, _add_dry_run, _add_options
 from llmeraser.cli.run_file import _given
-from llmeraser.cli.shared import _estimate_train, _load_checked_adapter, _print_dry_run
+from llmeraser.cli.shared import _add_checked_adapter, _estimate_train, _load_checked_adapter, _print_dry_run
 from llmeraser.errors import InputError
 
 # the flags that configure the influence update by hand: given any of them, erase --mode auto does as they say
@@ -214,17 +214,11 @@ def _wait_for_rank_zero() -> None:
 def _erase_flags(erase: argparse.ArgumentParser) -> None:
     from llmeraser.eraser import EraseConfig  # the flags' defaults are the library's (declared once)
 
-    _add_model(erase, required=False)
-    erase.add_argument("--adapter", required=True, help="input PEFT adapter directory")
-    erase.add_argument("--data", required=True,
-                       help="the training data the adapter was trained on (.jsonl, .json, .csv/.tsv, .parquet)")
+    _add_checked_adapter(erase)
     erase.add_argument("--requests", required=True, help="request file, JSONL: remove / modify_query / correct_response")
     erase.add_argument("--out", required=True, help="new adapter directory (must not exist)")
-    _add_options(erase, EraseConfig, ["solver", "curvature", "damping", "scaling"])
-    _add_record_recipe(erase, ["weight_decay"], EraseConfig)
-    _add_options(erase, EraseConfig, ["max_iters", "tol", "batch_size", "curvature_examples"])
-    _add_record_recipe(erase, ["max_length", "loss_scope"], EraseConfig)
-    _add_options(erase, EraseConfig, ["seed"])
+    _add_options(erase, EraseConfig, ["solver", "curvature", "damping", "scaling", "max_iters", "tol", "batch_size",
+                                      "curvature_examples", "seed"])
     erase.add_argument("--curvature-cache", default=None,
                        help="a fit-curvature directory (K-FAC, EK-FAC or DataInf) for this adapter and data, used as "
                        "--curvature-use says")
@@ -243,11 +237,7 @@ def _erase_flags(erase: argparse.ArgumentParser) -> None:
     _add_options(erase, EraseConfig, ["trust_region_steps"], flags={"trust_region_steps": "--steps"},
                  defaults={"trust_region_steps": None},
                  helps={"trust_region_steps": f"trust-region steps at most (default {EraseConfig.trust_region_steps})"})
-    _add_options(erase, EraseConfig, ["kept_examples", "heldout_tolerance", "kl_budget"])
-    erase.add_argument("--allow-mismatch", action="store_true",
-                       help="proceed although base model or data differ from the adapter's record")
-    _add_options(erase, EraseConfig, ["auto_damping"])
-    _add_dtype(erase)
+    _add_options(erase, EraseConfig, ["kept_examples", "heldout_tolerance", "kl_budget", "auto_damping"])
     _add_dry_run(erase, "erasure (prepare, gradients, solve, save)")
 
 

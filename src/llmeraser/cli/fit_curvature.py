@@ -6,19 +6,11 @@ from __future__ import annotations
 import argparse
 import time
 
-from llmeraser.cli.flags import (
-    Command,
-    _add_dry_run,
-    _add_dtype,
-    _add_loss_scope,
-    _add_model,
-    _add_options,
-    _add_record_recipe,
-)
-from llmeraser.cli.shared import _load_checked_adapter, _print_dry_run, _refuse_existing
+from llmeraser.cli.flags import Command, _add_dry_run, _add_options
+from llmeraser.cli.shared import _add_checked_adapter, _load_checked_adapter, _print_dry_run, _refuse_existing
 
-# CurvatureFitConfig's fields, in --help's order (datainf_damping: --damping)
-_FIT_FIELDS = ("curvature_examples", "batch_size", "seed", "method", "datainf_damping", "calibration_examples",
+# CurvatureFitConfig's fields, as fit-curvature's flags (datainf_damping: --damping)
+_FIT_FIELDS = ("method", "datainf_damping", "curvature_examples", "batch_size", "seed", "calibration_examples",
                "calibration_directions", "calibration_damping")
 
 
@@ -67,20 +59,9 @@ def _fit_curvature_flags(fit: argparse.ArgumentParser) -> None:
     default = CurvatureFitConfig().method
     methods = "; ".join(f"{name}{' (default)' if name == default else ''}: {get_curvature_method(name).help}"
                         for name in sorted(curvature_methods(), key=lambda m: m != default))
-    _add_model(fit, required=False)
-    fit.add_argument("--adapter", required=True, help="PEFT adapter directory")
-    fit.add_argument("--data", required=True,
-                     help="the training data the adapter was trained on (.jsonl, .json, .csv/.tsv, .parquet)")
+    _add_checked_adapter(fit)
     fit.add_argument("--out", required=True, help="new curvature directory (must not exist)")
-    _add_options(fit, CurvatureFitConfig, _FIT_FIELDS[:2])
-    _add_record_recipe(fit, ["max_length"])
-    _add_loss_scope(fit)
-    _add_options(fit, CurvatureFitConfig, _FIT_FIELDS[2:], flags={"datainf_damping": "--damping"},
-                 helps={"method": methods})
-    _add_record_recipe(fit, ["weight_decay"])
-    fit.add_argument("--allow-mismatch", action="store_true",
-                     help="proceed although base model or data differ from the adapter's record")
-    _add_dtype(fit)
+    _add_options(fit, CurvatureFitConfig, _FIT_FIELDS, flags={"datainf_damping": "--damping"}, helps={"method": methods})
     _add_dry_run(fit, "fit (load, tokenise, fit, step-length calibration, save)")
 
 

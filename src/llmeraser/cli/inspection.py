@@ -168,7 +168,6 @@ def _apply_requests(args: argparse.Namespace) -> None:
     print(f"written to {args.out}")
 
 
-
 def _evaluate_flags(evaluate: argparse.ArgumentParser) -> None:
     _add_model(evaluate, required=False)
     evaluate.add_argument("--adapter", required=True, help="adapter directory to evaluate")

@@ -1,5 +1,5 @@
 """What several commands do when they run: refuse an existing output, say how many examples are cut,
-print a dry run's estimate, load and check an existing adapter."""
+print a dry run's estimate, load and check an existing adapter (and the flags that say how)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmeraser.cli.flags import _spell
+from llmeraser.cli.flags import _add_dtype, _add_model, _add_record_recipe, _spell
 from llmeraser.errors import InputError
 
 
@@ -57,3 +57,16 @@ def _load_checked_adapter(args: argparse.Namespace, examples: list, requests: Se
     adapter.check(examples, args.data, requests)
     _print_truncation(adapter.truncated, len(examples), adapter.recipe.max_length)
     return adapter
+
+
+def _add_checked_adapter(parser: argparse.ArgumentParser) -> None:
+    """The flags ``_load_checked_adapter`` reads: the adapter and its training data, the base model, the
+    recipe values (default: the training record's), mismatches allowed, the dtype."""
+    _add_model(parser, required=False)
+    parser.add_argument("--adapter", required=True, help="input PEFT adapter directory (never modified)")
+    parser.add_argument("--data", required=True,
+                        help="the training data the adapter was trained on (.jsonl, .json, .csv/.tsv, .parquet)")
+    _add_record_recipe(parser, ["weight_decay", "max_length", "loss_scope"])
+    parser.add_argument("--allow-mismatch", action="store_true",
+                        help="proceed although base model or data differ from the adapter's record")
+    _add_dtype(parser)
