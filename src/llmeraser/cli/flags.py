@@ -31,13 +31,16 @@ class Command:
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Each flag's default shown once: `` (default: X)`` is appended unless the help already says its default
-    or there is none to show (None, an off switch, a required flag)."""
+    or there is none to show (None, an off switch, a required flag); a list as the command line takes it
+    (``q_proj v_proj``)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if ("default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS
                 or action.required):
             return text
+        if isinstance(action.default, (list, tuple)):
+            return text + " (default: " + " ".join(map(str, action.default)).replace("%", "%%") + ")"
         return super()._get_help_string(action)
 
 
@@ -190,11 +193,6 @@ def _field_help(cls: type, name: str) -> str:
     from llmeraser.options import field_help
 
     return field_help(cls, name)
-
-
-def _add_loss_scope(parser: argparse.ArgumentParser) -> None:
-    """``--loss-scope`` of the commands that read an existing adapter: default the training record's."""
-    _add_record_recipe(parser, ["loss_scope"])
 
 
 def _add_dry_run(parser: argparse.ArgumentParser, stages: str) -> None:

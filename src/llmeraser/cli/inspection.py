@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from llmeraser.cli.flags import Command, _add_dtype, _add_loss_scope, _add_model
+from llmeraser.cli.flags import Command, _add_dtype, _add_model, _add_record_recipe
 from llmeraser.cli.shared import _print_truncation
 from llmeraser.errors import InputError
 from llmeraser.models import DTYPES
@@ -176,8 +176,7 @@ def _evaluate_flags(evaluate: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--train-data", default=None, help="training data the requests refer to (default: --data)")
     evaluate.add_argument("--compare", nargs="+", default=None, help="other adapter directories to measure distances to")
     evaluate.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    evaluate.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the recipe's)")
-    _add_loss_scope(evaluate)
+    _add_record_recipe(evaluate, ["max_length", "loss_scope"])
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
     _add_dtype(evaluate)
 
