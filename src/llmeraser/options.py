@@ -1,6 +1,6 @@
 """One declaration per option: a config dataclass field carries its type (``Literal`` choices), default,
 help text and bounds; ``validate`` checks an instance against them, and the CLI generates its flags from
-the same fields (``llmeraser.cli``).
+the same fields (``llmeraser.cli.flags``).
 
     @dataclass
     class MyConfig:

@@ -12,7 +12,8 @@ a bug, shown with its traceback (exit 1).
 
 The modules: ``flags`` (the parser machinery: flags generated from the config dataclasses, a ``ConfigError``
 shown with its flag), ``run_file`` (``run.toml`` and ``--config``), ``shared`` (what several commands do),
-one module per group of commands (``train``, ``erase``, ``fit_curvature``, ``inspection``, ``experiments``).
+one module per group of commands (``train``, ``erase``, ``fit_curvature``, ``inspection``, ``experiments``),
+``reference`` (every command's ``--help``: the reference section of ``docs/cli.md``).
 """
 
 from __future__ import annotations
