@@ -19,7 +19,8 @@ from cli_helpers import FAST_TRAIN, cli
 from conftest import toy_examples
 
 from llmeraser.adapter import LoraSettings
-from llmeraser.cli import _subcommand, build_parser, main
+from llmeraser.cli import build_parser, main
+from llmeraser.cli.flags import _subcommand
 from llmeraser.data import write_examples
 from llmeraser.eraser import EraseConfig
 from llmeraser.errors import ConfigError, LLMEraserError
@@ -78,7 +79,38 @@ def test_generated_flags_carry_the_declared_choices_defaults_and_help():
     assert "(default 8)" in help_text and f"(default {EraseConfig.trust_region_steps})" in help_text
 
 
-@pytest.mark.parametrize("command", ["erase", "train", "fit-curvature", "bench", "evaluate", "retrain", "demo"])
+def test_the_fit_bench_and_demo_flags_come_from_their_configs():
+    from llmeraser.curvature import curvature_methods
+    from llmeraser_bench.demo import DemoConfig
+    from llmeraser_bench.protocol import BenchConfig
+
+    parser = build_parser()
+    fit = {a.dest: a for a in _subcommand(parser, "fit-curvature")._actions}
+    assert tuple(fit["method"].choices) == curvature_methods()  # the registry's, at parser build
+    assert fit["calibration_directions"].type is int and fit["damping"].default is None  # datainf_damping
+    bench = {a.dest: a for a in _subcommand(parser, "bench")._actions}
+    flagged = [f for f in declared(BenchConfig) if f.name != "relearn_examples"]  # no flag: the attack's size
+    for f in flagged:
+        action = bench["ratio" if f.name == "ratios" else f.name]
+        assert action.default is None, f.name  # None: the task's value (task_config)
+        if field_type(BenchConfig, f.name)[1] is not None:
+            assert tuple(action.choices) == choices_of(BenchConfig, f.name), f.name
+    assert bench["task"].required and bench["quantise_bits"].nargs == "*"
+    demo = {a.dest: a for a in _subcommand(parser, "demo")._actions}
+    assert (demo["model"].default, demo["seed"].default) == (DemoConfig.model, DemoConfig.seed)
+
+
+def test_a_core_command_never_builds_the_experiments_flags():
+    """``main`` adds the flags of the command it runs alone: the core's never import ``llmeraser_bench``."""
+    script = ("import sys\nfrom llmeraser.cli import main\ntry:\n    main(['train', '--help'])\nexcept SystemExit:\n"
+              "    pass\nassert not [m for m in sys.modules if m.startswith('llmeraser_bench')]\n")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])})
+    assert done.returncode == 0 and "--lora-r" in done.stdout, done.stderr
+
+
+@pytest.mark.parametrize("command", ["erase", "train", "fit-curvature", "bench", "evaluate", "retrain", "demo", "make-data"])
 def test_help_states_each_default_once(command):
     text = _subcommand(build_parser(), command).format_help()
     for chunk in text.split("\n  -")[1:]:

@@ -1,6 +1,6 @@
 """One declaration per option: a config dataclass field carries its type (``Literal`` choices), default,
 help text and bounds; ``validate`` checks an instance against them, and the CLI generates its flags from
-the same fields (``llmeraser.cli``).
+the same fields (``llmeraser.cli.flags``).
 
     @dataclass
     class MyConfig:
@@ -17,7 +17,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 from llmeraser.errors import ConfigError
@@ -33,12 +33,15 @@ def option(
     gt: float | None = None,
     default_factory: Any = _NO_DEFAULT,
     open_choices: bool = False,
+    choices: Callable[[], Sequence[Any]] | None = None,
 ) -> Any:
     """A dataclass field with its help text and bounds: ``min`` (value >= min, finite) or ``gt`` (value > gt,
-    finite); None is always allowed where the type allows it. ``open_choices``: the ``Literal`` lists the
-    values llmeraser runs (the CLI's choices), but a record may hold others (an adapter trained outside
-    llmeraser: ``adamw``, ``cosine``), which ``validate`` accepts and the code that runs them refuses."""
-    metadata = {"help": help, "min": min, "gt": gt, "open_choices": open_choices}
+    finite; of each value of a tuple field); None is always allowed where the type allows it.
+    ``open_choices``: the ``Literal`` lists the values llmeraser runs (the CLI's choices), but a record may
+    hold others (an adapter trained outside llmeraser: ``adamw``, ``cosine``), which ``validate`` accepts
+    and the code that runs them refuses. ``choices``: for a ``str`` field whose values are known only at
+    run time (a registry), the function that lists them when asked."""
+    metadata = {"help": help, "min": min, "gt": gt, "open_choices": open_choices, "choices": choices}
     if default_factory is not _NO_DEFAULT:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -54,12 +57,18 @@ def _strip_optional(hint: Any) -> tuple[Any, bool]:
 
 
 def field_type(cls: type, name: str) -> tuple[Any, tuple[Any, ...] | None, bool]:
-    """(the scalar type, the ``Literal`` choices or None, whether None is allowed) of ``cls``'s field ``name``."""
+    """(the scalar type, the choices (``Literal`` or ``option(choices=)``) or None, whether None is allowed)
+    of ``cls``'s field ``name``."""
     hint, optional = _strip_optional(_hints(cls)[name])
     if typing.get_origin(hint) is Literal:
         choices = typing.get_args(hint)
         return type(choices[0]), choices, optional
-    return hint, None, optional
+    listed = _field(cls, name).metadata.get("choices")
+    return hint, (tuple(listed()) if listed else None), optional
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -70,10 +79,10 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def choices_of(cls: type, name: str) -> tuple[Any, ...]:
-    """The ``Literal`` choices of ``cls``'s field ``name``."""
+    """The choices of ``cls``'s field ``name``."""
     found = field_type(cls, name)[1]
     if found is None:
-        raise TypeError(f"{cls.__name__}.{name} is not a Literal")
+        raise TypeError(f"{cls.__name__}.{name} declares no choices")
     return found
 
 
@@ -83,7 +92,7 @@ def declared(cls: type) -> Iterator[dataclasses.Field]:
 
 
 def field_help(cls: type, name: str) -> str:
-    return next(f for f in dataclasses.fields(cls) if f.name == name).metadata["help"]
+    return _field(cls, name).metadata["help"]
 
 
 def bounds_text(f: dataclasses.Field) -> str | None:
@@ -96,8 +105,9 @@ def bounds_text(f: dataclasses.Field) -> str | None:
 
 
 def check_field(cls: type, name: str, value: Any) -> None:
-    """Raise ``ConfigError(name, ...)`` unless ``value`` is within ``cls``'s declaration of field ``name``."""
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    """Raise ``ConfigError(name, ...)`` unless ``value`` is within ``cls``'s declaration of field ``name``
+    (a tuple: each of its values within the bounds)."""
+    f = _field(cls, name)
     _, choices, optional = field_type(cls, name)
     if value is None:
         if optional or choices is None and f.default is None:
@@ -108,8 +118,14 @@ def check_field(cls: type, name: str, value: Any) -> None:
     low, above = f.metadata.get("min"), f.metadata.get("gt")
     if low is None and above is None:
         return
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or (low is not None and value < low) or (above is not None and value <= above):
+
+    def within(v: Any) -> bool:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return number and math.isfinite(v) and (low is None or v >= low) and (above is None or v > above)
+
+    if isinstance(value, tuple) and not all(within(v) for v in value):
+        raise ConfigError(name, f"must hold values {bounds_text(f)}, got {value}")
+    if not isinstance(value, tuple) and not within(value):
         raise ConfigError(name, f"must be {bounds_text(f)}, got {value}")
 
 

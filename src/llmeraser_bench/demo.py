@@ -38,6 +38,7 @@ from llmeraser.evaluate import (
     function_space_distance,
 )
 from llmeraser.models import load_base_model
+from llmeraser.options import option, validate
 from llmeraser.plan import plan_erase
 from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
@@ -52,7 +53,7 @@ from llmeraser_bench.report import format_table
 class DemoConfig:
     """Sizes and settings of the demo; the defaults finish in under 10 minutes on 2 CPU cores."""
 
-    model: str = "smollm2-135m"
+    model: str = option("smollm2-135m", help="base model: smollm2-135m, tiny, a hub id or a local directory")
     n_train: int = 128
     n_test: int = 48
     history_length: int = 3
@@ -62,13 +63,16 @@ class DemoConfig:
     rest_sample: int = 32
     n_heldout: int = 24
     trust_region_steps: int = TrustRegionSettings.steps
-    seed: int = 0
+    seed: int = option(0, help="seed of data sampling, adapter init and training order")
     lora: LoraSettings = SMOLLM2_LORA
     recipe: TrainConfig = SMOLLM2_RECIPE
     eraser: EraseConfig = field(default_factory=lambda: smollm2_erase_config(curvature_use="direct"))
     cache_method: str = "ekfac"
     calibration_examples: int = 8
     calibration_directions: int = 4
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def tiny_demo_config() -> DemoConfig:

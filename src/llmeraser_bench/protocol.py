@@ -30,15 +30,17 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from torch import Tensor
 
 from llmeraser.adapter import AdapterParameters, LoraSettings, attach_lora
 from llmeraser.curvature.cache import fit_cached_curvature
+from llmeraser.curvature.registry import curvature_methods
 from llmeraser.data import Example, TokenizationConfig, tokenize_examples
 from llmeraser.eraser import EraseConfig, erase
 from llmeraser.models import load_base_model
+from llmeraser.options import option, validate
 from llmeraser.requests import resolve
 from llmeraser.train import TrainConfig, paired_schedule, train_adapter
 from llmeraser.trust_region import TrustRegionSettings
@@ -46,8 +48,9 @@ from llmeraser_bench.baselines import continued_finetuning, gradient_ascent, tra
 from llmeraser_bench.metrics import EvalSets, SetPredictions, predict_sets, score_method
 from llmeraser_bench.nextitem import score_next_item
 from llmeraser_bench.pii import pii_task, score_pii
-from llmeraser_bench.recsys.corruption import TASKS, make_task
-from llmeraser_bench.recsys.nextitem import NEXT_ITEM_MODES, next_item_query_task, sample_next_item
+from llmeraser_bench.recsys.corruption import make_task
+from llmeraser_bench.recsys.nextitem import NextItemMode, next_item_query_task, sample_next_item
+from llmeraser_bench.recsys.ratings import RatingFormat
 from llmeraser_bench.recsys.tallrec import sample_tallrec
 from llmeraser_bench.resources import machine, measured
 from llmeraser_bench.robustness import attack_metrics, relearn_set
@@ -75,7 +78,8 @@ DEFAULT_METHODS = {
     "pii": ("original", "retrain", "llmeraser_cached", "llmeraser_tr", "gradient_ascent"),
     "next-item": ("original", "retrain", "llmeraser_cached", "llmeraser_tr", "finetune", "sisa"),
 }
-BENCH_TASKS = (*TASKS, "pii", "next-item")
+BenchTask = Literal["removal", "query", "response", "pii", "next-item"]  # recsys.corruption.TASKS and the generative ones
+BENCH_TASKS: tuple[BenchTask, ...] = get_args(BenchTask)
 
 
 @dataclass(frozen=True)
@@ -89,35 +93,43 @@ class BenchConfig:
     relearning attack) and ``relearn_examples`` set the attacks of ``bench.robustness``. The ``next-item`` task
     (``recsys.nextitem``; see ``next_item_config``) shows ``history_length`` items and ``n_candidates``
     candidates per prompt; its requests are query modifications of ``query_mode`` (``replace``: noisy history
-    items restored; ``delete``: history items deleted)."""
+    items restored; ``delete``: history items deleted). ``task_config`` gives each task's configuration."""
 
-    task: str = "removal"
-    data: str = "ml-100k"
-    format: str | None = None
-    ratios: tuple[float, ...] = (0.05,)
-    model: str = "smollm2-135m"
+    task: BenchTask = option(
+        "removal", help="removal / query (noisy prompts restored) / response (flipped labels corrected) on TALLRec "
+        "data; pii: the generated people-attributes question-answer scenario; next-item: choose the next item among "
+        "candidates, requests edit the rated history (`query_mode`)")
+    data: str = option("ml-100k", help="ml-100k (the copy in the recbole package) or a rating-data directory")
+    format: RatingFormat | None = option(None, help="format of `data` (default: detected from the files)")
+    ratios: tuple[float, ...] = option((0.05,), gt=0.0, help="fraction(s) of training examples edited")
+    model: str = option("smollm2-135m", help="base model")
     seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] | None = None
-    n_train: int = 96
-    n_test: int = 512
+    methods: tuple[str, ...] | None = option(None, help=f"subset of: {' '.join(METHODS)}")
+    n_train: int = option(96, min=1, help="training examples")
+    n_test: int = option(512, min=1, help="test examples")
     n_nonmembers: int = 48
     n_holdout: int = 24
-    removal_unit: str = "example"
+    removal_unit: Literal["example", "user"] = option(
+        "example", help="removal task: remove `ratios` of the examples, or every example of `ratios` of the users")
     history_length: int = 3
     data_seed: int = 0
     sisa_shards: int = 4
-    cache_method: str = "ekfac"
+    cache_method: str = option("ekfac", choices=curvature_methods, help="curvature fitted once for llmeraser_cached")
     calibration_examples: int = 8
     calibration_directions: int = 4
-    trust_region_steps: int = TrustRegionSettings.steps
-    quantise_bits: tuple[int, ...] = (8, 4)
-    relearn_steps: int = 5
-    relearn_examples: int = 8
-    query_mode: str = "replace"
+    trust_region_steps: int = option(TrustRegionSettings.steps, min=1, help="llmeraser_tr's steps at most")
+    quantise_bits: tuple[int, ...] = option((8, 4), min=2, help="bit widths of the quantisation check (none: not run)")
+    relearn_steps: int = option(5, min=0, help="steps of the relearning attack (0: not run)")
+    relearn_examples: int = option(8, min=0, help="kept examples the relearning attack fine-tunes on")
+    query_mode: NextItemMode = option(
+        "replace", help="next-item task: noisy history items restored (replace) or history items deleted (delete)")
     n_candidates: int = 20
     lora: LoraSettings = SMOLLM2_LORA
     recipe: TrainConfig = SMOLLM2_RECIPE
     eraser: EraseConfig = field(default_factory=lambda: smollm2_erase_config(auto_damping=True))
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def chosen_methods(self) -> tuple[str, ...]:
         """The methods to run (the task's defaults when ``methods`` is None), always with ``original`` and
@@ -126,23 +138,18 @@ class BenchConfig:
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)} (expected: {', '.join(METHODS)})")
-        if any(b < 2 for b in self.quantise_bits) or self.relearn_steps < 0 or self.relearn_examples < 0:
-            raise ValueError("quantise_bits must be ≥ 2, relearn_steps and relearn_examples ≥ 0")
-        if self.task == "next-item" and self.query_mode not in NEXT_ITEM_MODES:
-            raise ValueError(f"unknown query_mode {self.query_mode!r} (expected one of: {', '.join(NEXT_ITEM_MODES)})")
         if self.task == "removal" and "finetune" in methods:
             raise ValueError("finetune needs corrected examples; the removal task has none")
         return tuple(m for m in METHODS if m in methods or m in ("original", "retrain"))
 
     def validate(self) -> None:
-        if self.task not in BENCH_TASKS:
-            raise ValueError(f"unknown task {self.task!r} (expected one of: {', '.join(BENCH_TASKS)})")
+        """What the declaration does not say (``__post_init__`` checks the declared fields)."""
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
         self.chosen_methods()
 
 
-def quick_config(task: str) -> BenchConfig:
+def quick_config(task: BenchTask) -> BenchConfig:
     """The protocol on the tiny random-init model and a few dozen examples: seconds, for the test suite."""
     return BenchConfig(
         task=task,
@@ -177,6 +184,15 @@ def pii_config(quick: bool = False) -> BenchConfig:
         eraser=EraseConfig(solver="cg", curvature="gauss-newton", damping=1e-2, weight_decay=1e-3, max_iters=8,
                            tol=1e-3, max_length=64, curvature_examples=24, batch_size=8, auto_damping=True),
     )
+
+
+def task_config(task: BenchTask, quick: bool = False) -> BenchConfig:
+    """The protocol's configuration of ``task`` (``quick``: on the tiny model, in seconds)."""
+    if task == "pii":
+        return pii_config(quick)
+    if task == "next-item":
+        return next_item_config(quick)
+    return quick_config(task) if quick else BenchConfig(task=task)
 
 
 def next_item_config(quick: bool = False) -> BenchConfig:
@@ -234,7 +250,7 @@ def prepare_ratio(config: BenchConfig, ratio: float) -> tuple[Any, EvalSets]:
     holdout = [e for k, e in enumerate(pool) if k in holdout_at]
     splits = dataclasses.replace(splits, train=[e for k, e in enumerate(pool) if k not in nonmember_at | holdout_at])
     options = {"by_user": True} if config.task == "removal" and config.removal_unit == "user" else {}
-    task = make_task(splits, config.task, ratio, config.data_seed, **options)  # type: ignore[arg-type]
+    task = make_task(splits, config.task, ratio, config.data_seed, **options)
     pairs = resolve(task.requests, task.train)
     sets = EvalSets(
         test=list(splits.test),

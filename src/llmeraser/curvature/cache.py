@@ -31,13 +31,14 @@ from llmeraser.curvature.calibration import (
     calibration_pool,
     load_calibration,
 )
-from llmeraser.curvature.registry import CurvatureLayer, Layers, cache_method, get_curvature_method
+from llmeraser.curvature.registry import CurvatureLayer, Layers, cache_method, curvature_methods, get_curvature_method
 from llmeraser.data import Example, TokenizationConfig, TokenizedExample, tokenize_examples
 from llmeraser.distributed import is_distributed, is_main_process
-from llmeraser.errors import InputError
+from llmeraser.errors import ConfigError, InputError
 from llmeraser.hashing import dataset_hash
 from llmeraser.hashing import model_fingerprint as base_fingerprint
 from llmeraser.models import cache_dir
+from llmeraser.options import option, validate
 
 CURVATURE_META = "curvature.json"
 DEFAULT_METHOD = "kfac"  # the method of a cache whose curvature.json has no ``kind`` (the oldest ones)
@@ -232,7 +233,7 @@ class CurvatureFitConfig:
 
     - ``method``: a registered method (``curvature_methods()``: ekfac (default) | kfac | datainf);
       ``curvature_examples``: fit on a random subset of this many examples (None: all); ``datainf_damping``:
-      the method's own damping, DataInf's λ_l (None: its own default).
+      the method's own damping, DataInf's λ_l (None: its own default; only for a method that takes one).
     - ``calibration_examples`` × ``calibration_directions``: the step length α of a direct solve is the median
       over the loss gradients of ``calibration_directions`` random examples, fitted against the exact
       Gauss-Newton operator on ``calibration_examples`` examples (0: no calibration) at
@@ -240,14 +241,26 @@ class CurvatureFitConfig:
     - ``batch_size``: examples per forward pass; ``seed``: of the subsets and sampled labels.
     """
 
-    method: str = "ekfac"
-    curvature_examples: int | None = None
-    calibration_examples: int = CALIBRATION_EXAMPLES
-    calibration_directions: int = CALIBRATION_DIRECTIONS
-    calibration_damping: float = CALIBRATION_DAMPING
-    batch_size: int = 8
-    seed: int = 0
-    datainf_damping: float | None = None
+    method: str = option("ekfac", choices=curvature_methods, help="curvature approximation")
+    curvature_examples: int | None = option(None, min=1, help="fit on a random subset of this many examples (default: all)")
+    calibration_examples: int = option(
+        CALIBRATION_EXAMPLES, min=0, help="fit the step length α of erase --curvature-use direct against the exact "
+        "Gauss-Newton operator on this many random examples (0: no calibration; erase then fits α on its probe examples)")
+    calibration_directions: int = option(
+        CALIBRATION_DIRECTIONS, min=1, help="α is the median over the per-example loss gradients of this many random examples")
+    calibration_damping: float = option(
+        CALIBRATION_DAMPING, min=0.0, help="the damping λ of the calibration: erase uses the calibrated α when its "
+        "--damping + weight decay equal this + the recipe's `weight_decay`")
+    batch_size: int = option(8, min=1, help="examples per forward pass")
+    seed: int = option(0, help="seed of the subset and of the sampled labels")
+    datainf_damping: float | None = option(
+        None, min=0.0, help="datainf only: λ_l of every layer (default: DataInf's 0.1 · mean ‖g_i‖² / d_l)")
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.datainf_damping is not None and not get_curvature_method(self.method).takes_damping:
+            own = " | ".join(name for name in curvature_methods() if get_curvature_method(name).takes_damping)
+            raise ConfigError("datainf_damping", f"applies to `method={own}` only, not `method={self.method}`")
 
 
 def default_cache_path(adapter_sha256: str, data_sha256: str, model_fingerprint_: str, method: str) -> Path:

@@ -39,6 +39,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from llmeraser.data import Example
 from llmeraser.errors import InputError
@@ -47,7 +48,8 @@ from llmeraser_bench.recsys.corruption import Corruption, _count
 from llmeraser_bench.recsys.ratings import RatingData, default_ml100k_path, load_ratings, natural_key, placeholder_title
 from llmeraser_bench.recsys.tallrec import _PLURALS, _round_random, rated_items, subsample_records
 
-NEXT_ITEM_MODES = ("replace", "delete")
+NextItemMode = Literal["replace", "delete"]
+NEXT_ITEM_MODES: tuple[str, ...] = get_args(NextItemMode)
 
 
 @dataclass(frozen=True)

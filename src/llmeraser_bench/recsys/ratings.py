@@ -28,10 +28,12 @@ import re
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from llmeraser.errors import InputError
 
-FORMATS = ("recbole", "movielens", "bookcrossing", "lastfm")
+RatingFormat = Literal["recbole", "movielens", "bookcrossing", "lastfm"]
+FORMATS: tuple[str, ...] = get_args(RatingFormat)
 
 RECBOLE_INSTALL_HINT = "pip install --no-deps recbole==1.2.1"
 
