@@ -30,12 +30,12 @@ def adapter_tensors(directory: Path) -> torch.Tensor:
 
 def run_both(program: list[str], args_one: list[str], args_two: list[str], env: dict[str, str] = ENV) -> None:
     """``python PROGRAM ARGS_ONE`` in one process, then ``torchrun --nproc-per-node 2 PROGRAM ARGS_TWO``
-    (PROGRAM: ``-m llmeraser …`` or a script)."""
+    (PROGRAM: ``-m llmeraser …`` or a script). ``--standalone``: the rendezvous on a free port (tests running
+    at once on other pytest-xdist workers start their own)."""
     single = subprocess.run([sys.executable, *program, *args_one], capture_output=True, text=True, timeout=600, env=env)
     assert single.returncode == 0, single.stderr
     parallel = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
-         *program, *args_two],
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *program, *args_two],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert parallel.returncode == 0, parallel.stderr[-3000:]
