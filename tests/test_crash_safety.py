@@ -72,7 +72,7 @@ def setup(tmp_path_factory):
 def erase_argv(setup, out: Path) -> list[str]:
     _, data, requests, adapter = setup
     return ["erase", "--adapter", str(adapter), "--data", str(data), "--requests", str(requests), "--out", str(out),
-            "--damping", "0.1", "--max-iters", "20"]
+            "--damping", "0.1", "--max-iters", "3"]  # relative residual 0.04; each killed run computes up to its kill
 
 
 def train_argv(setup, out: Path) -> list[str]:
