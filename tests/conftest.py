@@ -5,11 +5,19 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from typing import Any
 
 # Tests never reach a model hub: fail fast instead of waiting on the network. Set before anything imports
 # huggingface_hub (it reads these once); subprocesses inherit them.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# On a pytest-xdist worker (scripts/test.sh): one thread each, here and in the subprocesses the tests
+# start, so that the workers, one per core, do not contend for the cores (set before torch is imported).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -17,6 +25,47 @@ import torch  # noqa: E402
 from llmeraser.adapter import AdapterParameters, LoraSettings, attach_lora  # noqa: E402
 from llmeraser.data import Example  # noqa: E402
 from llmeraser.models import load_base_model  # noqa: E402
+
+if XDIST_WORKER:
+    torch.set_num_threads(1)
+
+
+# Under pytest-xdist with --dist loadfile (scripts/test.sh) each module runs on one worker, so that its
+# module-scoped fixtures are built once; the tests of these modules (long, sharing no such fixture) are
+# scheduled one by one instead, each to whichever worker is free.
+SPREAD_BY_TEST = {"tests/test_bench.py", "tests/test_distributed.py"}
+SHARED_SCOPES = {"module", "class", "package"}
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # before xdist's own choice of scheduler
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """--dist loadfile, except that the modules of ``SPREAD_BY_TEST`` are scheduled test by test."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LoadFileSpreading(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if module in SPREAD_BY_TEST else module
+
+    return LoadFileSpreading(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A module of ``SPREAD_BY_TEST`` whose tests share a module-scoped fixture is an error: spread over
+    workers, the fixture would be built on each (and the tests could not rely on running in order)."""
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        info = getattr(item, "_fixtureinfo", None)
+        if module not in SPREAD_BY_TEST or info is None:
+            continue
+        for name in item.fixturenames:
+            definitions = info.name2fixturedefs.get(name, ())
+            if definitions and definitions[-1].scope in SHARED_SCOPES:
+                raise pytest.UsageError(f"{module} is in SPREAD_BY_TEST (tests/conftest.py) but {item.name} uses the "
+                                        f"{definitions[-1].scope}-scoped fixture '{name}': take it out of SPREAD_BY_TEST")
+
 
 WORDS = "red green blue cat dog fish one two three sun moon star tree rock leaf".split()
 

@@ -18,6 +18,7 @@ Results: one object per job with ``exit_code`` or ``signal`` and the wall time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -117,10 +118,14 @@ def main() -> None:
 
     import llmeraser.cli  # noqa: F401
     import llmeraser.eraser  # noqa: F401
+    import llmeraser.lifecycle  # noqa: F401
     import llmeraser.lineage  # noqa: F401
     import llmeraser.provenance  # noqa: F401
     import llmeraser.train  # noqa: F401
     import llmeraser.validate  # noqa: F401
+
+    with contextlib.suppress(ImportError):  # else imported by every child's first forward-mode product (~0.7 s)
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
 
     results = [run_job(job) for job in jobs]
     with open(results_path, "w", encoding="utf-8") as handle:

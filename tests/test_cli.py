@@ -1,5 +1,7 @@
 """The console script end to end on the tiny model (train → erase → retrain → evaluate --compare), and
-the refusals: bad request files, mismatched base model or data, existing output directories."""
+the refusals: bad request files, mismatched base model or data, existing output directories (these through
+``cli``, the console script's ``main`` in this process, as in test_bad_inputs: the same exit codes and
+messages without an interpreter's start-up, ~8 s, for each)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import cli
 from conftest import toy_examples
 
 from llmeraser.adapter import AdapterParameters
@@ -112,22 +115,22 @@ def test_wrong_base_model_or_data_is_refused_unless_allowed(workflow):
     root, data, requests, adapter, _, _, _ = workflow
     other = root / "other.jsonl"
     write_examples(other, toy_examples(16, seed=4))
-    done = run("erase", "--adapter", str(adapter), "--data", str(other), "--requests", str(requests), "--out", str(root / "x1"))
-    assert done.returncode == 3 and "is not the data the adapter was trained on" in done.stderr
+    done = cli("erase", "--adapter", str(adapter), "--data", str(other), "--requests", str(requests), "--out", str(root / "x1"))
+    assert done.code == 3 and "is not the data the adapter was trained on" in done.err
     assert not (root / "x1").exists()
     other_base = root / "other-base"  # a different base model (same architecture, other weights)
     model, tokenizer = build_tiny_model(seed=7)
     model.save_pretrained(other_base)
     tokenizer.save_pretrained(other_base)
-    done = run("erase", "--model", str(other_base), "--adapter", str(adapter), "--data", str(data),
+    done = cli("erase", "--model", str(other_base), "--adapter", str(adapter), "--data", str(data),
                "--requests", str(requests), "--out", str(root / "x2"))
-    assert done.returncode == 3 and "not the one the adapter was trained on" in done.stderr
+    assert done.code == 3 and "not the one the adapter was trained on" in done.err
     assert not (root / "x2").exists()
     (root / "cfg.toml").write_text('[erase]\ndamping = 0.1\nmax-iters = 5\n')
-    done = run("erase", "--config", str(root / "cfg.toml"), "--adapter", str(adapter), "--data", str(other),
+    done = cli("erase", "--config", str(root / "cfg.toml"), "--adapter", str(adapter), "--data", str(other),
                "--requests", str(requests.parent / "remove-only.jsonl"), "--out", str(root / "x3"))
-    assert done.returncode == 3  # the request file is missing: an input error naming it
-    assert "remove-only.jsonl" in done.stderr
+    assert done.code == 3  # the request file is missing: an input error naming it
+    assert "remove-only.jsonl" in done.err
 
 
 def test_mismatched_data_allowed_knowingly(workflow):
@@ -138,9 +141,9 @@ def test_mismatched_data_allowed_knowingly(workflow):
     only.write_text('{"op": "remove", "id": "ex0"}\n')
     (root / "cfg2.toml").write_text('[erase]\ndamping = 0.1\nmax-iters = 5\n')
     out = root / "x4"
-    done = run("erase", "--config", str(root / "cfg2.toml"), "--adapter", str(adapter), "--data", str(other),
+    done = cli("erase", "--config", str(root / "cfg2.toml"), "--adapter", str(adapter), "--data", str(other),
                "--requests", str(only), "--out", str(out), "--allow-mismatch")
-    assert done.returncode == 0, done.stderr
+    assert done.code == 0, done.err
     report = json.loads((out / "erasure_report.json").read_text())
     assert report["config"]["damping"] == 0.1 and report["config"]["max_iters"] == 5  # from the TOML file
     assert report["mismatches_allowed"] and "is not the data" in report["mismatches_allowed"][0]
@@ -161,9 +164,9 @@ def test_bad_request_file_names_file_line_and_problem_and_writes_nothing(workflo
     requests = root / "bad.jsonl"
     requests.write_text('{"op": "remove", "id": "ex0"}\n' + line + "\n")
     out = root / "never"
-    done = run("erase", "--adapter", str(adapter), "--data", str(data), "--requests", str(requests), "--out", str(out))
-    assert done.returncode == 3
-    assert f"{requests}:2:" in done.stderr and problem in done.stderr
+    done = cli("erase", "--adapter", str(adapter), "--data", str(data), "--requests", str(requests), "--out", str(out))
+    assert done.code == 3
+    assert f"{requests}:2:" in done.err and problem in done.err
     assert not out.exists()
     assert not any(p.name.startswith(".never") for p in root.iterdir())
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_lora_model, toy_examples
+from cli_helpers import cli
+from conftest import one_thread, tiny_lora_model, toy_examples
 from safetensors.torch import load_file
 
 from llmeraser.adapter import save_adapter
@@ -29,13 +31,18 @@ def adapter_tensors(directory: Path) -> torch.Tensor:
 
 
 def run_both(program: list[str], args_one: list[str], args_two: list[str], env: dict[str, str] = ENV) -> None:
-    """``python PROGRAM ARGS_ONE`` in one process, then ``torchrun --nproc-per-node 2 PROGRAM ARGS_TWO``
-    (PROGRAM: ``-m llmeraser …`` or a script)."""
-    single = subprocess.run([sys.executable, *program, *args_one], capture_output=True, text=True, timeout=600, env=env)
-    assert single.returncode == 0, single.stderr
+    """``PROGRAM ARGS_ONE`` in one process, this one (``-m llmeraser …`` through ``cli``, a runner script through
+    its ``main``; a fresh interpreter would add its start-up, ~8 s), then ``torchrun --nproc-per-node 2 PROGRAM
+    ARGS_TWO``. ``--standalone``: the rendezvous on a free port (tests running at once on other pytest-xdist
+    workers start their own)."""
+    if program[:2] == ["-m", "llmeraser"]:
+        single = cli(*program[2:], *args_one)
+        assert single.code == 0, single.err
+    else:
+        with one_thread():
+            runpy.run_path(program[0])["main"](*args_one)
     parallel = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000),
-         *program, *args_two],
+        [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", *program, *args_two],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert parallel.returncode == 0, parallel.stderr[-3000:]

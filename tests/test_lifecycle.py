@@ -14,7 +14,7 @@ from conftest import toy_examples
 from llmeraser.data import write_examples
 from llmeraser.models import build_tiny_model, load_base_model
 
-UPDATE = ["--mode", "update", "--solver", "direct", "--damping", "0.01"]
+UPDATE = ["--mode", "update", "--solver", "cg", "--max-iters", "5", "--damping", "0.01"]  # not direct: forms H
 RECIPE = ["--weight-decay", "0.01", "--max-length", "128", "--loss-scope", "response"]
 
 

@@ -207,3 +207,52 @@ def test_an_existing_cache_with_the_gguf_setting_is_fixed_on_load(tmp_path, monk
     (cache / "config.json").write_text(json.dumps(other))
     assert drop_gguf_quantization_config(cache) is False
     assert json.loads((cache / "config.json").read_text()) == other
+
+
+def test_callers_at_once_convert_smollm2_once_and_all_get_the_copy(tmp_path, monkeypatch):
+    """Two first uses at once (pytest-xdist workers, two commands): one converts, the other waits on the lock
+    and then loads that copy instead of converting again."""
+    import threading
+    import time
+
+    import llmeraser.models as models
+
+    monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path))
+    conversions = []
+
+    def convert(target):  # stands in for the ~30 s dequantisation
+        conversions.append(target)
+        time.sleep(0.5)
+        target.mkdir()
+        (target / "model.safetensors").write_bytes(b"weights")
+        (target / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+    monkeypatch.setattr(models, "_convert_smollm2", convert)
+    paths = []
+    callers = [threading.Thread(target=lambda: paths.append(models.smollm2_path())) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert paths == [tmp_path / "smollm2-135m-instruct"] * 2
+    assert len(conversions) == 1
+
+
+def test_a_copy_another_process_renamed_into_place_first_is_kept(tmp_path, monkeypatch):
+    """Without the lock (another version, another host's cache): the other process's rename lands between
+    the check and ours; its complete copy is kept and ours removed, no error."""
+    import llmeraser.models as models
+
+    target = tmp_path / "converted"
+    real_fsync_tree = models.fsync_tree
+
+    def other_process_finishes(directory):
+        real_fsync_tree(directory)
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "fsync_tree", other_process_finishes)
+    model, tokenizer = build_tiny_model(seed=0)
+    models.save_converted(model, tokenizer, target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted"]  # no temporary left

@@ -12,7 +12,7 @@ from conftest import toy_examples
 
 from llmeraser.data import write_examples
 
-UPDATE = ["--mode", "update", "--solver", "direct", "--damping", "0.01"]
+UPDATE = ["--mode", "update", "--solver", "cg", "--max-iters", "5", "--damping", "0.01"]  # not direct: forms H
 
 
 @pytest.fixture(scope="module")

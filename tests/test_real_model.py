@@ -40,7 +40,8 @@ def test_lora_r8_on_q_v_has_the_documented_size_and_a_removal_raises_its_loss(sm
     try:
         params = AdapterParameters.of(model)
         assert params.dim == 460_800
-        train = movielens_demo_examples(n_train=12, n_valid_or_test=4, history_length=2, seed=0).train
+        # 6 examples: each curvature product (one per cg iteration) passes over all of them
+        train = movielens_demo_examples(n_train=6, n_valid_or_test=4, history_length=2, seed=0).train
         train_adapter(model, tokenizer, train, TrainConfig(epochs=2, lr=2e-3, batch_size=6, weight_decay=1e-2))
         removed = train[3]
         result = erase(model, tokenizer, train, [Remove(removed.id)], solver="cg", curvature="gauss-newton",
@@ -84,9 +85,9 @@ def agent_chat(agent: str, code_name: str) -> list[dict]:
 def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(smollm2, tmp_path):
     """SmolLM2-135M-Instruct with its own (ChatML) chat template: a LoRA trained by ``transformers.Trainer`` +
     ``LlmeraserCallback`` on 12 short conversations (labels on the assistant's answer: the tokens after the
-    conversation's prompt rendered with ``add_generation_prompt=True``, as TRL does) for 30 steps, then erased
-    by ``llmeraser erase --mode update`` (cg, 4 iterations at damping 0.1: at the default 0.01 the unpreconditioned
-    cg did not bring the residual below 1 in 6 iterations, and each takes ~15 s here) with a request file removing
+    conversation's prompt rendered with ``add_generation_prompt=True``, as TRL does) for 15 steps, then erased
+    by ``llmeraser erase --mode update`` (cg, 3 iterations at damping 0.3, each ~15 s here: at damping 0.1 two
+    iterations left the residual above 1, at the default 0.01 six did) with a request file removing
     one conversation and correcting another's assistant answer (``"turn": 2``). Against the trained adapter, the
     removed conversation's loss rises and the corrected conversation's loss on its new answer falls (both as
     ``PeftModel.from_pretrained`` loads the adapters)."""
@@ -120,8 +121,8 @@ def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(smollm2, 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     model = get_peft_model(base, lora)
     out = tmp_path / "trained"
-    args = TrainingArguments(output_dir=str(out), num_train_epochs=10, per_device_train_batch_size=4,
-                             learning_rate=3e-3, weight_decay=0.01, seed=0, report_to=[], save_strategy="no",
+    args = TrainingArguments(output_dir=str(out), num_train_epochs=5, per_device_train_batch_size=4,
+                             learning_rate=6e-3, weight_decay=0.01, seed=0, report_to=[], save_strategy="no",
                              logging_strategy="no", disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
     callback = LlmeraserCallback(data, loss_scope="response", max_length=128)
     trainer = Trainer(model=model, args=args, train_dataset=tokenised,
@@ -134,10 +135,10 @@ def test_smollm2_chat_adapter_from_the_hf_trainer_is_erased_by_the_cli(smollm2, 
     finally:
         model.unload()  # the shared base model without LoRA layers again
         base.eval()
-    assert trainer.state.global_step == 30
+    assert trainer.state.global_step == 15
 
     done = cli("erase", "--adapter", out, "--data", data, "--requests", requests, "--out", tmp_path / "erased",
-               "--mode", "update", "--damping", "0.1", "--max-iters", "4")
+               "--mode", "update", "--damping", "0.3", "--max-iters", "3")
     assert done.code == 0, done.err
     report = json.loads((tmp_path / "erased" / "erasure_report.json").read_text())
     assert report["requests"] == {"remove": 1, "modify_query": 0, "correct_response": 1}

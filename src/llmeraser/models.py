@@ -91,15 +91,30 @@ def _smollm2_gguf_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _converted(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+
+
 def smollm2_path() -> Path:
-    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file on first use."""
+    """A plain safetensors copy of SmolLM2-135M-Instruct, converted from the GGUF file on first use.
+    Processes starting at once convert it once: the others wait on a lock file beside it, then load that copy."""
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
-        # a cache converted before the GGUF setting was dropped: drop it now (a small JSON rewrite);
-        # a read-only cache still loads (only the HF Trainer refuses it)
-        with contextlib.suppress(OSError):
-            drop_gguf_quantization_config(target)
-        return target
+    if not _converted(target):
+        from filelock import FileLock
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(target.with_name(target.name + ".lock")):
+            if not _converted(target):  # not converted meanwhile by the process that held the lock
+                _convert_smollm2(target)
+                return target
+    # a cache converted before the GGUF setting was dropped: drop it now (a small JSON rewrite);
+    # a read-only cache still loads (only the HF Trainer refuses it)
+    with contextlib.suppress(OSError):
+        drop_gguf_quantization_config(target)
+    return target
+
+
+def _convert_smollm2(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _smollm2_gguf_dir()
@@ -108,7 +123,6 @@ def smollm2_path() -> Path:
         source, gguf_file=SMOLLM2_GGUF, attn_implementation="eager", dtype=torch.float32
     )
     save_converted(model, tokenizer, target)
-    return target
 
 
 def save_converted(model: Any, tokenizer: Any, target: Path) -> None:
@@ -125,7 +139,12 @@ def save_converted(model: Any, tokenizer: Any, target: Path) -> None:
         drop_gguf_quantization_config(tmp)
         if not target.exists():
             fsync_tree(tmp)  # complete on disk before it gets its name
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not target.exists():
+                    raise
+                # another process (one not holding the lock) renamed its complete copy into place first: keep it
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
