@@ -509,7 +509,9 @@ class Adapter:
             config = self.erase_config(**{"trust_region": False, **given})
             cached_direct = curvature_cache is not None and config.curvature_use == "direct"
             warning = dearer_than_retraining(config, reproducible, len(train), removed, len(pairs), cached_direct)
-            return EraseRun("update", mode, None, config, Path(curvature_cache) if curvature_cache else None, None, warning)
+            cache = self.load_curvature(curvature_cache, train) if curvature_cache is not None else None
+            return EraseRun("update", mode, None, config, Path(curvature_cache) if curvature_cache else None, None,
+                            warning, cache)
         cache_path = self.default_curvature_path(train, AUTO_CACHE_METHOD)
         fitted = (cache_path / "curvature.json").is_file()
         steps = given.get("trust_region_steps", AUTO_TRUST_REGION_STEPS)
@@ -520,16 +522,16 @@ class Adapter:
         if mode == "retrain" or choice.choice == "retrain":
             return EraseRun("retrain", mode, choice)
         fit = None if fitted else auto_fit_config(given.get("batch_size", 8), given.get("seed", 0))
-        calibration = self.load_curvature(cache_path, train).calibration if fitted else None
-        if fitted:
-            damping = calibration.damping if calibration else self.erase_config().damping
+        cache = self.load_curvature(cache_path, train) if fitted else None
+        if cache is not None:
+            damping = cache.calibration.damping if cache.calibration else self.erase_config().damping
         else:
             assert fit is not None
             damping = fit.calibration_damping if fit.calibration_examples > 0 else self.erase_config().damping
         config = self.erase_config(**{**given, "damping": damping, "curvature_use": "direct",
                                       "trust_region": given.get("trust_region", True),
                                       "trust_region_steps": steps})
-        return EraseRun("update", mode, choice, config, cache_path, fit)
+        return EraseRun("update", mode, choice, config, cache_path, fit, cache=cache)
 
     def estimate_plan(self, plan: EraseRun, train: Sequence[Example], requests: Sequence[Any], *,
                       heldout: Sequence[Example] | None = None) -> RunEstimate:
@@ -560,9 +562,8 @@ class Adapter:
             if fit.calibration_examples > 0:
                 calibration = StepCalibration.planned(fit.calibration_damping, recipe.weight_decay,
                                                       fit.calibration_examples, fit.calibration_directions, fit.seed)
-        elif plan.cache_path is not None:
-            cache = self.load_curvature(plan.cache_path, train)
-            layers, calibration = cache.layers, cache.calibration
+        elif plan.cache is not None:
+            layers, calibration = plan.cache.layers, plan.cache.calibration
         estimate = estimate_erase(self.model, self.tokenizer, train, requests, plan.config, curvature_cache=layers,
                                   calibration=calibration, heldout=heldout)
         if plan.fit is not None:  # timed with the probe's stand-in layers (same sizes): named as the fit's method
@@ -579,7 +580,7 @@ class Adapter:
         if plan.mode == "retrain":
             erased = self.retrain(train, requests, progress=progress, requests_sha256=requests_sha256)
         else:
-            cache = None
+            cache = plan.cache
             if plan.fit is not None:
                 assert plan.cache_path is not None
                 if progress:
@@ -587,7 +588,6 @@ class Adapter:
                           f"{plan.cache_path})")
                 self.fit_curvature(train, plan.cache_path, plan.fit)
                 wait_for_rank_zero()
-            if plan.cache_path is not None:
                 cache = self.load_curvature(plan.cache_path, train)
             erased = self.erase(train, requests, plan.config, cache, heldout=heldout, progress=progress,
                                 requests_sha256=requests_sha256)

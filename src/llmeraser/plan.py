@@ -9,11 +9,11 @@ and long recipes, and whenever its curvature is already fitted.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llmeraser.curvature.cache import CurvatureFitConfig
+from llmeraser.curvature.cache import CurvatureCache, CurvatureFitConfig
 from llmeraser.eraser import DEFAULT_PROBE_EXAMPLES, EraseConfig
 from llmeraser.train import LBFGS_MAX_ITER, TrainConfig
 from llmeraser.trust_region import TrustRegionSettings
@@ -145,6 +145,7 @@ class EraseRun:
     - ``cache_path``: the curvature directory the update reads; ``fit``: the ``CurvatureFitConfig`` it is
       fitted with first (None when it exists or no cache is used).
     - ``warning``: a configured update predicted to cost more than a paired retrain says so here.
+    - ``cache``: the curvature at ``cache_path`` as loaded (and checked) while planning, when it existed then.
     """
 
     mode: Literal["retrain", "update"]
@@ -154,6 +155,7 @@ class EraseRun:
     cache_path: Path | None = None
     fit: CurvatureFitConfig | None = None
     warning: str | None = None
+    cache: CurvatureCache | None = field(default=None, repr=False, compare=False)
 
     def summary(self) -> str:
         """One line: what runs and, for an automatic choice, why."""
