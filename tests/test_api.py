@@ -1,4 +1,4 @@
-"""The public API: ``llmeraser``'s exports, the README's Python section run as pasted (on the tiny model,
+"""The public API: ``llmeraser``'s exports, the README's Python section and quickstart commands run as pasted (on the tiny model,
 after the walkthrough's ``train`` step), the facade saving what the CLI saves, and one declaration of
 every default shared by the library and the command line."""
 
@@ -135,3 +135,37 @@ def test_fit_functions_share_the_calibration_defaults():
         assert parameters["calibration_directions"].default == settings.calibration_directions == 8
     assert inspect.signature(fit_cached_curvature).parameters["damping"].default == settings.calibration_damping
     assert _subparser("erase").get_default("damping") == llmeraser.EraseConfig().damping == 1e-2
+
+
+def readme_quickstart_commands() -> list[list[str]]:
+    """The ``llmeraser`` commands of the README's "## Quickstart on your own files" bash block, each as its
+    argument list (continuation lines joined, comments dropped)."""
+    import shlex
+
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Quickstart on your own files\n"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith("llmeraser ")]
+
+
+def test_readme_quickstart_runs_as_pasted(tmp_path, monkeypatch):
+    """Every command of the README's quickstart, as written, on your-own-files data (the tiny model in place
+    of smollm2-135m): each exits 0 and writes what it says."""
+    commands = readme_quickstart_commands()
+    assert [c[0] for c in commands] == ["train", "fit-curvature", "erase", "erase", "retrain", "evaluate", "history"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "work" / "data").mkdir(parents=True)
+    write_examples(tmp_path / "work" / "data" / "train.jsonl", toy_examples(12, seed=5))
+    write_examples(tmp_path / "work" / "data" / "heldout.jsonl", toy_examples(4, seed=9))
+    (tmp_path / "work" / "data" / "requests.jsonl").write_text(
+        '{"op": "remove", "id": "ex1"}\n{"op": "correct_response", "id": "ex4", "response": " Maybe"}\n')
+    for argv in commands:
+        argv = ["tiny" if a == "smollm2-135m" else a for a in argv]
+        done = cli(*argv)
+        assert done.code == 0, (argv, done.err)
+    for name in ("original", "curv", "erased", "erased-update", "retrained"):
+        assert (tmp_path / "work" / name).is_dir(), name
+    assert json.loads((tmp_path / "work" / "eval.json").read_text())
+    assert json.loads((tmp_path / "work" / "erased-update" / "erasure_report.json").read_text())["trust_region"]
