@@ -20,13 +20,6 @@ RUN_FILE = "run.toml"
 _NOT_REPLAYED = {"config", "out", "dry_run", "help"}  # a replay names its own --out
 
 
-def _given(args: argparse.Namespace, flags: Sequence[str]) -> list[str]:
-    """The ``flags`` given on the command line or in the ``--config`` file."""
-    tokens = getattr(args, "argv", [])
-    from_file = {key.replace("_", "-") for key in getattr(args, "config_keys", ())}
-    return [f for f in flags if any(t == f or t.startswith(f + "=") for t in tokens) or f[2:] in from_file]
-
-
 def _option_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     return [a for a in parser._actions if a.option_strings and a.dest not in _NOT_REPLAYED]
 
