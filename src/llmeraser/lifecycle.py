@@ -512,22 +512,23 @@ class Adapter:
             cache = self.load_curvature(curvature_cache, train) if curvature_cache is not None else None
             return EraseRun("update", mode, None, config, Path(curvature_cache) if curvature_cache else None, None,
                             warning, cache)
+        defaults = self.erase_config(**given)
         cache_path = self.default_curvature_path(train, AUTO_CACHE_METHOD)
         fitted = (cache_path / "curvature.json").is_file()
         steps = given.get("trust_region_steps", AUTO_TRUST_REGION_STEPS)
         choice = plan_erase(n_train=len(train), n_removed=removed, n_old=len(pairs), n_new=len(pairs) - removed,
                             recipe=reproducible, cache_fitted=fitted,
-                            kept_examples=given.get("kept_examples", self.erase_config().kept_examples),
+                            kept_examples=defaults.kept_examples,
                             heldout=len(heldout or ()), steps=steps)
         if mode == "retrain" or choice.choice == "retrain":
             return EraseRun("retrain", mode, choice)
         fit = None if fitted else auto_fit_config(given.get("batch_size", 8), given.get("seed", 0))
         cache = self.load_curvature(cache_path, train) if fitted else None
         if cache is not None:
-            damping = cache.calibration.damping if cache.calibration else self.erase_config().damping
+            damping = cache.calibration.damping if cache.calibration else defaults.damping
         else:
             assert fit is not None
-            damping = fit.calibration_damping if fit.calibration_examples > 0 else self.erase_config().damping
+            damping = fit.calibration_damping if fit.calibration_examples > 0 else defaults.damping
         config = self.erase_config(**{**given, "damping": damping, "curvature_use": "direct",
                                       "trust_region": given.get("trust_region", True),
                                       "trust_region_steps": steps})
