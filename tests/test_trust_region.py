@@ -100,6 +100,46 @@ def test_no_step_when_the_removed_examples_are_already_at_the_held_out_level(tra
     assert len(stepped.steps) >= 1 and float(stepped.update.abs().max()) > 0.0
 
 
+def test_with_corrections_the_held_out_level_bounds_the_removed_loss_instead_of_ending_the_update(trained):
+    """Mixed requests: a step that lifts the removed examples' loss past max(never-seen level, their loss at
+    θ̂) is cut back (the level is a ceiling there), though Φ, the held-out guard and the same step without the
+    ceiling accept it at full length; the update is not ended by the level."""
+    from dataclasses import replace
+
+    from llmeraser.data import TokenizationConfig, tokenize_examples
+    from llmeraser.gradients import summed_gradient
+
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    pairs = resolve([Remove("ex3"), Remove("ex7"), Remove("ex20"), CorrectResponse("ex5", " Yes No")], train)
+    removed = [p.old for p in pairs if p.new is None]
+    heldout = toy_examples(12, seed=7)
+
+    def gradient(examples):
+        items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=128))
+        return summed_gradient(model, params, items, tokenizer.pad_token_id, 40)
+
+    up, level = gradient(removed), gradient(heldout)
+    up = up - (up @ level) / (level @ level) * level  # up the removed examples' loss, not (to first order) the held-out one
+    direction = 0.5 * up / up.norm()
+    settings = TrustRegionSettings(steps=1, kept_examples=20, heldout_tolerance=0.05, damping_factor=1.0)
+    common = dict(damping=0.0, weight_decay=WEIGHT_DECAY, scaling="retrain", max_length=128, batch_size=40,
+                  heldout=heldout, first_direction=direction)
+    free = trust_region_update(model, tokenizer, train, pairs, 2.0 * direction, lambda g, damping: g, **common,
+                               settings=replace(settings, stop_at_heldout_level=False))
+    assert free.steps[0].accepted and free.steps[0].scale >= 1.0
+    limit = max(free.steps[0].heldout_loss, free.acceptance["removed_loss"]["before"]) * 1.05
+    assert free.steps[0].removed_loss > limit  # the full step goes past the ceiling
+    bounded = trust_region_update(model, tokenizer, train, pairs, 2.0 * direction, lambda g, damping: g, **common,
+                                  settings=settings)
+    step, after = bounded.steps[0], bounded.acceptance
+    assert step.accepted and step.scale < 1.0
+    assert after["removed_loss"]["after"] <= max(after["heldout_loss"]["after"], after["removed_loss"]["before"]) * 1.05
+    assert "held-out level" not in bounded.stopped
+    assert torch.equal(params.flat(), theta)
+
+
 def test_kept_sample_excludes_edited_examples_and_is_seeded(trained):
     _, _, train = trained
     pairs = resolve([Remove("ex3"), CorrectResponse("ex5", " No")], train)

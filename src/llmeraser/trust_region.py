@@ -34,6 +34,10 @@ accepted only if
 It stops after ``steps`` steps, when no step size is accepted, when ‖∇Φ‖ ≤ ``tol`` ‖b‖, or (removals with
 held-out examples) once the removed examples' mean loss reaches the held-out mean loss: the level a model
 that never saw them shows, which is what a retrained model shows and what makes membership inference fail.
+When corrections or query edits are among the requests, reaching that level does not end the update (their
+replacements still have to be learnt): it becomes a ceiling instead, and a step is accepted only if the removed
+examples' mean loss stays within ``heldout_tolerance`` of max(held-out level, their loss at θ̂) — removals
+already at the level are left there, the others are taken to it and not beyond.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ class TrustRegionSettings:
     KL check are estimated on; ``heldout_tolerance``: relative rise of the held-out loss allowed;
     ``kl_budget``: per-token KL(θ̂ ‖ θ) allowed on the kept sample (None: not checked); ``tol``: stop when
     ‖∇Φ‖ ≤ tol ‖b‖; ``stop_at_heldout_level``: stop once the removed examples' loss reaches the held-out one (and, when
-    every request is a removal and it is there already at θ̂, take no step)."""
+    every request is a removal and it is there already at θ̂, take no step); with replacements among the
+    requests the level is a ceiling on the removed examples' loss instead of a stop."""
 
     steps: int = 8
     kept_examples: int = 64
@@ -189,6 +194,9 @@ def trust_region_update(
         base = observe(theta_hat)
         base_gradient = gradient_sum()
         base_kept = base.kept.losses()
+        # With replacements to learn, the held-out level bounds the removed examples' loss instead of ending the update.
+        level_is_ceiling = settings.stop_at_heldout_level and bool(new_versions) and bool(removed)
+        base_removed_loss = float(base.removed_losses.mean()) if len(removed) else 0.0
 
         def phi(state: _State) -> float:
             delta = state.theta - theta_hat
@@ -209,12 +217,17 @@ def trust_region_update(
                 limit = float(base.heldout_losses.mean()) * (1 + settings.heldout_tolerance)
                 if heldout_loss > limit:
                     problem = f"held-out loss {heldout_loss:.4f} > {limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
+            if not problem and removed_loss is not None and heldout_loss is not None and level_is_ceiling:
+                ceiling = max(heldout_loss, base_removed_loss) * (1 + settings.heldout_tolerance)
+                if removed_loss > ceiling:
+                    problem = (f"removed examples' loss {removed_loss:.4f} > {ceiling:.4f} (the held-out level or "
+                               f"their loss at θ̂, + {settings.heldout_tolerance:g})")
             if not problem and settings.kl_budget is not None and kl > settings.kl_budget:
                 problem = f"kept-example KL {kl:.3g} > budget {settings.kl_budget:g}"
             return kl, heldout_loss, removed_loss, problem
 
         def reached_level(state: _State) -> bool:
-            return (settings.stop_at_heldout_level and bool(removed) and state.heldout_losses is not None
+            return (settings.stop_at_heldout_level and not new_versions and bool(removed) and state.heldout_losses is not None
                     and float(state.removed_losses.mean()) >= float(state.heldout_losses.mean()))
 
         def line_search(direction: Tensor, slope: float) -> tuple[tuple | None, int, str]:
@@ -257,7 +270,7 @@ def trust_region_update(
         adaptive = settings.damping_factor != 1.0
         stopped = f"{settings.steps} step(s) taken"
         steps = settings.steps
-        if not new_versions and reached_level(base):  # only removals, and retraining would barely move them
+        if reached_level(base):  # only removals, and retraining would barely move them
             stopped = ("before any step: the removed examples' loss is already at the held-out level "
                        "(the adapter does not fit them better than examples it never saw)")
             steps = 0
