@@ -167,6 +167,18 @@ def test_attack_targets_compare_with_the_retrained_models() -> None:
     assert again["llmeraser: the quantisation attack finds no more than on Retrain (checks that find more)"]["value"] == 2.0
 
 
+def test_a_seed_start_is_shared_only_by_the_same_training_set() -> None:
+    """Removal ratios keep the training set (the original is trained once per seed); query noise corrupts a
+    ratio-dependent share of it, so each ratio trains its own original."""
+    from llmeraser_bench.protocol import SeedStart
+
+    removal = [prepare_ratio(quick_config("removal"), ratio)[0].train for ratio in (0.1, 0.2)]
+    query = [prepare_ratio(quick_config("query"), ratio)[0].train for ratio in (0.1, 0.2)]
+    assert SeedStart.key(removal[0]) == SeedStart.key(removal[1])
+    assert SeedStart.key(query[0]) != SeedStart.key(query[1])
+    assert SeedStart.key(removal[0]) != SeedStart.key(list(reversed(removal[0])))  # the order is part of it
+
+
 def test_bench_config_rejects_bad_methods() -> None:
     with pytest.raises(ValueError, match="finetune"):
         BenchConfig(task="removal", methods=("finetune",)).validate()
@@ -245,6 +257,12 @@ def test_bench_on_a_rating_directory_with_chosen_methods(tmp_path) -> None:
     assert results["requests"] == {"0.1": 2, "0.2": 4} and results["spread"] == []
     assert all(np.isfinite(row["loss_removed_q4"]) and np.isfinite(row["mia_relearn"]) for row in results["rows"])
     assert (out / "metrics_vs_ratio.png").stat().st_size > 0  # two ratios
+    # removal leaves the training set as it is: the second ratio reuses the seed's original and its curvature
+    originals = [row for row in results["rows"] if row["method"] == "original"]
+    assert len(originals) == 2 and originals[0]["seconds"] == originals[1]["seconds"]
+    assert originals[0]["test_auc"] == originals[1]["test_auc"] and originals[0]["kl_test"] > 0
+    assert [c.get("reused", False) for c in results["caches"]] == [False, True]
+    assert result.out.count("train original on") == 1 and "reused" in result.out
     assert results["config"]["data"] == str(directory) and results["config"]["format"] == "movielens"
     bad = cli("bench", "--task", "removal", "--quick", "--methods", "finetune", "--out", tmp_path / "x")
     assert bad.code == 3 and "finetune" in bad.err and not (tmp_path / "x").exists()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -277,11 +278,34 @@ def _prepare_next_item(config: BenchConfig, ratio: float) -> tuple[Any, EvalSets
     return task, with_relearn_set(config, task, sets)
 
 
+@dataclass
+class SeedStart:
+    """What one seed trains or fits before any request is known: the original adapter, the curvature cache
+    and SISA's shard adapters, each with its measured cost (``measured`` records). Shared by the ratios whose
+    training set is the same (removal and pii: the ratio picks the requests, not the data), so that a run
+    over several ratios trains each seed's original once. ``train_key`` identifies the training set."""
+
+    train_key: str
+    theta_original: Tensor
+    costs: dict[str, Any] = field(default_factory=dict)
+    cache: Any = None
+    cache_extras: dict[str, Any] | None = None
+    sisa: Any = None
+
+    @staticmethod
+    def key(train: Sequence[Example]) -> str:
+        """The training set's content, in order (ids, texts, messages): equal keys, the same original."""
+        text = json.dumps([asdict(e) for e in train], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
 def run_seed(
-    config: BenchConfig, task: Any, sets: EvalSets, seed: int, log: Callable[[str], None]
+    config: BenchConfig, task: Any, sets: EvalSets, seed: int, log: Callable[[str], None],
+    start: SeedStart | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """All methods for one training seed; returns the scored rows and ``extras`` (retrained θ, solver
-    residual history, the retrained model's predictions for the seed-to-seed spread)."""
+    residual history, the retrained model's predictions for the seed-to-seed spread, and ``start``: the
+    seed's ``SeedStart``). ``start``: an earlier ratio's, reused when its training set is this task's."""
     base, tokenizer = load_base_model(config.model, seed=config.data_seed)
     model = attach_lora(base, dataclasses.replace(config.lora, seed=seed))
     params = AdapterParameters.of(model)
@@ -293,11 +317,18 @@ def run_seed(
     thetas: dict[str, list[Tensor]] = {}
     extras: dict[str, Any] = {}
 
-    log(f"  seed {seed}: train original on {len(task.train)} examples")
-    with measured(cost, "original"):
-        train_adapter(model, tokenizer, task.train, recipe)
-    theta_original = params.flat()
+    train_key = SeedStart.key(task.train)
+    if start is not None and start.train_key == train_key:
+        log(f"  seed {seed}: the original on these {len(task.train)} examples was trained for an earlier ratio: reused")
+        cost.update(start.costs)
+    else:
+        log(f"  seed {seed}: train original on {len(task.train)} examples")
+        with measured(cost, "original"):
+            train_adapter(model, tokenizer, task.train, recipe)
+        start = SeedStart(train_key, params.flat(), {"original": cost["original"]})
+    theta_original = start.theta_original
     thetas["original"] = [theta_original]
+    extras["start"] = start
 
     log(f"  seed {seed}: retrain on {len(task.target)} examples, paired (the original's data order)")
     params.assign(theta_init)
@@ -315,20 +346,28 @@ def run_seed(
         extras["residual_history"] = [float(r) for r in result.solver.residuals]
         extras["erase_report"] = {k: result.report[k] for k in ("solver", "damping_used", "timings_s", "n_curvature_examples")}
     if "llmeraser_cached" in methods or "llmeraser_tr" in methods:
-        log(f"  seed {seed}: fit a {config.cache_method} curvature once")
         params.assign(theta_original)
         eraser = dataclasses.replace(config.eraser, seed=seed, curvature_use="direct", auto_damping=False)
-        items = tokenize_examples(tokenizer, task.train, TokenizationConfig(eraser.max_length))
-        with measured(cost, "llmeraser_cached_fit"):
-            cache = fit_cached_curvature(
-                model, params, items, tokenizer.pad_token_id, config.cache_method, damping=eraser.damping,
-                weight_decay=eraser.weight_decay, curvature=eraser.curvature, batch_size=eraser.batch_size, seed=seed,
-                calibration_examples=config.calibration_examples, calibration_directions=config.calibration_directions,
-            )
+        if start.cache is None:
+            log(f"  seed {seed}: fit a {config.cache_method} curvature once")
+            items = tokenize_examples(tokenizer, task.train, TokenizationConfig(eraser.max_length))
+            with measured(cost, "llmeraser_cached_fit"):
+                start.cache = fit_cached_curvature(
+                    model, params, items, tokenizer.pad_token_id, config.cache_method, damping=eraser.damping,
+                    weight_decay=eraser.weight_decay, curvature=eraser.curvature, batch_size=eraser.batch_size, seed=seed,
+                    calibration_examples=config.calibration_examples, calibration_directions=config.calibration_directions,
+                )
+            start.costs["llmeraser_cached_fit"] = cost["llmeraser_cached_fit"]
+            calibration = start.cache.calibration
+            start.cache_extras = {"method": config.cache_method, "fit": cost["llmeraser_cached_fit"],
+                                  "step_length": calibration.step_length if calibration else None,
+                                  "calibration_residuals": list(calibration.residuals) if calibration else []}
+            extras["cache"] = start.cache_extras
+        else:
+            log(f"  seed {seed}: the {config.cache_method} curvature fitted for an earlier ratio: reused")
+            extras["cache"] = {**(start.cache_extras or {}), "reused": True}
+        cache = start.cache
         calibration = cache.calibration
-        extras["cache"] = {"method": config.cache_method, "fit": cost["llmeraser_cached_fit"],
-                           "step_length": calibration.step_length if calibration else None,
-                           "calibration_residuals": list(calibration.residuals) if calibration else []}
         if "llmeraser_cached" in methods:
             log(f"  seed {seed}: llmeraser_cached (one step, {config.cache_method})")
             with measured(cost, "llmeraser_cached"):
@@ -357,8 +396,11 @@ def run_seed(
         thetas["finetune"] = [params.flat()]
     if "sisa" in methods:
         log(f"  seed {seed}: SISA, {config.sisa_shards} shards")
-        with measured(cost, "sisa_initial"):
-            sisa = train_sisa(model, tokenizer, task.train, theta_init, config.sisa_shards, recipe, seed)
+        if start.sisa is None:
+            with measured(cost, "sisa_initial"):
+                start.sisa = train_sisa(model, tokenizer, task.train, theta_init, config.sisa_shards, recipe, seed)
+            start.costs["sisa_initial"] = cost["sisa_initial"]
+        sisa = start.sisa
         with measured(cost, "sisa"):
             sisa = unlearn_sisa(model, tokenizer, sisa, task.train, pairs, theta_init, recipe)
         thetas["sisa"] = sisa.members
@@ -415,13 +457,15 @@ def run_bench(
         "complete": False,
         "seeds_done": [],
     }
+    starts: dict[int, SeedStart] = {}  # per seed, what the next ratio may reuse (same training set)
     for ratio in config.ratios:
         task, sets = prepare_ratio(config, ratio)
         results["requests"][str(ratio)] = len(task.requests)
         log(f"{config.task} at ratio {ratio}: {len(task.requests)} requests, {len(task.train)} training examples")
         references = []
         for seed in config.seeds:
-            rows, extras = run_seed(config, task, sets, seed, log)
+            rows, extras = run_seed(config, task, sets, seed, log, starts.get(seed))
+            starts[seed] = extras["start"]
             results["rows"].extend({"ratio": ratio, **row} for row in rows)
             references.append(extras["reference"])
             if "residual_history" in extras:

@@ -360,6 +360,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         out.append(f"- {'met' if target['met'] else '**not met**'}: ratio {target['ratio']}, {target['target']}: "
                    f"{target['value']:.4g}{threshold}{note}")
     for entry in results.get("caches", []):
+        if entry.get("reused"):
+            out.append(f"- llmeraser_cached (ratio {entry['ratio']}, seed {entry['seed']}): the {entry['method']} curvature "
+                       "fitted for an earlier ratio of this seed (the same training set), not fitted again")
+            continue
         out.append(f"- llmeraser_cached (ratio {entry['ratio']}, seed {entry['seed']}): {entry['method']} fitted once in "
                    f"{entry['fit']['seconds']:.0f} s (with the step-length calibration, α = {entry['step_length']:.3g}; "
                    f"calibration residuals {', '.join(f'{r:.2f}' for r in entry['calibration_residuals'])})")

@@ -1,4 +1,4 @@
-"""Wall time and peak resident memory of a block, and the machine description stored with every result."""
+"""Wall time and peak memory of a block, a progress log with elapsed times, the machine description of every result."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,3 +55,15 @@ def machine() -> dict[str, Any]:
         "python": sys.version.split()[0],
         **library_versions(),
     }
+
+
+def elapsed_log(write: Callable[[str], None] = print) -> Callable[[str], None]:
+    """A progress log whose lines start with the wall time since it was made, ``[h:mm:ss]``: what a reader
+    sizing a run (or an interrupted one) needs to see which stage took how long."""
+    start = time.perf_counter()
+
+    def log(line: str) -> None:
+        seconds = int(time.perf_counter() - start)
+        write(f"[{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}] {line}")
+
+    return log

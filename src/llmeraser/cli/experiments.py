@@ -26,6 +26,7 @@ _HELPS = {"solver": "LLMEraser's solver", "max_iters": "LLMEraser's solver itera
 def _bench(args: argparse.Namespace) -> None:
     from llmeraser_bench import finish, render_text, run_bench, write_results
     from llmeraser_bench.protocol import task_config
+    from llmeraser_bench.resources import elapsed_log
 
     def given(names: Sequence[str]) -> dict[str, Any]:  # an option not given keeps the task's value
         values = {name: getattr(args, "ratio" if name == "ratios" else name) for name in names}
@@ -44,7 +45,7 @@ def _bench(args: argparse.Namespace) -> None:
     def checkpoint(partial: dict[str, Any]) -> None:  # what an interrupted run has measured stays on disk
         write_results(finish(partial), args.out)
 
-    results = finish(run_bench(config, command=args.command_line, checkpoint=checkpoint))
+    results = finish(run_bench(config, log=elapsed_log(), command=args.command_line, checkpoint=checkpoint))
     print(render_text(results))
     for path in write_results(results, args.out):
         print(f"wrote {path}")
