@@ -322,3 +322,47 @@ def test_bench_checkpoints_after_every_seed(tmp_path) -> None:
     partial = render_markdown(finish(snapshots[0]))
     assert "**Partial run**" in partial and "mean ± std over seeds 0)" in partial
     assert "Partial run" not in render_markdown(finish(results))
+
+
+def test_mixture_decoding_with_per_theta_caches_equals_recomputing_every_prefix() -> None:
+    """SISA's ensemble answer: the key/value cache kept per θ gives the tokens a full forward pass of every
+    prefix under every θ gives (the mixture's log-probabilities to 1e-9), and one θ is plain greedy decoding."""
+    import torch
+
+    from llmeraser.adapter import AdapterParameters, attach_lora
+    from llmeraser.models import load_base_model
+    from llmeraser_bench.nextitem import mixture_greedy_answers
+    from llmeraser_bench.pii import greedy_answers
+    from llmeraser_bench.protocol import TINY_LORA
+
+    base, tokenizer = load_base_model("tiny", seed=0)
+    model = attach_lora(base, TINY_LORA)
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    generator = torch.Generator().manual_seed(3)
+    thetas = [theta + 0.5 * torch.randn(theta.shape, generator=generator, dtype=theta.dtype) for _ in range(3)]
+    prompts = ["Which movie next? Candidates: Heat, Alien", "History: Fargo\nAnswer:"]
+
+    def recomputed(prompt: str, steps: int) -> str:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
+        start = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(steps):
+                parts = []
+                for t in thetas:
+                    params.assign(t)
+                    parts.append(torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), dim=-1))
+                token = int(torch.logsumexp(torch.stack(parts), dim=0).argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        params.assign(theta)
+        return tokenizer.decode(ids[0, start:], skip_special_tokens=True)
+
+    answers = mixture_greedy_answers(model, tokenizer, prompts, thetas, 6)
+    assert answers == [recomputed(p, 6) for p in prompts] and all(answers)
+    assert torch.equal(params.flat(), theta)
+    params.assign(thetas[1])
+    single = greedy_answers(model, tokenizer, prompts, 6)
+    params.assign(theta)
+    assert mixture_greedy_answers(model, tokenizer, prompts, thetas[1:2], 6) == single

@@ -25,7 +25,8 @@ from llmeraser_bench.recsys.nextitem import candidate_titles_of, hit_ratio_at_1
 def mixture_greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], thetas: Sequence[Tensor],
                            max_new_tokens: int) -> list[str]:
     """Greedy continuations under the equal-weight mixture of the model under each θ (one θ: ``generate``);
-    decoding stops at EOS. The model's own θ is restored."""
+    decoding stops at EOS. Each θ keeps its own key/value cache (built under that θ only), so a new token costs
+    one single-token forward pass per θ instead of a pass over the whole prompt. The model's own θ is restored."""
     params = AdapterParameters.of(model)
     original = params.flat()
     try:
@@ -34,18 +35,22 @@ def mixture_greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[str], t
             return greedy_answers(model, tokenizer, prompts, max_new_tokens)
         answers = []
         for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
-            start = ids.shape[1]
+            step = tokenizer(prompt, return_tensors="pt", add_special_tokens=True)["input_ids"]
+            caches: list[Any] = [None] * len(thetas)
+            tokens: list[int] = []
             for _ in range(max_new_tokens):
                 parts = []
-                for theta in thetas:
+                for k, theta in enumerate(thetas):
                     params.assign(theta)
-                    parts.append(torch.log_softmax(model(input_ids=ids).logits[0, -1].double(), dim=-1))
+                    out = model(input_ids=step, past_key_values=caches[k], use_cache=True)
+                    caches[k] = out.past_key_values
+                    parts.append(torch.log_softmax(out.logits[0, -1].double(), dim=-1))
                 token = int(torch.logsumexp(torch.stack(parts), dim=0).argmax())
                 if token == tokenizer.eos_token_id:
                     break
-                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-            answers.append(tokenizer.decode(ids[0, start:], skip_special_tokens=True))
+                tokens.append(token)
+                step = torch.tensor([[token]])
+            answers.append(tokenizer.decode(tokens, skip_special_tokens=True))
         return answers
     finally:
         params.assign(original)
