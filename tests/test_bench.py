@@ -177,6 +177,9 @@ def test_a_seed_start_is_shared_only_by_the_same_training_set() -> None:
     assert SeedStart.key(removal[0]) == SeedStart.key(removal[1])
     assert SeedStart.key(query[0]) != SeedStart.key(query[1])
     assert SeedStart.key(removal[0]) != SeedStart.key(list(reversed(removal[0])))  # the order is part of it
+    from llmeraser_bench.protocol import task_config
+
+    assert len(task_config("removal").ratios) == 3 and len(task_config("query").ratios) == 1  # a curve where it is cheap
 
 
 def test_bench_config_rejects_bad_methods() -> None:

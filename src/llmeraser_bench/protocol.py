@@ -79,6 +79,7 @@ DEFAULT_METHODS = {
     "pii": ("original", "retrain", "llmeraser_cached", "llmeraser_tr", "gradient_ascent"),
     "next-item": ("original", "retrain", "llmeraser_cached", "llmeraser_tr", "finetune", "sisa"),
 }
+REMOVAL_RATIOS = (0.02, 0.05, 0.1)  # the removal task's default: each seed's original is trained once for all three
 BenchTask = Literal["removal", "query", "response", "pii", "next-item"]  # recsys.corruption.TASKS and the generative ones
 BENCH_TASKS: tuple[BenchTask, ...] = get_args(BenchTask)
 
@@ -102,7 +103,8 @@ class BenchConfig:
         "candidates, requests edit the rated history (`query_mode`)")
     data: str = option("ml-100k", help="ml-100k (the copy in the recbole package) or a rating-data directory")
     format: RatingFormat | None = option(None, help="format of `data` (default: detected from the files)")
-    ratios: tuple[float, ...] = option((0.05,), gt=0.0, help="fraction(s) of training examples edited")
+    ratios: tuple[float, ...] = option((0.05,), gt=0.0, help="fraction(s) of training examples edited (removal: "
+                                       f"{' '.join(map(str, REMOVAL_RATIOS))})")
     model: str = option("smollm2-135m", help="base model")
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] | None = option(None, help=f"subset of: {' '.join(METHODS)}")
@@ -193,6 +195,8 @@ def task_config(task: BenchTask, quick: bool = False) -> BenchConfig:
         return pii_config(quick)
     if task == "next-item":
         return next_item_config(quick)
+    if task == "removal" and not quick:  # a removal's effect grows with its size: three sizes, drawn as a curve
+        return BenchConfig(task=task, ratios=REMOVAL_RATIOS)
     return quick_config(task) if quick else BenchConfig(task=task)
 
 
