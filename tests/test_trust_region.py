@@ -140,6 +140,30 @@ def test_with_corrections_the_held_out_level_bounds_the_removed_loss_instead_of_
     assert torch.equal(params.flat(), theta)
 
 
+def test_no_step_when_the_replacements_are_already_fitted_like_kept_examples(trained):
+    """A correction whose new version the adapter already fits as well as its kept examples (here: the
+    best-fitted example, "corrected" to its own answer) is at the level a retrained model shows: no step is
+    taken for it; a correction to an answer the adapter does not fit is stepped towards."""
+    from llmeraser.evaluate import response_predictions
+
+    model, tokenizer, train = trained
+    theta = AdapterParameters.of(model).flat()
+    losses = response_predictions(model, tokenizer, train, theta, 128, 40).losses()
+    best = train[int(losses.argmin())]
+    b = 1e-2 * torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
+    common = dict(damping=1e-3, weight_decay=WEIGHT_DECAY, scaling="retrain", max_length=128, batch_size=40,
+                  settings=TrustRegionSettings(steps=3, kept_examples=20))
+    fitted = resolve([CorrectResponse(best.id, best.response)], train)
+    result = trust_region_update(model, tokenizer, train, fitted, b, lambda g, damping: g, **common)
+    assert result.steps == [] and float(result.update.abs().max()) == 0.0
+    assert result.stopped.startswith("before any step: the requests are at their levels")
+    assert result.acceptance["replacement_loss"]["before"] <= result.acceptance["replacement_loss"]["kept_level"]
+    unfitted = resolve([CorrectResponse(best.id, " Yes No Yes")], train)
+    stepped = trust_region_update(model, tokenizer, train, unfitted, b, lambda g, damping: g, **common)
+    assert stepped.acceptance["replacement_loss"]["before"] > stepped.acceptance["replacement_loss"]["kept_level"]
+    assert len(stepped.steps) >= 1
+
+
 def test_kept_sample_excludes_edited_examples_and_is_seeded(trained):
     _, _, train = trained
     pairs = resolve([Remove("ex3"), CorrectResponse("ex5", " No")], train)

@@ -34,10 +34,14 @@ accepted only if
 It stops after ``steps`` steps, when no step size is accepted, when ‖∇Φ‖ ≤ ``tol`` ‖b‖, or (removals with
 held-out examples) once the removed examples' mean loss reaches the held-out mean loss: the level a model
 that never saw them shows, which is what a retrained model shows and what makes membership inference fail.
-When corrections or query edits are among the requests, reaching that level does not end the update (their
-replacements still have to be learnt): it becomes a ceiling instead, and a step is accepted only if the removed
-examples' mean loss stays within ``heldout_tolerance`` of max(held-out level, their loss at θ̂) — removals
-already at the level are left there, the others are taken to it and not beyond.
+Replacements (corrections, query edits) have a level too: a retrained model fits them as it fits its other
+training examples, so their mean loss is taken down to the kept sample's mean loss and not below. With
+replacements among the requests, the update ends once every kind of request is at its level (the removed
+examples' loss at or above the held-out one, when there are removals and held-out examples; the replacements'
+loss at or below the kept one), takes no step when that holds at θ̂ already, and accepts a step only if the
+removed examples' mean loss stays within ``heldout_tolerance`` of max(held-out level, their loss at θ̂) (a
+ceiling) and the replacements' mean loss stays above (1 − ``heldout_tolerance``) × min(kept level, their loss
+at θ̂) (a floor): requests already at their level are left there, the others are taken to it and not beyond.
 """
 
 from __future__ import annotations
@@ -69,9 +73,9 @@ class TrustRegionSettings:
     """``steps``: re-linearised steps at most; ``kept_examples``: the sample of untouched examples Φ and the
     KL check are estimated on; ``heldout_tolerance``: relative rise of the held-out loss allowed;
     ``kl_budget``: per-token KL(θ̂ ‖ θ) allowed on the kept sample (None: not checked); ``tol``: stop when
-    ‖∇Φ‖ ≤ tol ‖b‖; ``stop_at_heldout_level``: stop once the removed examples' loss reaches the held-out one (and, when
-    every request is a removal and it is there already at θ̂, take no step); with replacements among the
-    requests the level is a ceiling on the removed examples' loss instead of a stop."""
+    ‖∇Φ‖ ≤ tol ‖b‖; ``stop_at_heldout_level``: stop once the removed examples' loss reaches the held-out one and the
+    replacements' loss the kept one (take no step when they are there already at θ̂), and bound both by those
+    levels (module docstring)."""
 
     steps: int = 8
     kept_examples: int = 64
@@ -194,9 +198,10 @@ def trust_region_update(
         base = observe(theta_hat)
         base_gradient = gradient_sum()
         base_kept = base.kept.losses()
-        # With replacements to learn, the held-out level bounds the removed examples' loss instead of ending the update.
-        level_is_ceiling = settings.stop_at_heldout_level and bool(new_versions) and bool(removed)
+        # With replacements to learn, the levels bound the removed examples' and the replacements' losses.
+        bounded = settings.stop_at_heldout_level and bool(new_versions)
         base_removed_loss = float(base.removed_losses.mean()) if len(removed) else 0.0
+        base_new_loss = float(base.new_losses.mean()) if new_versions else 0.0
 
         def phi(state: _State) -> float:
             delta = state.theta - theta_hat
@@ -217,18 +222,29 @@ def trust_region_update(
                 limit = float(base.heldout_losses.mean()) * (1 + settings.heldout_tolerance)
                 if heldout_loss > limit:
                     problem = f"held-out loss {heldout_loss:.4f} > {limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
-            if not problem and removed_loss is not None and heldout_loss is not None and level_is_ceiling:
+            if not problem and bounded and removed_loss is not None and heldout_loss is not None:
                 ceiling = max(heldout_loss, base_removed_loss) * (1 + settings.heldout_tolerance)
                 if removed_loss > ceiling:
                     problem = (f"removed examples' loss {removed_loss:.4f} > {ceiling:.4f} (the held-out level or "
                                f"their loss at θ̂, + {settings.heldout_tolerance:g})")
+            if not problem and bounded and len(kept):
+                new_loss = float(state.new_losses.mean())
+                floor = min(float(state.kept.losses().mean()), base_new_loss) * (1 - settings.heldout_tolerance)
+                if new_loss < floor:
+                    problem = (f"replacements' loss {new_loss:.4f} < {floor:.4f} (the kept examples' level or "
+                               f"theirs at θ̂, − {settings.heldout_tolerance:g})")
             if not problem and settings.kl_budget is not None and kl > settings.kl_budget:
                 problem = f"kept-example KL {kl:.3g} > budget {settings.kl_budget:g}"
             return kl, heldout_loss, removed_loss, problem
 
         def reached_level(state: _State) -> bool:
-            return (settings.stop_at_heldout_level and not new_versions and bool(removed) and state.heldout_losses is not None
-                    and float(state.removed_losses.mean()) >= float(state.heldout_losses.mean()))
+            """Every kind of request at its level: removed loss ≥ held-out loss, replacements' loss ≤ kept loss."""
+            if not settings.stop_at_heldout_level or not (removed or new_versions):
+                return False
+            if removed and (state.heldout_losses is None
+                            or float(state.removed_losses.mean()) < float(state.heldout_losses.mean())):
+                return False
+            return not new_versions or (len(kept) > 0 and float(state.new_losses.mean()) <= float(state.kept.losses().mean()))
 
         def line_search(direction: Tensor, slope: float) -> tuple[tuple | None, int, str]:
             """Backtrack from s = 1 until a step is accepted, then expand while it still is and Φ keeps
@@ -270,8 +286,10 @@ def trust_region_update(
         adaptive = settings.damping_factor != 1.0
         stopped = f"{settings.steps} step(s) taken"
         steps = settings.steps
-        if reached_level(base):  # only removals, and retraining would barely move them
-            stopped = ("before any step: the removed examples' loss is already at the held-out level "
+        if reached_level(base):  # retraining would barely move them
+            stopped = ("before any step: the requests are at their levels already (removed examples' loss at the "
+                       "held-out level, replacements' at the kept examples')" if new_versions else
+                       "before any step: the removed examples' loss is already at the held-out level "
                        "(the adapter does not fit them better than examples it never saw)")
             steps = 0
         for step in range(steps):
@@ -305,7 +323,8 @@ def trust_region_update(
                 progress(f"trust region step {step}: λ = {lam:.3g}, s = {scale:g}, Φ = {current_phi:.4g}, "
                          f"kept KL = {kl:.3g}, removed loss = {removed_loss}, held-out loss = {heldout_loss}")
             if reached_level(current):
-                stopped = f"step {step}: the removed examples' loss reached the held-out level"
+                stopped = (f"step {step}: the requests reached their levels (removed: held-out, replacements: kept)"
+                           if new_versions else f"step {step}: the removed examples' loss reached the held-out level")
                 break
             if adaptive:  # Levenberg–Marquardt: a full step widens the trust region, a backtracked one narrows it
                 lam = max(lam * settings.damping_factor, lam_floor) if scale >= 1 else lam / settings.damping_factor
@@ -323,7 +342,8 @@ def trust_region_update(
             "removed_loss": {"before": float(base.removed_losses.mean()) if len(removed) else None, "after": removed_loss,
                              "never_seen_level": heldout_loss},
             "replacement_loss": {"before": float(base.new_losses.mean()) if len(new_versions) else None,
-                                 "after": float(current.new_losses.mean()) if len(new_versions) else None},
+                                 "after": float(current.new_losses.mean()) if len(new_versions) else None,
+                                 "kept_level": float(current.kept.losses().mean()) if len(kept) else None},
             "phi": current_phi,
         }
         return TrustRegionResult(current.theta - theta_hat, records, stopped, acceptance, time.perf_counter() - start,
