@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,3 +42,16 @@ def digest(directory: Path) -> dict[str, str]:
         for p in sorted(directory.rglob("*"))
         if p.is_file()
     }
+
+
+def erase_with_cache(root: Path, data: Path, method: str) -> None:
+    """Remove ``ex2`` from ``root/adapter`` through the CLI with the cache at ``root/curv`` used directly
+    (``root/erased``), and check that the report names the cache's ``method``."""
+    requests = root / "requests.jsonl"
+    requests.write_text('{"op": "remove", "id": "ex2"}\n')
+    done = cli("erase", "--adapter", root / "adapter", "--data", data, "--requests", requests,
+               "--out", root / "erased", "--curvature-cache", root / "curv", "--curvature-use", "direct")
+    assert done.code == 0, done.err
+    report = json.loads((root / "erased" / "erasure_report.json").read_text())
+    assert report["curvature_cache_method"] == method and report["solver"]["curvature_cache"] == f"{method} direct"
+

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from cli_helpers import FAST_TRAIN, cli
+from cli_helpers import FAST_TRAIN, cli, erase_with_cache
 from conftest import tiny_lora_model, toy_examples
 from torch import Tensor
 
@@ -140,13 +140,7 @@ def test_a_toy_method_runs_through_fit_curvature_and_erase(toy, tmp_path):
     assert stored["kind"] == TOY and stored["n_examples"] == 6 and stored["calibration"]
     loaded = CurvatureCache.load(tmp_path / "curv")
     assert loaded.method == TOY and all(isinstance(layer, ScaledIdentity) for layer in loaded.layers.values())
-    requests = tmp_path / "requests.jsonl"
-    requests.write_text('{"op": "remove", "id": "ex2"}\n')
-    done = cli("erase", "--adapter", tmp_path / "adapter", "--data", data, "--requests", requests,
-               "--out", tmp_path / "erased", "--curvature-cache", tmp_path / "curv", "--curvature-use", "direct")
-    assert done.code == 0, done.err
-    report = json.loads((tmp_path / "erased" / "erasure_report.json").read_text())
-    assert report["curvature_cache_method"] == TOY and report["solver"]["curvature_cache"] == f"{TOY} direct"
+    erase_with_cache(tmp_path, data, TOY)
     done = cli(*fit, "--out", tmp_path / "x", "--damping", "0.1")
     assert done.code == 2 and "datainf only" in done.err
 

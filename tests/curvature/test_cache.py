@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import FAST_TRAIN, cli
+from cli_helpers import FAST_TRAIN, cli, erase_with_cache
 from conftest import toy_examples
 from curvature.test_kfac import REQUESTS, SETTINGS, trained_with_kfac
 
@@ -84,13 +84,7 @@ def test_fit_curvature_method_then_erase_with_the_cache(tmp_path, method):
     assert done.code == 0, done.err
     stored = json.loads((tmp_path / "curv" / "curvature.json").read_text())
     assert stored["kind"] == method and stored["n_examples"] == 6
-    requests = tmp_path / "requests.jsonl"
-    requests.write_text('{"op": "remove", "id": "ex2"}\n')
-    done = cli("erase", "--adapter", tmp_path / "adapter", "--data", data, "--requests", requests,
-               "--out", tmp_path / "erased", "--curvature-cache", tmp_path / "curv", "--curvature-use", "direct")
-    assert done.code == 0, done.err
-    report = json.loads((tmp_path / "erased" / "erasure_report.json").read_text())
-    assert report["curvature_cache_method"] == method and report["solver"]["curvature_cache"] == f"{method} direct"
+    erase_with_cache(tmp_path, data, method)
     done = cli("fit-curvature", "--adapter", tmp_path / "adapter", "--data", data, "--out", tmp_path / "x",
                "--method", "kfac", "--damping", "0.1")
     assert done.code == 2 and "datainf only" in done.err
