@@ -201,18 +201,21 @@ def task_config(task: BenchTask, quick: bool = False) -> BenchConfig:
 
 
 def next_item_config(quick: bool = False) -> BenchConfig:
-    """The next-item task: 10 history items and 20 candidates (LLaRA); prompts of ~300 SmolLM2 tokens and greedy
-    decoding of every test answer, so fewer test examples than the Yes/No tasks. ``quick``: the tiny model with
-    1 history item and 5 candidates (byte-level prompts of ~250 tokens; with 20 candidates, ~800 tokens, the
-    smoke run took ~7 minutes on 2 busy cores)."""
+    """The next-item task, sized for 2 CPU cores: 5 history items and 10 candidates (~250 SmolLM2 tokens per
+    prompt; LLaRA's 10 and 20 give ~450, and one 2-epoch training of 96 such examples took 25 minutes on one
+    core), 32 training examples, 64 test prompts decoded greedily, 16 non-members, 10 % of the prompts edited
+    (``--n-train``, ``--n-test``, ``--ratio`` override). ``quick``: the tiny model with 1 history item and 5
+    candidates (byte-level prompts of ~250 tokens; with 20 candidates, ~800 tokens, the smoke run took ~7
+    minutes on 2 busy cores)."""
     if quick:
         base = quick_config("next-item")
         return dataclasses.replace(base, n_test=6, history_length=1, n_candidates=5,
                                    recipe=dataclasses.replace(base.recipe, max_length=512),
                                    eraser=dataclasses.replace(base.eraser, max_length=512, curvature_examples=8, batch_size=8))
-    return BenchConfig(task="next-item", history_length=10, n_test=128,
-                       recipe=dataclasses.replace(SMOLLM2_RECIPE, max_length=512),
-                       eraser=smollm2_erase_config(auto_damping=True, max_length=512))
+    return BenchConfig(task="next-item", history_length=5, n_candidates=10, ratios=(0.1,), n_train=32, n_test=64,
+                       n_nonmembers=16, n_holdout=8,
+                       recipe=dataclasses.replace(SMOLLM2_RECIPE, max_length=320),
+                       eraser=smollm2_erase_config(auto_damping=True, max_length=320))
 
 
 def _data_path(config: BenchConfig) -> str | None:
