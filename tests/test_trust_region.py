@@ -192,3 +192,56 @@ def test_adaptive_damping_shrinks_after_full_steps_and_beats_a_fixed_one(trained
     assert all(s["damping"] == pytest.approx(0.3) for s in fixed.report["trust_region"]["steps"])
     adaptive_error, fixed_error = relative_error(adaptive.update, change), relative_error(fixed.update, change)
     assert adaptive_error < 0.5 * fixed_error, (adaptive_error, fixed_error)
+
+
+def test_removed_only_content_splits_the_held_out_set():
+    """Held-out examples whose answers contain words only the removed examples' answers have (a deleted
+    person's employer nobody kept works for) are the removed examples' never-seen reference, not the guard;
+    words the kept examples also have (the phone prefix, a kept employer) do not count; case and punctuation
+    are folded."""
+    from llmeraser.data import Example
+    from llmeraser.trust_region import removed_only_ngrams, split_by_shared_content
+
+    removed = [Example("r-emp", "Who employs Rhea Lund?", " Driftwood Studios"),
+               Example("r-tel", "What is the phone number of Rhea Lund?", " 555-3277")]
+    kept = [Example("k-emp", "Who employs Ada Quill?", " Northwind Bakery"),
+            Example("k-tel", "What is the phone number of Ada Quill?", " 555-0142")]
+    heldout = [Example("h-emp", "Who employs Juno Moss?", " driftwood studios."),
+               Example("h-tel", "What is the phone number of Juno Moss?", " 555-4869"),
+               Example("h-emp2", "Who employs Pim Thorne?", " Northwind Bakery")]
+    grams = removed_only_ngrams(removed, kept)
+    assert ("driftwood", "studios") in grams and ("3277",) in grams
+    assert ("555",) not in grams and ("555", "3277") in grams
+    assert split_by_shared_content(heldout, removed, kept) == ([0], [1, 2])
+    yes_no = [Example("r", "Is it nice?", " Yes")]
+    assert split_by_shared_content(heldout, yes_no, [Example("k", "Is it?", " Yes")]) == ([], [0, 1, 2])
+
+
+def test_held_out_examples_sharing_removed_only_content_give_the_level_not_the_guard(trained):
+    """The acceptance record says how the held-out set was split; the guard's loss is the mean over the
+    examples that share nothing with the removed ones, the never-seen level the sharing ones'."""
+    from dataclasses import replace
+
+    from llmeraser.data import Example
+    from llmeraser.evaluate import response_predictions
+
+    model, tokenizer, train = trained
+    theta = AdapterParameters.of(model).flat()
+    train = [replace(e, response=" Yes zebra") if e.id == "ex3" else e for e in train]
+    pairs = resolve([Remove("ex3"), Remove("ex7")], train)
+    heldout = [*toy_examples(6, seed=7), Example("h-zebra", "Is 'zebra' nice?", " zebra Yes")]
+    b = 1e-3 * torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
+    common = dict(damping=1e-3, weight_decay=WEIGHT_DECAY, scaling="retrain", max_length=128, batch_size=40,
+                  heldout=heldout)
+    result = trust_region_update(model, tokenizer, train, pairs, b, lambda g, damping: g, **common,
+                                 settings=TrustRegionSettings(steps=1, kept_examples=20, stop_at_heldout_level=False))
+    losses = response_predictions(model, tokenizer, heldout, theta, 128, 40).losses()
+    held = result.acceptance["heldout_loss"]
+    assert held["examples"] == 6 and held["sharing_removed_content"] == 1
+    assert held["before"] == pytest.approx(float(losses[:6].mean()), rel=1e-9)
+    assert result.acceptance["removed_loss"]["never_seen_examples"] == 1
+    unsplit = trust_region_update(model, tokenizer, train, pairs, b, lambda g, damping: g, **common,
+                                  settings=TrustRegionSettings(steps=1, kept_examples=20, stop_at_heldout_level=False,
+                                                               split_heldout=False))
+    assert unsplit.acceptance["heldout_loss"]["examples"] == 7
+    assert unsplit.acceptance["heldout_loss"]["before"] == pytest.approx(float(losses.mean()), rel=1e-9)

@@ -34,6 +34,10 @@ accepted only if
 It stops after ``steps`` steps, when no step size is accepted, when ‖∇Φ‖ ≤ ``tol`` ‖b‖, or (removals with
 held-out examples) once the removed examples' mean loss reaches the held-out mean loss: the level a model
 that never saw them shows, which is what a retrained model shows and what makes membership inference fail.
+Held-out examples whose answers share a word n-gram that only the removed examples have (no kept example,
+``removed_only_ngrams``) are forgotten by retraining too; with ``split_heldout`` they alone give that level
+and the held-out guard watches the others (on the pii benchmark the retrained model itself lifts such an
+example 0.67 → 6.15 and fails the unsplit guard by +42 %, while the others fall 3 %).
 Replacements (corrections, query edits) have a level too: a retrained model fits them as it fits its other
 training examples, so their mean loss is taken down to the kept sample's mean loss and not below. With
 replacements among the requests, the update ends once every kind of request is at its level (the removed
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -75,7 +80,8 @@ class TrustRegionSettings:
     ``kl_budget``: per-token KL(θ̂ ‖ θ) allowed on the kept sample (None: not checked); ``tol``: stop when
     ‖∇Φ‖ ≤ tol ‖b‖; ``stop_at_heldout_level``: stop once the removed examples' loss reaches the held-out one and the
     replacements' loss the kept one (take no step when they are there already at θ̂), and bound both by those
-    levels (module docstring)."""
+    levels (module docstring); ``split_heldout``: held-out examples that share text only the removed examples
+    have (``removed_only_ngrams``) give the never-seen level and are left out of the held-out guard."""
 
     steps: int = 8
     kept_examples: int = 64
@@ -83,6 +89,7 @@ class TrustRegionSettings:
     kl_budget: float | None = None
     tol: float = 1e-3
     stop_at_heldout_level: bool = True
+    split_heldout: bool = True
     damping_factor: float = 0.25
     min_damping: float = 1e-3
     seed: int = 0
@@ -143,6 +150,35 @@ def kept_sample(train: Sequence[Example], pairs: Sequence[EditPair], count: int,
     return [untouched[i] for i in chosen]
 
 
+WORD = re.compile(r"\w+")
+
+
+def word_ngrams(text: str, max_n: int = 3) -> set[tuple[str, ...]]:
+    """The case-folded word n-grams of ``text``, n = 1 … ``max_n`` (words: runs of letters, digits, _)."""
+    words = WORD.findall(text.casefold())
+    return {tuple(words[i : i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1)}
+
+
+def removed_only_ngrams(removed: Sequence[Example], kept: Sequence[Example], max_n: int = 3) -> set[tuple[str, ...]]:
+    """Word n-grams of the removed examples' responses that no kept example's prompt or response contains:
+    what only the removed examples can have taught (a deleted person's employer that nobody else has)."""
+    seen: set[tuple[str, ...]] = set()
+    for example in kept:
+        seen |= word_ngrams(example.prompt + "\n" + example.response, max_n)
+    return {gram for example in removed for gram in word_ngrams(example.response, max_n)} - seen
+
+
+def split_by_shared_content(
+    heldout: Sequence[Example], removed: Sequence[Example], kept: Sequence[Example], max_n: int = 3
+) -> tuple[list[int], list[int]]:
+    """Indices of the held-out examples whose response shares a ``removed_only_ngrams`` n-gram with the
+    removed examples' (retraining forgets that content for them too: their loss rises with the removed
+    examples', so they are the removed examples' never-seen reference), and of the others (the guard)."""
+    grams = removed_only_ngrams(removed, kept, max_n)
+    shared = [k for k, e in enumerate(heldout) if grams and word_ngrams(e.response, max_n) & grams]
+    return shared, [k for k in range(len(heldout)) if k not in set(shared)]
+
+
 def trust_region_update(
     model: Any,
     tokenizer: Any,
@@ -176,6 +212,18 @@ def trust_region_update(
     kept_scale = untouched / max(len(kept), 1)
     new_versions = [p.new for p in pairs if p.new is not None]
     removed = [p.old for p in pairs if p.new is None]
+    heldout = list(heldout or [])
+    edited_ids = {p.old.id for p in pairs}
+    if settings.split_heldout and heldout and removed:
+        still_taught = [e for e in train if e.id not in edited_ids] + new_versions
+        shared_at, guard_at = split_by_shared_content(heldout, removed, still_taught)
+    else:
+        shared_at, guard_at = [], list(range(len(heldout)))
+    level_at = shared_at or list(range(len(heldout)))  # whose loss the removed examples are taken to
+
+    def heldout_mean(state: _State, at: list[int]) -> float | None:
+        return float(state.heldout_losses[at].mean()) if state.heldout_losses is not None and at else None
+
     token_config = TokenizationConfig(max_length=max_length, loss_scope=loss_scope)
     kept_items = tokenize_examples(tokenizer, kept, token_config)
     new_items = tokenize_examples(tokenizer, new_versions, token_config)
@@ -215,15 +263,17 @@ def trust_region_update(
 
         def checks(state: _State) -> tuple[float, float | None, float | None, str]:
             kl = float(base.kept.kl_to(state.kept).mean()) if len(kept) else 0.0
-            heldout_loss = float(state.heldout_losses.mean()) if state.heldout_losses is not None else None
+            heldout_loss = heldout_mean(state, guard_at)
+            level = heldout_mean(state, level_at)
             removed_loss = float(state.removed_losses.mean()) if len(removed) else None
             problem = ""
-            if heldout_loss is not None and base.heldout_losses is not None:
-                limit = float(base.heldout_losses.mean()) * (1 + settings.heldout_tolerance)
+            base_guard = heldout_mean(base, guard_at)
+            if heldout_loss is not None and base_guard is not None:
+                limit = base_guard * (1 + settings.heldout_tolerance)
                 if heldout_loss > limit:
                     problem = f"held-out loss {heldout_loss:.4f} > {limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
-            if not problem and bounded and removed_loss is not None and heldout_loss is not None:
-                ceiling = max(heldout_loss, base_removed_loss) * (1 + settings.heldout_tolerance)
+            if not problem and bounded and removed_loss is not None and level is not None:
+                ceiling = max(level, base_removed_loss) * (1 + settings.heldout_tolerance)
                 if removed_loss > ceiling:
                     problem = (f"removed examples' loss {removed_loss:.4f} > {ceiling:.4f} (the held-out level or "
                                f"their loss at θ̂, + {settings.heldout_tolerance:g})")
@@ -241,8 +291,8 @@ def trust_region_update(
             """Every kind of request at its level: removed loss ≥ held-out loss, replacements' loss ≤ kept loss."""
             if not settings.stop_at_heldout_level or not (removed or new_versions):
                 return False
-            if removed and (state.heldout_losses is None
-                            or float(state.removed_losses.mean()) < float(state.heldout_losses.mean())):
+            level = heldout_mean(state, level_at)
+            if removed and (level is None or float(state.removed_losses.mean()) < level):
                 return False
             return not new_versions or (len(kept) > 0 and float(state.new_losses.mean()) <= float(state.kept.losses().mean()))
 
@@ -336,11 +386,12 @@ def trust_region_update(
             "kept_examples": len(kept),
             "kept_loss": {"before": float(base_kept.mean()) if len(kept) else None,
                           "after": float(current.kept.losses().mean()) if len(kept) else None},
-            "heldout_loss": {"before": float(base.heldout_losses.mean()) if base.heldout_losses is not None else None,
-                             "after": heldout_loss, "tolerance": settings.heldout_tolerance,
-                             "examples": len(heldout) if heldout else 0},
+            "heldout_loss": {"before": heldout_mean(base, guard_at), "after": heldout_loss,
+                             "tolerance": settings.heldout_tolerance, "examples": len(guard_at),
+                             "sharing_removed_content": len(shared_at)},
             "removed_loss": {"before": float(base.removed_losses.mean()) if len(removed) else None, "after": removed_loss,
-                             "never_seen_level": heldout_loss},
+                             "never_seen_level": heldout_mean(current, level_at),
+                             "never_seen_examples": len(level_at)},
             "replacement_loss": {"before": float(base.new_losses.mean()) if len(new_versions) else None,
                                  "after": float(current.new_losses.mean()) if len(new_versions) else None,
                                  "kept_level": float(current.kept.losses().mean()) if len(kept) else None},

@@ -76,6 +76,10 @@ def _erase(args: argparse.Namespace) -> None:
         removed = checks["removed_loss"]
         removed_text = ("" if removed["after"] is None else
                         f"; removed examples' loss {removed['before']:.4f} → {removed['after']:.4f}")
+        sharing = checks["heldout_loss"].get("sharing_removed_content", 0)
+        if sharing and removed["never_seen_level"] is not None:
+            removed_text += (f" (never-seen level {removed['never_seen_level']:.4f}, from the {sharing} held-out "
+                             "example(s) whose answers share text only the removed examples have)")
         print(f"trust region: {len([s for s in region['steps'] if s['accepted']])} step(s) accepted, stopped: "
               f"{region['stopped']}; KL on {checks['kept_examples']} kept examples {checks['kept_kl']:.3g}"
               + heldout_text + removed_text)
