@@ -313,7 +313,7 @@ def test_bench_checkpoints_after_every_seed(tmp_path) -> None:
     marked incomplete with the seeds done, and render as a partial run."""
     from llmeraser_bench import finish, run_bench
     from llmeraser_bench.protocol import pii_config
-    from llmeraser_bench.report import render_markdown
+    from llmeraser_bench.report import effect_plot_title, render_markdown
 
     config = dataclasses.replace(pii_config(quick=True), methods=("original", "retrain"))
     snapshots: list[dict] = []
@@ -325,6 +325,9 @@ def test_bench_checkpoints_after_every_seed(tmp_path) -> None:
     partial = render_markdown(finish(snapshots[0]))
     assert "**Partial run**" in partial and "mean ± std over seeds 0)" in partial
     assert "Partial run" not in render_markdown(finish(results))
+    ratio = config.ratios[0]  # the effect chart's title counts the seeds scored, not the seeds configured
+    assert "mean over 1 paired seed," in effect_plot_title(snapshots[0], ratio)
+    assert "mean over 2 paired seeds," in effect_plot_title(results, ratio)
 
 
 def test_mixture_decoding_with_per_theta_caches_equals_recomputing_every_prefix() -> None:

@@ -425,6 +425,14 @@ def _save(fig: Any, path: Path) -> Path:
 EFFECT_AXIS = (-1.0, 3.0)  # the effect-captured chart's y range; values beyond are printed at its edge
 
 
+def effect_plot_title(results: dict[str, Any], ratio: float) -> str:
+    """The effect-captured chart's title: the task, the ratio and the seeds scored at that ratio (a partial
+    run's fewer than the configured ones)."""
+    seeds = len({row["seed"] for row in results["rows"] if row["ratio"] == ratio})
+    return (f"{results['config']['task']}, ratio {ratio}: mean over {seeds} paired seed{'s' * (seeds != 1)}, "
+            "95 % intervals")
+
+
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     """effect_captured.png (per ratio), time_per_method.png, solver_residual.png (when the cold update ran)
     and metrics_vs_ratio.png (only with several ratios); returns the paths written."""
@@ -466,8 +474,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
                                              for key in keys], fontsize=8)
         ax.set_ylabel("effect captured (method − original) / (retrain − original)")
         ax.set_ylim(EFFECT_AXIS[0] - 0.15, EFFECT_AXIS[1] + 0.25)
-        ax.set_title(f"{results['config']['task']}, ratio {ratio}: mean over {len(results['config']['seeds'])} paired seeds, "
-                     "95 % intervals", fontsize=9)
+        ax.set_title(effect_plot_title(results, ratio), fontsize=9)
         ax.legend(fontsize=7)
         written.append(_save(fig, out / ("effect_captured.png" if len(summary) == 1 else f"effect_captured_{ratio}.png")))
 
