@@ -175,8 +175,8 @@ def split_by_shared_content(
     removed examples' (retraining forgets that content for them too: their loss rises with the removed
     examples', so they are the removed examples' never-seen reference), and of the others (the guard)."""
     grams = removed_only_ngrams(removed, kept, max_n)
-    shared = [k for k, e in enumerate(heldout) if grams and word_ngrams(e.response, max_n) & grams]
-    return shared, [k for k in range(len(heldout)) if k not in set(shared)]
+    shares = [bool(grams and word_ngrams(e.response, max_n) & grams) for e in heldout]
+    return [k for k, s in enumerate(shares) if s], [k for k, s in enumerate(shares) if not s]
 
 
 def trust_region_update(
