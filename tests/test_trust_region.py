@@ -245,3 +245,44 @@ def test_held_out_examples_sharing_removed_only_content_give_the_level_not_the_g
                                                                split_heldout=False))
     assert unsplit.acceptance["heldout_loss"]["examples"] == 7
     assert unsplit.acceptance["heldout_loss"]["before"] == pytest.approx(float(losses.mean()), rel=1e-9)
+
+
+def test_limited_memory_direction_meets_the_newest_secant_equation():
+    """The two-loop recursion: no pairs, the initial inverse; with pairs from an SPD matrix A (y = A s) the
+    result H g satisfies H y_newest = s_newest and is a descent direction (gᵀ H g > 0)."""
+    from llmeraser.trust_region import limited_memory_direction, remember_secant
+
+    generator = torch.Generator().manual_seed(0)
+    root = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    matrix = root @ root.T + 0.5 * torch.eye(6, dtype=torch.float64)
+
+    def initial(g: torch.Tensor) -> torch.Tensor:
+        return 0.3 * g
+
+    gradient = torch.randn(6, generator=generator, dtype=torch.float64)
+    assert torch.equal(limited_memory_direction(gradient, initial, []), initial(gradient))
+    secants: list = []
+    for _ in range(4):
+        step = torch.randn(6, generator=generator, dtype=torch.float64)
+        remember_secant(secants, step, matrix @ step, memory=3)
+    remember_secant(secants, torch.ones(6, dtype=torch.float64), -torch.ones(6, dtype=torch.float64), memory=3)
+    assert len(secants) == 3  # the last three of the four positive pairs; the negative-curvature pair is skipped
+    s_new, y_new = secants[-1]
+    assert torch.allclose(limited_memory_direction(y_new, initial, secants), s_new, rtol=1e-10, atol=1e-12)
+    assert float(gradient @ limited_memory_direction(gradient, initial, secants)) > 0
+
+
+def test_memory_repairs_a_short_preconditioner_on_the_convex_case(trained):
+    """A fixed damping far above the curvature makes every step short; remembering the steps taken (L-BFGS
+    on that preconditioner) gets closer to exact retraining in the same number of steps than forgetting them."""
+    model, tokenizer, train = trained
+    requests = [Remove("ex3"), Remove("ex7"), Remove("ex20"), Remove("ex21"), Remove("ex30")]
+    change = retrained_change(model, tokenizer, train, requests)
+    common = dict(solver="cg", curvature="hessian", damping=0.3, weight_decay=WEIGHT_DECAY, tol=1e-10, max_iters=300,
+                  batch_size=40, trust_region=True, trust_region_steps=8, kept_examples=len(train),
+                  trust_region_damping_factor=1.0)
+    plain = erase(model, tokenizer, train, requests, **common)
+    remembered = erase(model, tokenizer, train, requests, **common, trust_region_memory=4)
+    assert remembered.report["trust_region"]["settings"]["memory"] == 4
+    plain_error, remembered_error = relative_error(plain.update, change), relative_error(remembered.update, change)
+    assert remembered_error < 0.6 * plain_error, (remembered_error, plain_error)  # measured: 0.068 vs 0.151

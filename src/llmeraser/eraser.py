@@ -88,7 +88,8 @@ class EraseConfig:
       ``kept_examples`` untouched examples estimate the objective and the KL check (``kl_budget``, per
       token; None: not checked), held-out examples passed to ``erase`` bound the held-out loss's rise
       (``heldout_tolerance``, relative) and give the never-seen level the removed examples stop at;
-      the damping of each step adapts by ``trust_region_damping_factor`` (1: fixed at ``damping``).
+      the damping of each step adapts by ``trust_region_damping_factor`` (1: fixed at ``damping``);
+      ``trust_region_memory`` secant pairs correct the curvature along the steps taken (L-BFGS; 0: none).
     """
 
     solver: SolverName = option("cg", help="inverse-HVP solver")
@@ -133,6 +134,9 @@ class EraseConfig:
         help="per-token KL(original ‖ erased) allowed on the kept examples (default: not checked)")
     trust_region_damping_factor: float = option(
         TrustRegionSettings.damping_factor, gt=0.0, help="the trust region's damping adapts by this factor (1: fixed)")
+    trust_region_memory: int = option(
+        TrustRegionSettings.memory, min=0,
+        help="secant pairs the trust region's steps remember (L-BFGS on the curvature; 0: none)")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -491,6 +495,7 @@ def erase(
             batch_size=config.batch_size, heldout=heldout, first_direction=update,
             settings=TrustRegionSettings(config.trust_region_steps, config.kept_examples, config.heldout_tolerance,
                                          config.kl_budget, damping_factor=config.trust_region_damping_factor,
+                                         memory=config.trust_region_memory,
                                          seed=config.seed),
             progress=(lambda line: tqdm.write(line)) if progress else None,
         )

@@ -23,7 +23,11 @@ does: λ₀ is the erasure's damping; after a step accepted at full length or lo
 ``damping_factor`` (down to ``min_damping``), after a backtracked one it grows by the same factor, and when
 no step size is accepted the step is retried once at the larger damping. Small damping lets later steps
 move along directions the kept data barely constrain — where a memorised example lives, and where one step
-at small damping from θ̂ overshoots — once the earlier, strongly damped steps have been accepted. A step is
+at small damping from θ̂ overshoots — once the earlier, strongly damped steps have been accepted. With
+``memory`` m > 0 the steps after the first are L-BFGS steps with P_t as the initial inverse curvature: the
+last m accepted steps s_k and the changes of ∇Φ along them, y_k (pairs with y_kᵀs_k ≤ 0 are skipped), correct
+P_t along the directions already travelled (the two-loop recursion; Nocedal & Wright, Alg. 7.4), at no extra
+gradient: a cached curvature that is short along those directions is repaired where the steps go. A step is
 accepted only if
 
 - Φ decreases (Armijo: Φ(θ + s d) ≤ Φ(θ) + 10⁻⁴ s ∇Φᵀd),
@@ -81,7 +85,8 @@ class TrustRegionSettings:
     ‖∇Φ‖ ≤ tol ‖b‖; ``stop_at_heldout_level``: stop once the removed examples' loss reaches the held-out one and the
     replacements' loss the kept one (take no step when they are there already at θ̂), and bound both by those
     levels (module docstring); ``split_heldout``: held-out examples that share text only the removed examples
-    have (``removed_only_ngrams``) give the never-seen level and are left out of the held-out guard."""
+    have (``removed_only_ngrams``) give the never-seen level and are left out of the held-out guard;
+    ``memory``: secant pairs kept to correct the preconditioner along the steps taken (L-BFGS, 0: none)."""
 
     steps: int = 8
     kept_examples: int = 64
@@ -93,6 +98,7 @@ class TrustRegionSettings:
     damping_factor: float = 0.25
     min_damping: float = 1e-3
     seed: int = 0
+    memory: int = 0
 
 
 @dataclass
@@ -331,6 +337,7 @@ def trust_region_update(
         records: list[StepRecord] = []
         current, current_phi = base, 0.0
         gradient = -b
+        secants: list[tuple[Tensor, Tensor]] = []  # (s_k, y_k) of the last accepted steps, oldest first
         b_norm = float(b.norm()) or 1.0
         lam, lam_floor = damping, damping * settings.min_damping
         adaptive = settings.damping_factor != 1.0
@@ -350,9 +357,16 @@ def trust_region_update(
             accepted, evaluations, last_reason = None, 0, ""
             for attempt in range(2 if adaptive else 1):  # a refused step is retried once at a larger damping
                 use_first = step == 0 and attempt == 0
+                def initial(g: Tensor, at: float = lam) -> Tensor:
+                    return precondition(g, at)
+
                 direction = (first_direction if use_first and first_direction is not None
-                             else -precondition(gradient, lam))
+                             else -limited_memory_direction(gradient, initial, secants))
                 slope = float(gradient @ direction)
+                if not slope < 0 and secants:  # the pairs do not describe a convex model here: drop them
+                    secants.clear()
+                    direction = -precondition(gradient, lam)
+                    slope = float(gradient @ direction)
                 if not slope < 0:
                     last_reason = f"the preconditioned direction is not a descent direction (slope {slope:.3g})"
                     break
@@ -366,6 +380,7 @@ def trust_region_update(
                                           evaluations, False, last_reason))
                 stopped = f"step {step}: no step size accepted ({last_reason})"
                 break
+            step_start = current.theta
             scale, current, current_phi, kl, heldout_loss, removed_loss = accepted
             records.append(StepRecord(step, scale, lam, current_phi, gradient_norm, kl, heldout_loss, removed_loss,
                                       evaluations, True))
@@ -379,7 +394,10 @@ def trust_region_update(
             if adaptive:  # Levenberg–Marquardt: a full step widens the trust region, a backtracked one narrows it
                 lam = max(lam * settings.damping_factor, lam_floor) if scale >= 1 else lam / settings.damping_factor
             if step + 1 < settings.steps:
+                previous_gradient = gradient
                 gradient = gradient_at(current.theta)
+                if settings.memory:
+                    remember_secant(secants, current.theta - step_start, gradient - previous_gradient, settings.memory)
         kl, heldout_loss, removed_loss, _ = checks(current)
         acceptance = {
             "kept_kl": kl,
@@ -401,6 +419,33 @@ def trust_region_update(
                                  {"kept_scale": kept_scale, "settings": asdict(settings)})
     finally:
         params.assign(theta_hat)
+
+
+def remember_secant(secants: list[tuple[Tensor, Tensor]], step: Tensor, gradient_change: Tensor, memory: int) -> None:
+    """Append (s, y) when yᵀs > 0 (the curvature along s is positive; otherwise the pair would make the
+    L-BFGS model indefinite), keeping the last ``memory`` pairs."""
+    if float(gradient_change @ step) > 1e-12 * float(gradient_change.norm() * step.norm()):
+        secants.append((step, gradient_change))
+        del secants[:-memory]
+
+
+def limited_memory_direction(gradient: Tensor, initial: Callable[[Tensor], Tensor],
+                             secants: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """H_m g by the L-BFGS two-loop recursion: ``initial`` ≈ H₀ (an inverse curvature, (p,) → (p,)), corrected
+    by the secant pairs (s_k, y_k ≈ ∇²Φ s_k), oldest first; no pairs: ``initial(gradient)``. Satisfies the
+    secant equation H_m y_k = s_k for the newest pair."""
+    q = gradient
+    coefficients = []
+    for s_k, y_k in reversed(secants):
+        rho = 1.0 / float(y_k @ s_k)
+        alpha = rho * float(s_k @ q)
+        q = q - alpha * y_k
+        coefficients.append((rho, alpha))
+    r = initial(q)
+    for (s_k, y_k), (rho, alpha) in zip(secants, reversed(coefficients)):
+        beta = rho * float(y_k @ r)
+        r = r + (alpha - beta) * s_k
+    return r
 
 
 def _losses(model: Any, tokenizer: Any, examples: Sequence[Example] | None, theta: Tensor, max_length: int,

@@ -208,12 +208,13 @@ def next_item_config(quick: bool = False) -> BenchConfig:
     (``--n-train``, ``--n-test``, ``--ratio`` override). Its requests edit prompts and delete no answer, so the
     quantisation and relearning attacks (which ask whether deleted data comes back) are off, SISA is not a default
     method, and the trust region takes 3 steps (each ~4 minutes at 250-token prompts on one core); the options
-    (``--quantise-bits``, ``--relearn-steps``, ``--methods``, ``--trust-region-steps``) turn them back on. ``quick``: the tiny model with 1 history item and 5
+    (``--quantise-bits``, ``--relearn-steps``, ``--methods``, ``--trust-region-steps``) turn them back on.
+    ``quick``: the tiny model with 1 history item and 5
     candidates (byte-level prompts of ~250 tokens; with 20 candidates, ~800 tokens, the smoke run took ~7
     minutes on 2 busy cores)."""
     if quick:
         base = quick_config("next-item")
-        return dataclasses.replace(base, n_test=6, history_length=1, n_candidates=5, methods=(*base.methods, "sisa"),
+        return dataclasses.replace(base, n_test=6, history_length=1, n_candidates=5, methods=(*(base.methods or ()), "sisa"),
                                    recipe=dataclasses.replace(base.recipe, max_length=512),
                                    eraser=dataclasses.replace(base.eraser, max_length=512, curvature_examples=8, batch_size=8))
     return BenchConfig(task="next-item", history_length=5, n_candidates=10, ratios=(0.1,), n_train=32, n_test=64,
