@@ -37,7 +37,7 @@ def test_with_every_token_the_factor_is_the_gauss_newton_operator(problem):
     model, tokenizer, params, items = problem
     vocabulary = model.get_output_embeddings().weight.shape[0]
     factor = low_rank_gauss_newton(model, params, items, tokenizer.pad_token_id, top_k=vocabulary,
-                                   weight_decay=WEIGHT_DECAY, batch_size=3)
+                                   weight_decay=WEIGHT_DECAY, batch_size=3, row_chunk=97)  # several chunks
     operator = CurvatureOperator(model, params, items, tokenizer.pad_token_id, "gauss-newton",
                                  weight_decay=WEIGHT_DECAY, batch_size=4)
     matrix = dense_matrix(operator, torch.float64)  # C + λ_wd I, one product per parameter

@@ -68,10 +68,10 @@ class LowRankGaussNewton:
 
 def gauss_newton_rows(
     model: Any, params: AdapterParameters, items: Sequence[TokenizedExample], pad_token_id: int, top_k: int,
-    batch_size: int = 8, total: int | None = None,
+    batch_size: int = 8, total: int | None = None, row_chunk: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """R of the module docstring over ``items`` (N = ``total`` or len(items)), shape (m, p) float64, and the
-    coverage per position. One forward and one batched backward per batch of examples."""
+    coverage per position. One forward per batch of examples, one batched backward per ``row_chunk`` rows."""
     count = total if total is not None else len(items)
     rows: list[Tensor] = []
     coverage: list[Tensor] = []
@@ -86,20 +86,25 @@ def gauss_newton_rows(
             top = positions.detach().topk(k, dim=-1)
             chosen = positions.gather(1, top.indices)  # (P, k) log p_t(v), differentiable
             scale = torch.sqrt(weights[where].to(torch.float64).unsqueeze(1) * top.values.exp() / count)
-            outputs = torch.eye(chosen.numel(), dtype=chosen.dtype).reshape(-1, *chosen.shape)
-            grads = torch.autograd.grad(chosen, params.tensors, grad_outputs=outputs, is_grads_batched=True,
-                                        allow_unused=True)
-        flat = torch.cat([torch.zeros(chosen.numel(), t.numel(), dtype=torch.float64) if g is None
-                          else g.reshape(chosen.numel(), -1).to(torch.float64) for g, t in zip(grads, params.tensors)],
-                         dim=1)
-        rows.append(flat * scale.reshape(-1, 1))
+            flat_chosen, count_here = chosen.reshape(-1), chosen.numel()
+            pieces = []
+            for start in range(0, count_here, row_chunk):  # a batched backward holds a chunk's activation grads
+                stop = min(start + row_chunk, count_here)
+                outputs = torch.zeros(stop - start, count_here, dtype=chosen.dtype)
+                outputs[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                grads = torch.autograd.grad(flat_chosen, params.tensors, grad_outputs=outputs, is_grads_batched=True,
+                                            allow_unused=True, retain_graph=stop < count_here)
+                pieces.append(torch.cat([torch.zeros(stop - start, t.numel(), dtype=torch.float64) if g is None
+                                         else g.reshape(stop - start, -1).to(torch.float64)
+                                         for g, t in zip(grads, params.tensors)], dim=1))
+        rows.append(torch.cat(pieces) * scale.reshape(-1, 1))
         coverage.append(top.values.exp().sum(dim=-1))
     return torch.cat(rows), torch.cat(coverage)
 
 
 def low_rank_gauss_newton(
     model: Any, params: AdapterParameters, items: Sequence[TokenizedExample], pad_token_id: int, *,
-    top_k: int, weight_decay: float, batch_size: int = 8,
+    top_k: int, weight_decay: float, batch_size: int = 8, row_chunk: int = 64,
 ) -> LowRankGaussNewton:
     """Build R at the model's current θ and factorise RRᵀ; refuses (``ConfigError`` on ``top_k``) when the
     rows would take more than ``MAX_FACTOR_BYTES`` as float32."""
@@ -110,6 +115,6 @@ def low_rank_gauss_newton(
         raise ConfigError("top_k", f"the low-rank Gauss–Newton factor would hold {positions} positions × {top_k} "
                                    f"tokens × {params.dim} parameters ({size / 2**30:.1f} GiB > "
                                    f"{MAX_FACTOR_BYTES / 2**30:.0f} GiB): use fewer examples or tokens, or cg")
-    rows, coverage = gauss_newton_rows(model, params, items, pad_token_id, top_k, batch_size)
+    rows, coverage = gauss_newton_rows(model, params, items, pad_token_id, top_k, batch_size, row_chunk=row_chunk)
     eigenvalues, eigenvectors = torch.linalg.eigh(rows @ rows.T)
     return LowRankGaussNewton(rows, eigenvalues.clamp_min(0.0), eigenvectors, weight_decay, coverage)
