@@ -86,7 +86,9 @@ class TrustRegionSettings:
     replacements' loss the kept one (take no step when they are there already at θ̂), and bound both by those
     levels (module docstring); ``split_heldout``: held-out examples that share text only the removed examples
     have (``removed_only_ngrams``) give the never-seen level and are left out of the held-out guard;
-    ``memory``: secant pairs kept to correct the preconditioner along the steps taken (L-BFGS, 0: none)."""
+    ``memory``: secant pairs kept to correct the preconditioner along the steps taken (L-BFGS, 0: none);
+    ``kept_tolerance``: relative rise of the kept sample's mean loss allowed (None: not checked; retraining
+    lowers it)."""
 
     steps: int = 8
     kept_examples: int = 64
@@ -99,6 +101,7 @@ class TrustRegionSettings:
     min_damping: float = 1e-3
     seed: int = 0
     memory: int = 0
+    kept_tolerance: float | None = None
 
 
 @dataclass
@@ -289,6 +292,10 @@ def trust_region_update(
                 if new_loss < floor:
                     problem = (f"replacements' loss {new_loss:.4f} < {floor:.4f} (the kept examples' level or "
                                f"theirs at θ̂, − {settings.heldout_tolerance:g})")
+            if not problem and settings.kept_tolerance is not None and len(kept):
+                kept_loss, kept_limit = float(state.kept.losses().mean()), float(base_kept.mean()) * (1 + settings.kept_tolerance)
+                if kept_loss > kept_limit:
+                    problem = f"kept examples' loss {kept_loss:.4f} > {kept_limit:.4f} (θ̂'s + {settings.kept_tolerance:g})"
             if not problem and settings.kl_budget is not None and kl > settings.kl_budget:
                 problem = f"kept-example KL {kl:.3g} > budget {settings.kl_budget:g}"
             return kl, heldout_loss, removed_loss, problem
