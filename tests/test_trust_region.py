@@ -78,6 +78,35 @@ def test_the_trust_region_rejects_a_step_that_raises_the_held_out_loss(trained):
     assert torch.equal(params.flat(), theta)  # the model's θ is restored
 
 
+def test_the_kept_guard_refuses_a_step_that_raises_the_kept_examples_loss(trained):
+    """With ``kept_tolerance`` the same harmful step is cut back until the kept sample's loss stays within
+    tolerance, or not taken; without it the line search on Φ alone accepts a length that raises that loss."""
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    pairs = resolve([Remove("ex3"), Remove("ex7"), Remove("ex20")], train)
+    harmful = 50.0 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
+    common = dict(damping=0.0, weight_decay=WEIGHT_DECAY, scaling="retrain", max_length=128, batch_size=40,
+                  first_direction=harmful)
+
+    def run(kept_tolerance):
+        settings = TrustRegionSettings(steps=1, kept_examples=20, damping_factor=1.0, stop_at_heldout_level=False,
+                                       kept_tolerance=kept_tolerance)
+        return trust_region_update(model, tokenizer, train, pairs, 1e-3 * harmful, lambda g, damping: g,
+                                   settings=settings, **common)
+
+    unguarded, guarded = run(None), run(0.01)
+    before = unguarded.acceptance["kept_loss"]["before"]
+    assert unguarded.steps[0].accepted
+    assert unguarded.acceptance["kept_loss"]["after"] > before * 1.01  # Φ's step raises the kept loss
+    record = guarded.steps[0]
+    if record.accepted:
+        assert record.scale < unguarded.steps[0].scale and guarded.acceptance["kept_loss"]["after"] <= before * 1.01
+    else:
+        assert "kept examples' loss" in record.reason and float(guarded.update.abs().max()) == 0.0
+    assert torch.equal(params.flat(), theta)
+
+
 def test_no_step_when_the_removed_examples_are_already_at_the_held_out_level(trained):
     """Removals the adapter fits no better than never-seen examples (a recipe that does not memorise):
     retraining barely moves them, so the trust region takes no step and says why; with a correction among

@@ -87,7 +87,8 @@ class EraseConfig:
       retraining objective, each accepted by its effect in function space (``llmeraser.trust_region``):
       ``kept_examples`` untouched examples estimate the objective and the KL check (``kl_budget``, per
       token; None: not checked), held-out examples passed to ``erase`` bound the held-out loss's rise
-      (``heldout_tolerance``, relative) and give the never-seen level the removed examples stop at;
+      (``heldout_tolerance``, relative) and give the never-seen level the removed examples stop at, and
+      ``kept_tolerance`` (None: not checked) bounds the rise of the kept examples' loss;
       the damping of each step adapts by ``trust_region_damping_factor`` (1: fixed at ``damping``);
       ``trust_region_memory`` secant pairs correct the curvature along the steps taken (L-BFGS; 0: none).
     """
@@ -129,6 +130,9 @@ class EraseConfig:
     heldout_tolerance: float = option(
         TrustRegionSettings.heldout_tolerance, min=0.0,
         help="relative rise of the held-out loss a trust-region step may cause")
+    kept_tolerance: float | None = option(
+        TrustRegionSettings.kept_tolerance, min=0.0,
+        help="relative rise of the kept examples' loss a trust-region step may cause (default: not checked)")
     kl_budget: float | None = option(
         TrustRegionSettings.kl_budget, gt=0.0,
         help="per-token KL(original ‖ erased) allowed on the kept examples (default: not checked)")
@@ -495,7 +499,7 @@ def erase(
             batch_size=config.batch_size, heldout=heldout, first_direction=update,
             settings=TrustRegionSettings(config.trust_region_steps, config.kept_examples, config.heldout_tolerance,
                                          config.kl_budget, damping_factor=config.trust_region_damping_factor,
-                                         memory=config.trust_region_memory,
+                                         memory=config.trust_region_memory, kept_tolerance=config.kept_tolerance,
                                          seed=config.seed),
             progress=(lambda line: tqdm.write(line)) if progress else None,
         )
