@@ -315,3 +315,39 @@ def test_memory_repairs_a_short_preconditioner_on_the_convex_case(trained):
     assert remembered.report["trust_region"]["settings"]["memory"] == 4
     plain_error, remembered_error = relative_error(plain.update, change), relative_error(remembered.update, change)
     assert remembered_error < 0.6 * plain_error, (remembered_error, plain_error)  # measured: 0.068 vs 0.151
+
+
+def test_a_step_the_guard_cuts_short_with_little_progress_ends_the_update(trained):
+    """Once the kept guard binds, every step is cut back to a sliver of Φ's fall: with ``stall_fraction`` the
+    update ends there, without it the same steps keep being taken and move Φ by almost nothing."""
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    pairs = resolve([Remove("ex3"), Remove("ex7"), Remove("ex20")], train)
+    harmful = 3.0 * torch.randn(params.dim, generator=torch.Generator().manual_seed(0), dtype=theta.dtype)
+
+    def along_harmful(g: torch.Tensor, damping: float) -> torch.Tensor:
+        """A preconditioner that favours one direction the kept guard refuses."""
+        return harmful * float(harmful @ g) / float(harmful @ harmful) + 1e-3 * g
+
+    def run(stall_fraction):
+        settings = TrustRegionSettings(steps=12, kept_examples=20, damping_factor=1.0, stop_at_heldout_level=False,
+                                       kept_tolerance=0.01, stall_fraction=stall_fraction)
+        return trust_region_update(model, tokenizer, train, pairs, 1e-3 * harmful, along_harmful,
+                                   damping=0.0, weight_decay=WEIGHT_DECAY, scaling="retrain", max_length=128,
+                                   batch_size=40, settings=settings, first_direction=harmful)
+
+    stopping, running = run(0.01), run(0.0)
+    assert "trust region's edge" in stopping.stopped and all(s.accepted for s in stopping.steps), stopping.stopped
+    accepted = [s for s in running.steps if s.accepted]
+    assert len(accepted) > len(stopping.steps), (running.stopped, stopping.stopped)
+    # the same steps up to the stop (measured: 6 of them, then the non-stopping run takes one more)
+    assert [s.phi for s in stopping.steps] == pytest.approx([s.phi for s in accepted[:len(stopping.steps)]], rel=1e-9)
+    phi_at_stop, phi_before = stopping.steps[-1].phi, stopping.steps[-2].phi
+    assert phi_before - phi_at_stop < 0.01 * -phi_at_stop  # the step it stopped after fell by under 1 % of Φ's fall
+    assert stopping.steps[-1].scale < 1  # ... because a check cut it back
+    # what the steps it did not take add: under 1 % of Φ's fall (measured: 0.12 %)
+    assert phi_at_stop - accepted[-1].phi < 0.01 * -phi_at_stop
+    kept_loss = stopping.acceptance["kept_loss"]
+    assert kept_loss["after"] <= kept_loss["before"] * 1.01
+    assert torch.equal(params.flat(), theta)
