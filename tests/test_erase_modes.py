@@ -117,12 +117,30 @@ def test_solver_flags_mean_a_configured_update(setup, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flag,value,message", [("--steps", "0", "--steps must be >= 1"),
                                                 ("--kl-budget", "0", "--kl-budget must be > 0"),
-                                                ("--kept-examples", "0", "--kept-examples must be >= 1")])
+                                                ("--kept-examples", "0", "--kept-examples must be >= 1"),
+                                                ("--trust-region-memory", "-1", "--trust-region-memory must be >= 0"),
+                                                ("--kept-tolerance", "-0.1", "--kept-tolerance must be >= 0")])
 def test_bad_trust_region_flags_are_usage_errors(setup, tmp_path, flag, value, message):
     root, data, requests = setup
     done = cli("erase", "--adapter", root / "short", "--data", data, "--requests", requests, "--out", tmp_path / "x",
                flag, value)
     assert done.code == 2 and message in done.err and not (tmp_path / "x").exists()
+
+
+def test_trust_region_options_keep_the_automatic_plan(setup, tmp_path, monkeypatch):
+    """The trust region's own knobs (the kept guard, L-BFGS memory) are not solver flags: the default plan
+    stays automatic and carries them into the update it runs."""
+    from llmeraser.data import read_examples
+    from llmeraser.lifecycle import Adapter
+    from llmeraser.requests import read_requests
+
+    monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
+    root, data, requests_path = setup
+    plan = Adapter.load(root / "long").plan_erase(read_examples(data), read_requests(requests_path),
+                                                  options={"kept_tolerance": 0.02, "trust_region_memory": 3})
+    assert plan.mode == "update" and plan.choice is not None and plan.config is not None
+    assert plan.config.trust_region and plan.config.curvature_use == "direct"
+    assert (plan.config.kept_tolerance, plan.config.trust_region_memory) == (0.02, 3)
 
 
 def test_the_dry_run_estimates_the_plan_the_real_run_executes(setup, tmp_path, monkeypatch):

@@ -138,7 +138,8 @@ def _erase_flags(erase: argparse.ArgumentParser) -> None:
     _add_options(erase, EraseConfig, ["trust_region_steps"], flags={"trust_region_steps": "--steps"},
                  defaults={"trust_region_steps": None},
                  helps={"trust_region_steps": f"trust-region steps at most (default {EraseConfig.trust_region_steps})"})
-    _add_options(erase, EraseConfig, ["kept_examples", "heldout_tolerance", "kept_tolerance", "kl_budget", "auto_damping"])
+    _add_options(erase, EraseConfig, ["kept_examples", "heldout_tolerance", "kept_tolerance", "kl_budget",
+                                      "trust_region_memory", "auto_damping"])
     _add_dry_run(erase, "erasure (prepare, gradients, solve, save)")
 
 
