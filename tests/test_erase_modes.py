@@ -119,6 +119,8 @@ def test_solver_flags_mean_a_configured_update(setup, tmp_path, monkeypatch):
                                                 ("--kl-budget", "0", "--kl-budget must be > 0"),
                                                 ("--kept-examples", "0", "--kept-examples must be >= 1"),
                                                 ("--trust-region-memory", "-1", "--trust-region-memory must be >= 0"),
+                                                ("--trust-region-refit-steps", "-1",
+                                                 "--trust-region-refit-steps must be >= 0"),
                                                 ("--kept-tolerance", "-0.1", "--kept-tolerance must be >= 0")])
 def test_bad_trust_region_flags_are_usage_errors(setup, tmp_path, flag, value, message):
     root, data, requests = setup
@@ -137,10 +139,11 @@ def test_trust_region_options_keep_the_automatic_plan(setup, tmp_path, monkeypat
     monkeypatch.setenv("LLMERASER_CACHE", str(tmp_path / "cache"))
     root, data, requests_path = setup
     plan = Adapter.load(root / "long").plan_erase(read_examples(data), read_requests(requests_path),
-                                                  options={"kept_tolerance": 0.02, "trust_region_memory": 3})
+                                                  options={"kept_tolerance": 0.02, "trust_region_memory": 3,
+                                                           "trust_region_refit_steps": 2})
     assert plan.mode == "update" and plan.choice is not None and plan.config is not None
     assert plan.config.trust_region and plan.config.curvature_use == "direct"
-    assert (plan.config.kept_tolerance, plan.config.trust_region_memory) == (0.02, 3)
+    assert (plan.config.kept_tolerance, plan.config.trust_region_memory, plan.config.trust_region_refit_steps) == (0.02, 3, 2)
 
 
 def test_the_dry_run_estimates_the_plan_the_real_run_executes(setup, tmp_path, monkeypatch):

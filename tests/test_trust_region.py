@@ -37,6 +37,75 @@ def test_multi_step_converges_to_exact_retraining_on_the_convex_case(trained):
     assert multi.report["update_norm"] == pytest.approx(float(multi.update.norm()))
 
 
+REMOVALS = [Remove("ex3"), Remove("ex7"), Remove("ex20"), Remove("ex21"), Remove("ex30")]
+EXACT = dict(solver="cg", curvature="hessian", damping=0.0, weight_decay=WEIGHT_DECAY, tol=1e-10, max_iters=300,
+             batch_size=40, trust_region=True, trust_region_steps=6, kept_examples=40)
+
+
+def moved_off_the_minimum(model, tokenizer, train, direction):
+    """θ̂ + ``direction`` (norm: half the retrained change from θ̂): an adapter that does not minimise its
+    training objective, as fine-tuned adapters rarely do; returns θ̂ to restore."""
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    size = 0.5 * float(retrained_change(model, tokenizer, train, REMOVALS).norm())
+    params.assign(theta + size * direction / direction.norm())
+    return theta
+
+
+def test_refit_steps_reach_retraining_from_an_adapter_off_the_minimum(trained):
+    """From a θ̂ that is not stationary, Φ's minimiser is not the retrained model (it keeps θ̂'s tilt):
+    the forgetting steps converge and stay ~50 % off. The refit steps then descend R′ itself and reach the
+    retrained model (the unique minimiser of R′) within 1 %, the removed examples' loss not below the floor."""
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    noise = torch.randn(params.dim, generator=torch.Generator().manual_seed(0), dtype=params.flat().dtype)
+    theta = moved_off_the_minimum(model, tokenizer, train, noise)
+    try:
+        change = retrained_change(model, tokenizer, train, REMOVALS)
+        forget = erase(model, tokenizer, train, REMOVALS, **EXACT)
+        refit = erase(model, tokenizer, train, REMOVALS, **EXACT, trust_region_refit_steps=6)
+    finally:
+        params.assign(theta)
+    forget_error, refit_error = relative_error(forget.update, change), relative_error(refit.update, change)
+    assert forget_error > 0.3 and refit_error < 0.01, (forget_error, refit_error)
+    report = refit.report["trust_region"]
+    phases = [step["phase"] for step in report["steps"] if step["accepted"]]
+    assert phases[0] == "forget" and "refit" in phases and phases == sorted(phases)  # forget steps, then refit ones
+    assert forget.report["trust_region"]["acceptance"]["refit"] == {"steps": 0}
+    checks = report["acceptance"]
+    assert checks["refit"]["steps"] >= 1 and checks["refit"]["objective"] < 0
+    assert checks["removed_loss"]["after"] >= checks["refit"]["removed_floor"]
+
+
+def test_refit_steps_hold_the_removed_loss_where_descending_the_kept_loss_would_lower_it(trained):
+    """θ̂ moved up the removed examples' loss: retraining lowers that loss again (the toy's kept examples
+    teach the removed ones' answers), below where the forgetting steps left it. The refit steps, projected
+    off the removed loss's gradient, still descend R′ but keep that loss at or above the floor."""
+    from llmeraser.data import TokenizationConfig, tokenize_examples
+    from llmeraser.evaluate import response_predictions
+    from llmeraser.gradients import summed_gradient
+
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    removed = [p.old for p in resolve(REMOVALS, train)]
+    items = tokenize_examples(tokenizer, removed, TokenizationConfig(max_length=128))
+    up = summed_gradient(model, params, items, tokenizer.pad_token_id, 40)
+    theta = moved_off_the_minimum(model, tokenizer, train, up)
+    try:
+        change = retrained_change(model, tokenizer, train, REMOVALS)
+        retrained_loss = float(response_predictions(model, tokenizer, removed, params.flat() + change, 128, 40)
+                               .losses().mean())
+        result = erase(model, tokenizer, train, REMOVALS, **EXACT, trust_region_refit_steps=4)
+    finally:
+        params.assign(theta)
+    checks = result.report["trust_region"]["acceptance"]
+    refit = checks["refit"]
+    assert retrained_loss < refit["removed_floor"]  # retraining would take the removed loss below the floor
+    assert refit["steps"] >= 1 and refit["projected_steps"] >= 1 and refit["objective"] < 0
+    assert checks["removed_loss"]["after"] >= refit["removed_floor"]
+    assert torch.equal(params.flat(), theta)
+
+
 def test_first_step_equals_the_influence_update(trained):
     model, tokenizer, train = trained
     requests = [Remove("ex3"), Remove("ex7")]
@@ -124,6 +193,9 @@ def test_no_step_when_the_removed_examples_are_already_at_the_held_out_level(tra
     result = trust_region_update(model, tokenizer, train, pairs, b, lambda g, damping: g, **common)
     assert result.steps == [] and float(result.update.abs().max()) == 0.0
     assert result.stopped.startswith("before any step")
+    with_refit = dict(common, settings=TrustRegionSettings(steps=3, kept_examples=20, refit_steps=3))
+    refit = trust_region_update(model, tokenizer, train, pairs, b, lambda g, damping: g, **with_refit)
+    assert refit.steps == [] and refit.acceptance["refit"] == {"steps": 0}  # nothing forgotten, nothing refitted
     mixed = resolve([*requests, CorrectResponse("ex5", " Yes No")], train)
     stepped = trust_region_update(model, tokenizer, train, mixed, b, lambda g, damping: g, **common)
     assert len(stepped.steps) >= 1 and float(stepped.update.abs().max()) > 0.0

@@ -90,7 +90,9 @@ class EraseConfig:
       (``heldout_tolerance``, relative) and give the never-seen level the removed examples stop at, and
       ``kept_tolerance`` (None: not checked) bounds the rise of the kept examples' loss;
       the damping of each step adapts by ``trust_region_damping_factor`` (1: fixed at ``damping``);
-      ``trust_region_memory`` secant pairs correct the curvature along the steps taken (L-BFGS; 0: none).
+      ``trust_region_memory`` secant pairs correct the curvature along the steps taken (L-BFGS; 0: none);
+      ``trust_region_refit_steps`` steps on the retraining objective itself follow, the removed examples' loss
+      held at its level (0: none).
     """
 
     solver: SolverName = option("cg", help="inverse-HVP solver")
@@ -141,6 +143,10 @@ class EraseConfig:
     trust_region_memory: int = option(
         TrustRegionSettings.memory, min=0,
         help="secant pairs the trust region's steps remember (L-BFGS on the curvature; 0: none)")
+    trust_region_refit_steps: int = option(
+        TrustRegionSettings.refit_steps, min=0,
+        help="after the forgetting steps, trust-region steps on the retraining objective itself (the kept examples "
+        "refitted, the removed examples' loss held at its level; 0: none)")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -500,7 +506,7 @@ def erase(
             settings=TrustRegionSettings(config.trust_region_steps, config.kept_examples, config.heldout_tolerance,
                                          config.kl_budget, damping_factor=config.trust_region_damping_factor,
                                          memory=config.trust_region_memory, kept_tolerance=config.kept_tolerance,
-                                         seed=config.seed),
+                                         refit_steps=config.trust_region_refit_steps, seed=config.seed),
             progress=(lambda line: tqdm.write(line)) if progress else None,
         )
         update = trust_region.update

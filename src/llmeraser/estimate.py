@@ -430,7 +430,8 @@ def estimate_erase(
         notes.append(f"solve: all {config.max_iters} iterations (it stops earlier when the residual reaches "
                      f"`tol={config.tol:g}`): an upper bound")
     if config.trust_region:
-        notes.append(f"trust region: all {config.trust_region_steps} steps with {LINE_SEARCH_EVALUATIONS:g} line-search "
+        steps = config.trust_region_steps + config.trust_region_refit_steps
+        notes.append(f"trust region: all {steps} steps with {LINE_SEARCH_EVALUATIONS:g} line-search "
                      "evaluations each (it stops earlier when a check ends it): an estimate, not a bound")
     if config.auto_damping:
         notes.append(f"`auto_damping`: a failed solve is retried, up to {config.max_damping_attempts} solves in all")
@@ -472,10 +473,11 @@ def _estimate_trust_region(
     forward_cost = fit_batch_cost(forward, forward_batches, settings)
     gradient_s = gradient_cost.total([batch_tokens(b) for b in gradient_batches])
     forward_s = forward_cost.total([batch_tokens(b) for b in forward_batches])
-    steps = config.trust_region_steps
+    steps = config.trust_region_steps + config.trust_region_refit_steps
     seconds = ((steps + 1) * gradient_s + (1 + steps * LINE_SEARCH_EVALUATIONS) * forward_s
                + gradient_cost.first_call_s + forward_cost.first_call_s)
-    how = (f"{steps} steps × (1 gradient over {len(gradient_items)} kept + replacement examples + "
+    refit = f" (+ {config.trust_region_refit_steps} refit)" if config.trust_region_refit_steps else ""
+    how = (f"{config.trust_region_steps}{refit} steps × (1 gradient over {len(gradient_items)} kept + replacement examples + "
            f"{LINE_SEARCH_EVALUATIONS:g} forward passes over {len(forward_items)} examples), + θ̂'s; "
            f"{gradient_cost.probes + forward_cost.probes} probe passes")
     return StageEstimate("trust region", seconds, peak_memory_mb(), how)

@@ -515,7 +515,7 @@ class Adapter:
         defaults = self.erase_config(**given)
         cache_path = self.default_curvature_path(train, AUTO_CACHE_METHOD)
         fitted = (cache_path / "curvature.json").is_file()
-        steps = given.get("trust_region_steps", AUTO_TRUST_REGION_STEPS)
+        steps = given.get("trust_region_steps", AUTO_TRUST_REGION_STEPS) + given.get("trust_region_refit_steps", 0)
         choice = plan_erase(n_train=len(train), n_removed=removed, n_old=len(pairs), n_new=len(pairs) - removed,
                             recipe=reproducible, cache_fitted=fitted,
                             kept_examples=defaults.kept_examples,

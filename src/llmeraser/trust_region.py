@@ -106,11 +106,13 @@ class TrustRegionSettings:
     memory: int = 0
     kept_tolerance: float | None = None
     stall_fraction: float = 0.01
+    refit_steps: int = 0
 
 
 @dataclass
 class StepRecord:
-    """One accepted (or the last rejected) step: its size s, Φ after it, the checks, the evaluations used."""
+    """One accepted (or the last rejected) step: its size s, the objective after it (Φ in the ``forget``
+    phase, R′ − R′(θ at the phase's start) in the ``refit`` phase), the checks, the evaluations used."""
 
     step: int
     scale: float
@@ -123,6 +125,7 @@ class StepRecord:
     evaluations: int
     accepted: bool
     reason: str = ""
+    phase: str = "forget"
 
 
 @dataclass
@@ -264,6 +267,8 @@ def trust_region_update(
         base_removed_loss = float(base.removed_losses.mean()) if len(removed) else 0.0
         base_new_loss = float(base.new_losses.mean()) if new_versions else 0.0
 
+        removed_floor: float | None = None  # the refit phase's lower bound on the removed examples' mean loss
+
         def phi(state: _State) -> float:
             delta = state.theta - theta_hat
             data = (kept_scale * float((state.kept.losses() - base_kept).sum())
@@ -290,6 +295,9 @@ def trust_region_update(
                 if removed_loss > ceiling:
                     problem = (f"removed examples' loss {removed_loss:.4f} > {ceiling:.4f} (the held-out level or "
                                f"their loss at θ̂, + {settings.heldout_tolerance:g})")
+            if not problem and removed_floor is not None and removed_loss is not None and removed_loss < removed_floor:
+                problem = (f"removed examples' loss {removed_loss:.4f} < {removed_floor:.4f} (where the forgetting "
+                           f"steps left them or the held-out level, − {settings.heldout_tolerance:g})")
             if not problem and bounded and len(kept):
                 new_loss = float(state.new_losses.mean())
                 floor = min(float(state.kept.losses().mean()), base_new_loss) * (1 - settings.heldout_tolerance)
@@ -313,15 +321,17 @@ def trust_region_update(
                 return False
             return not new_versions or (len(kept) > 0 and float(state.new_losses.mean()) <= float(state.kept.losses().mean()))
 
-        def line_search(direction: Tensor, slope: float) -> tuple[tuple | None, int, str, bool]:
-            """Backtrack from s = 1 until a step is accepted, then expand while it still is and Φ keeps
-            falling. Returns (scale, state, Φ, kl, held-out, removed) or None, the evaluations, the last refusal
-            and whether a function-space check (not Armijo) refused a candidate."""
+        def line_search(direction: Tensor, slope: float, objective: Callable[[_State], float],
+                        to_level: bool) -> tuple[tuple | None, int, str, bool]:
+            """Backtrack from s = 1 until a step is accepted, then expand while it still is and the objective
+            keeps falling (and, when ``to_level``, the requests are not at their levels yet). Returns (scale,
+            state, objective, kl, held-out, removed) or None, the evaluations, the last refusal and whether a
+            function-space check (not Armijo) refused a candidate."""
             accepted, evaluations, scale, last_reason, guarded = None, 0, 1.0, "", False
             for _ in range(MAX_BACKTRACKS + 1):
                 candidate = observe(current.theta + scale * direction)
                 evaluations += 1
-                value = phi(candidate)
+                value = objective(candidate)
                 kl, heldout_loss, removed_loss, problem = checks(candidate)
                 guarded = guarded or bool(problem)
                 if not math.isfinite(value):
@@ -333,91 +343,160 @@ def trust_region_update(
                     break
                 last_reason = problem
                 scale /= 2
-            if accepted is not None and accepted[0] == 1.0 and not reached_level(accepted[1]):
+            if accepted is not None and accepted[0] == 1.0 and not (to_level and reached_level(accepted[1])):
                 for _ in range(MAX_EXPANSIONS):
                     bigger = 2 * accepted[0]
                     candidate = observe(current.theta + bigger * direction)
                     evaluations += 1
-                    value = phi(candidate)
+                    value = objective(candidate)
                     kl, heldout_loss, removed_loss, problem = checks(candidate)
                     guarded = guarded or bool(problem)
                     if problem or not math.isfinite(value) or value > min(accepted[2], current_phi + ARMIJO * bigger * slope):
                         break
                     accepted = (bigger, candidate, value, kl, heldout_loss, removed_loss)
-                    if reached_level(candidate):
+                    if to_level and reached_level(candidate):
                         break
             return accepted, evaluations, last_reason, guarded
 
         records: list[StepRecord] = []
         current, current_phi = base, 0.0
-        gradient = -b
         secants: list[tuple[Tensor, Tensor]] = []  # (s_k, y_k) of the last accepted steps, oldest first
         b_norm = float(b.norm()) or 1.0
-        lam, lam_floor = damping, damping * settings.min_damping
         adaptive = settings.damping_factor != 1.0
-        stopped = f"{settings.steps} step(s) taken"
-        steps = settings.steps
+
+        def descend(phase: str, steps: int, objective: Callable[[_State], float], gradient_of: Callable[[Tensor], Tensor],
+                    gradient: Tensor, to_level: bool,
+                    project: Callable[[Tensor, Callable[[Tensor], Tensor], Tensor], Tensor] | None = None) -> str:
+            """Preconditioned, line-searched steps on ``objective`` (0 at the starting θ) from ``current``;
+            appends to ``records`` and returns why it stopped. ``to_level``: stop once the requests reach their
+            levels (the forgetting phase); ``project(d, P, g)``: the direction actually taken, given the step
+            d, the (L-BFGS-corrected) preconditioner P and the gradient g. The secant pairs carry over between phases: the
+            objectives differ by a linear term, so their gradients' changes, the y_k, are the same."""
+            nonlocal current, current_phi
+            lam, lam_floor = damping, damping * settings.min_damping
+            current_phi = 0.0
+            stopped = f"{steps} step(s) taken"
+            first = len(records)
+            for step in range(first, first + steps):
+                gradient_norm = float(gradient.norm())
+                if gradient_norm <= settings.tol * b_norm:
+                    return f"‖∇{'Φ' if phase == 'forget' else 'R′'}‖ = {gradient_norm:.3g} ≤ tol · ‖b‖"
+                accepted, evaluations, last_reason, guarded = None, 0, "", False
+                for attempt in range(2 if adaptive else 1):  # a refused step is retried once at a larger damping
+                    use_first = step == 0 and attempt == 0
+
+                    def initial(g: Tensor, at: float = lam) -> Tensor:
+                        return precondition(g, at)
+
+                    def operator(g: Tensor) -> Tensor:
+                        return limited_memory_direction(g, initial, secants)
+
+                    direction = (first_direction if use_first and first_direction is not None else -operator(gradient))
+                    if project is not None:
+                        direction = project(direction, operator, gradient)
+                    slope = float(gradient @ direction)
+                    if not slope < 0 and secants:  # the pairs do not describe a convex model here: drop them
+                        secants.clear()
+                        direction = -precondition(gradient, lam)
+                        if project is not None:
+                            direction = project(direction, operator, gradient)
+                        slope = float(gradient @ direction)
+                    if not slope < 0:
+                        last_reason = f"the preconditioned direction is not a descent direction (slope {slope:.3g})"
+                        break
+                    accepted, used, last_reason, refused = line_search(direction, slope, objective, to_level)
+                    evaluations += used
+                    guarded = guarded or refused
+                    if accepted is not None:
+                        break
+                    lam /= settings.damping_factor ** 2
+                if accepted is None:
+                    records.append(StepRecord(step, 0.0, lam, current_phi, gradient_norm, float("nan"), None, None,
+                                              evaluations, False, last_reason, phase))
+                    return f"step {step}: no step size accepted ({last_reason})"
+                step_start, previous_phi = current.theta, current_phi
+                scale, current, current_phi, kl, heldout_loss, removed_loss = accepted
+                records.append(StepRecord(step, scale, lam, current_phi, gradient_norm, kl, heldout_loss, removed_loss,
+                                          evaluations, True, "", phase))
+                if progress:
+                    progress(f"trust region {phase} step {step}: λ = {lam:.3g}, s = {scale:g}, objective = "
+                             f"{current_phi:.4g}, kept KL = {kl:.3g}, removed loss = {removed_loss}, "
+                             f"held-out loss = {heldout_loss}")
+                if to_level and reached_level(current):
+                    return (f"step {step}: the requests reached their levels (removed: held-out, replacements: kept)"
+                            if new_versions else f"step {step}: the removed examples' loss reached the held-out level")
+                if guarded and stalled(previous_phi, current_phi, settings.stall_fraction):
+                    return (f"step {step}: a check bounds the step and the objective fell by "
+                            f"{previous_phi - current_phi:.3g}, under {settings.stall_fraction:g} of its fall so far "
+                            f"(the update is at the trust region's edge)")
+                if adaptive:  # Levenberg–Marquardt: a full step widens the trust region, a backtracked one narrows it
+                    lam = max(lam * settings.damping_factor, lam_floor) if scale >= 1 else lam / settings.damping_factor
+                if step + 1 < first + steps:
+                    previous_gradient = gradient
+                    gradient = gradient_of(current.theta)
+                    if settings.memory:
+                        remember_secant(secants, current.theta - step_start, gradient - previous_gradient,
+                                        settings.memory)
+            return stopped
+
         if reached_level(base):  # retraining would barely move them
             stopped = ("before any step: the requests are at their levels already (removed examples' loss at the "
                        "held-out level, replacements' at the kept examples')" if new_versions else
                        "before any step: the removed examples' loss is already at the held-out level "
                        "(the adapter does not fit them better than examples it never saw)")
-            steps = 0
-        for step in range(steps):
-            gradient_norm = float(gradient.norm())
-            if gradient_norm <= settings.tol * b_norm:
-                stopped = f"‖∇Φ‖ = {gradient_norm:.3g} ≤ tol · ‖b‖"
-                break
-            accepted, evaluations, last_reason, guarded = None, 0, "", False
-            for attempt in range(2 if adaptive else 1):  # a refused step is retried once at a larger damping
-                use_first = step == 0 and attempt == 0
-                def initial(g: Tensor, at: float = lam) -> Tensor:
-                    return precondition(g, at)
+        else:
+            stopped = descend("forget", settings.steps, phi, gradient_at, -b, to_level=True)
+        forget_phi = current_phi
+        refit: dict[str, Any] = {"steps": 0}
+        if settings.refit_steps and any(r.accepted for r in records):
+            anchor = current
+            anchor_kept, anchor_norm = anchor.kept.losses(), float(anchor.theta @ anchor.theta)
+            if len(removed):
+                level = heldout_mean(anchor, level_at)
+                reached = float(anchor.removed_losses.mean())
+                removed_floor = min(reached, level if level is not None else reached) * (1 - settings.heldout_tolerance)
 
-                direction = (first_direction if use_first and first_direction is not None
-                             else -limited_memory_direction(gradient, initial, secants))
-                slope = float(gradient @ direction)
-                if not slope < 0 and secants:  # the pairs do not describe a convex model here: drop them
-                    secants.clear()
-                    direction = -precondition(gradient, lam)
-                    slope = float(gradient @ direction)
-                if not slope < 0:
-                    last_reason = f"the preconditioned direction is not a descent direction (slope {slope:.3g})"
-                    break
-                accepted, used, last_reason, refused = line_search(direction, slope)
-                evaluations += used
-                guarded = guarded or refused
-                if accepted is not None:
-                    break
-                lam /= settings.damping_factor ** 2
-            if accepted is None:
-                records.append(StepRecord(step, 0.0, lam, current_phi, gradient_norm, float("nan"), None, None,
-                                          evaluations, False, last_reason))
-                stopped = f"step {step}: no step size accepted ({last_reason})"
-                break
-            step_start, previous_phi = current.theta, current_phi
-            scale, current, current_phi, kl, heldout_loss, removed_loss = accepted
-            records.append(StepRecord(step, scale, lam, current_phi, gradient_norm, kl, heldout_loss, removed_loss,
-                                      evaluations, True))
-            if progress:
-                progress(f"trust region step {step}: λ = {lam:.3g}, s = {scale:g}, Φ = {current_phi:.4g}, "
-                         f"kept KL = {kl:.3g}, removed loss = {removed_loss}, held-out loss = {heldout_loss}")
-            if reached_level(current):
-                stopped = (f"step {step}: the requests reached their levels (removed: held-out, replacements: kept)"
-                           if new_versions else f"step {step}: the removed examples' loss reached the held-out level")
-                break
-            if guarded and stalled(previous_phi, current_phi, settings.stall_fraction):
-                stopped = (f"step {step}: a check bounds the step and Φ fell by {previous_phi - current_phi:.3g}, "
-                           f"under {settings.stall_fraction:g} of its fall so far (the update is at the trust "
-                           f"region's edge)")
-                break
-            if adaptive:  # Levenberg–Marquardt: a full step widens the trust region, a backtracked one narrows it
-                lam = max(lam * settings.damping_factor, lam_floor) if scale >= 1 else lam / settings.damping_factor
-            if step + 1 < settings.steps:
-                previous_gradient = gradient
-                gradient = gradient_at(current.theta)
-                if settings.memory:
-                    remember_secant(secants, current.theta - step_start, gradient - previous_gradient, settings.memory)
+            def retraining_objective(state: _State) -> float:  # R′(θ) − R′(θ_anchor), on the kept sample
+                data = (kept_scale * float((state.kept.losses() - anchor_kept).sum())
+                        + float((state.new_losses - anchor.new_losses).sum()))
+                return weight * data + 0.5 * weight_decay * (float(state.theta @ state.theta) - anchor_norm)
+
+            def retraining_gradient(theta: Tensor) -> Tensor:
+                params.assign(theta)
+                return weight * gradient_sum() + weight_decay * theta
+
+            removed_items = tokenize_examples(tokenizer, removed, token_config)
+            projections = 0
+
+            def hold_removed_loss(direction: Tensor, operator: Callable[[Tensor], Tensor], gradient: Tensor) -> Tensor:
+                """d + μ Pc (c: the removed loss's gradient), the least change to d in P⁻¹'s norm that keeps the
+                removed loss at its held level to first order: μ lifts cᵀd to r = held level − its current
+                value (back up after a slip) as far as the step still descends R′ at half its slope, and at
+                least to cᵀd = 0 (then gᵀd stays ≤ 0 by Cauchy–Schwarz in P's inner product); μ = 0 when d
+                does not take the removed loss below its level."""
+                nonlocal projections
+                params.assign(current.theta)
+                c = summed_gradient(model, params, removed_items, pad, batch_size) / len(removed_items)
+                along = float(c @ direction)
+                short = (hold_level - float(current.removed_losses.mean())) - along
+                if short <= 0:
+                    return direction
+                pc = operator(c)
+                curvature, slope, cost = float(c @ pc), float(gradient @ direction), float(gradient @ pc)
+                hold = max(0.0, -along) / curvature
+                lift = short / curvature
+                if cost > 0:  # lifting the removed loss costs descent: keep at least half the slope
+                    lift = min(lift, -0.5 * slope / cost)
+                projections += 1
+                return direction + max(hold, lift) * pc
+
+            hold_level = removed_floor / (1 - settings.heldout_tolerance) if removed_floor is not None else 0.0
+            refit_stopped = descend("refit", settings.refit_steps, retraining_objective, retraining_gradient,
+                                    retraining_gradient(anchor.theta), to_level=False,
+                                    project=hold_removed_loss if removed else None)
+            refit = {"steps": sum(r.accepted and r.phase == "refit" for r in records), "stopped": refit_stopped,
+                     "objective": current_phi, "removed_floor": removed_floor, "projected_steps": projections}
+            stopped = f"{stopped}; refit: {refit_stopped}"
         kl, heldout_loss, removed_loss, _ = checks(current)
         acceptance = {
             "kept_kl": kl,
@@ -433,7 +512,8 @@ def trust_region_update(
             "replacement_loss": {"before": float(base.new_losses.mean()) if len(new_versions) else None,
                                  "after": float(current.new_losses.mean()) if len(new_versions) else None,
                                  "kept_level": float(current.kept.losses().mean()) if len(kept) else None},
-            "phi": current_phi,
+            "phi": forget_phi,
+            "refit": refit,
         }
         return TrustRegionResult(current.theta - theta_hat, records, stopped, acceptance, time.perf_counter() - start,
                                  {"kept_scale": kept_scale, "settings": asdict(settings)})

@@ -80,6 +80,11 @@ def _erase(args: argparse.Namespace) -> None:
         if sharing and removed["never_seen_level"] is not None:
             removed_text += (f" (never-seen level {removed['never_seen_level']:.4f}, from the {sharing} held-out "
                              "example(s) whose answers share text only the removed examples have)")
+        refit = checks.get("refit", {})
+        if refit.get("steps"):
+            removed_text += (f"; {refit['steps']} refit step(s) on the retraining objective"
+                             + (f", the removed examples' loss held above {refit['removed_floor']:.4f}"
+                                if refit.get("removed_floor") is not None else ""))
         print(f"trust region: {len([s for s in region['steps'] if s['accepted']])} step(s) accepted, stopped: "
               f"{region['stopped']}; KL on {checks['kept_examples']} kept examples {checks['kept_kl']:.3g}"
               + heldout_text + removed_text)
@@ -139,7 +144,7 @@ def _erase_flags(erase: argparse.ArgumentParser) -> None:
                  defaults={"trust_region_steps": None},
                  helps={"trust_region_steps": f"trust-region steps at most (default {EraseConfig.trust_region_steps})"})
     _add_options(erase, EraseConfig, ["kept_examples", "heldout_tolerance", "kept_tolerance", "kl_budget",
-                                      "trust_region_memory", "auto_damping"])
+                                      "trust_region_memory", "trust_region_refit_steps", "auto_damping"])
     _add_dry_run(erase, "erasure (prepare, gradients, solve, save)")
 
 
