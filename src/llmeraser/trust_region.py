@@ -283,10 +283,15 @@ def trust_region_update(
 
         removed_floor: float | None = None  # the refit phase's lower bound on the removed examples' mean loss
 
+        def fitted_loss_change(state: _State, reference_kept: np.ndarray, reference_new: np.ndarray) -> float:
+            """Σ_K ℓ_j(θ) − ℓ_j(θ_ref) (estimated on the kept sample) + Σ_S' ℓ'_i(θ) − ℓ'_i(θ_ref), given the
+            reference's per-example losses: the change of R′'s data term."""
+            return (kept_scale * float((state.kept.losses() - reference_kept).sum())
+                    + float((state.new_losses - reference_new).sum()))
+
         def phi(state: _State) -> float:
             delta = state.theta - theta_hat
-            data = (kept_scale * float((state.kept.losses() - base_kept).sum())
-                    + float((state.new_losses - base.new_losses).sum()) - float(base_gradient @ delta))
+            data = fitted_loss_change(state, base_kept, base.new_losses) - float(base_gradient @ delta)
             return weight * data + 0.5 * weight_decay * float(delta @ delta) - float(b @ delta)
 
         def gradient_at(theta: Tensor) -> Tensor:
@@ -465,15 +470,16 @@ def trust_region_update(
         if settings.refit_steps and any(r.accepted for r in records):
             anchor = current
             anchor_kept, anchor_norm = anchor.kept.losses(), float(anchor.theta @ anchor.theta)
+            hold_level = 0.0  # where the removed examples' mean loss is held: min(reached, never-seen level)
             if len(removed):
                 level = heldout_mean(anchor, level_at)
                 reached = float(anchor.removed_losses.mean())
-                removed_floor = min(reached, level if level is not None else reached) * (1 - settings.heldout_tolerance)
+                hold_level = min(reached, level if level is not None else reached)
+                removed_floor = hold_level * (1 - settings.heldout_tolerance)
 
             def retraining_objective(state: _State) -> float:  # R′(θ) − R′(θ_anchor), on the kept sample
-                data = (kept_scale * float((state.kept.losses() - anchor_kept).sum())
-                        + float((state.new_losses - anchor.new_losses).sum()))
-                return weight * data + 0.5 * weight_decay * (float(state.theta @ state.theta) - anchor_norm)
+                return (weight * fitted_loss_change(state, anchor_kept, anchor.new_losses)
+                        + 0.5 * weight_decay * (float(state.theta @ state.theta) - anchor_norm))
 
             def retraining_gradient(theta: Tensor) -> Tensor:
                 params.assign(theta)
@@ -504,7 +510,6 @@ def trust_region_update(
                 projections += 1
                 return direction + max(hold, lift) * pc
 
-            hold_level = removed_floor / (1 - settings.heldout_tolerance) if removed_floor is not None else 0.0
             refit_stopped = descend("refit", settings.refit_steps, retraining_objective, retraining_gradient,
                                     retraining_gradient(anchor.theta), to_level=False,
                                     project=hold_removed_loss if removed else None)
