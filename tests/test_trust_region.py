@@ -10,7 +10,7 @@ from test_eraser_convex import WEIGHT_DECAY, retrained_change, trained  # noqa: 
 from llmeraser.adapter import AdapterParameters
 from llmeraser.eraser import erase
 from llmeraser.requests import CorrectResponse, Remove, resolve
-from llmeraser.trust_region import TrustRegionSettings, kept_sample, trust_region_update
+from llmeraser.trust_region import TrustRegionSettings, kept_sample, removed_ceiling, trust_region_update
 
 
 def relative_error(update: torch.Tensor, change: torch.Tensor) -> float:
@@ -106,6 +106,14 @@ def test_refit_steps_hold_the_removed_loss_where_descending_the_kept_loss_would_
     assert torch.equal(params.flat(), theta)
 
 
+def test_removed_ceiling_takes_the_largest_never_seen_reference():
+    """(1 + tolerance) × max(level now, removed loss at θ̂, guard loss at θ̂): a level still as low as the
+    removed loss (its examples taught through the removed ones) does not bound the forgetting below the guard's."""
+    assert removed_ceiling(0.57, 0.567, 1.12, 0.02) == pytest.approx(1.12 * 1.02)
+    assert removed_ceiling(3.6, 0.567, 1.12, 0.02) == pytest.approx(3.6 * 1.02)
+    assert removed_ceiling(0.2, 0.5, 0.3, 0.0) == 0.5
+
+
 def test_first_step_equals_the_influence_update(trained):
     model, tokenizer, train = trained
     requests = [Remove("ex3"), Remove("ex7")]
@@ -139,6 +147,9 @@ def test_the_trust_region_rejects_a_step_that_raises_the_held_out_loss(trained):
     assert full > before * 1.01  # the full step does raise the held-out loss beyond the tolerance
     record = result.steps[0]
     assert record.evaluations >= 2
+    # only the held-out guard refuses here, and it needs no pass over the kept sample: every refused candidate
+    # was screened on the held-out set alone
+    assert record.screened == record.evaluations - record.accepted >= 1
     if record.accepted:
         assert record.scale < 1.0
         assert result.acceptance["heldout_loss"]["after"] <= before * 1.01
@@ -230,13 +241,15 @@ def test_with_corrections_the_held_out_level_bounds_the_removed_loss_instead_of_
     free = trust_region_update(model, tokenizer, train, pairs, 2.0 * direction, lambda g, damping: g, **common,
                                settings=replace(settings, stop_at_heldout_level=False))
     assert free.steps[0].accepted and free.steps[0].scale >= 1.0
-    limit = max(free.steps[0].heldout_loss, free.acceptance["removed_loss"]["before"]) * 1.05
+    limit = removed_ceiling(free.steps[0].heldout_loss, free.acceptance["removed_loss"]["before"],
+                            free.acceptance["heldout_loss"]["before"], 0.05)
     assert free.steps[0].removed_loss > limit  # the full step goes past the ceiling
     bounded = trust_region_update(model, tokenizer, train, pairs, 2.0 * direction, lambda g, damping: g, **common,
                                   settings=settings)
     step, after = bounded.steps[0], bounded.acceptance
     assert step.accepted and step.scale < 1.0
-    assert after["removed_loss"]["after"] <= max(after["heldout_loss"]["after"], after["removed_loss"]["before"]) * 1.05
+    assert after["removed_loss"]["after"] <= removed_ceiling(after["heldout_loss"]["after"], after["removed_loss"]["before"],
+                                                             after["heldout_loss"]["before"], 0.05)
     assert "held-out level" not in bounded.stopped
     assert torch.equal(params.flat(), theta)
 

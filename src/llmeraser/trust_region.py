@@ -62,8 +62,14 @@ sample and the replacements refitted, the removed examples absent), under the sa
 removed examples' mean loss stays above (1 − ``heldout_tolerance``) × min(their loss at θ₁, the never-seen
 level). Descending R′ alone would refit the removed examples too (what the kept ones teach them) and the floor
 would refuse every step, so each direction d is corrected to d + μPc (c: the removed loss's gradient), the least
-change in P⁻¹'s norm that keeps that loss at its held level to first order. The secant pairs carry over (R′ and
-Φ differ by a linear term). The report's ``acceptance.refit`` says how the phase ended.
+change in P⁻¹'s norm that keeps that loss at its held level to first order; a candidate that still slips below
+the floor (that loss curves down along the step) gets a second-order correction along the same Pc, measured at
+the candidate, before a shorter step is tried. The secant pairs carry over (R′ and Φ differ by a linear term).
+The report's ``acceptance.refit`` says how the phase ended.
+
+Every candidate is first evaluated on the requests' examples and the held-out set alone; one that a check on
+those refuses (the held-out guard, the removed examples' ceiling or floor) gets no forward pass over the kept
+sample (a step record's ``screened``).
 """
 
 from __future__ import annotations
@@ -89,6 +95,7 @@ from llmeraser.requests import EditPair
 ARMIJO = 1e-4
 MAX_BACKTRACKS = 5
 MAX_EXPANSIONS = 3
+MAX_CORRECTIONS = 2
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,9 @@ class TrustRegionSettings:
 @dataclass
 class StepRecord:
     """One accepted (or the last rejected) step: its size s, the objective after it (Φ in the ``forget``
-    phase, R′ − R′(θ at the phase's start) in the ``refit`` phase), the checks, the evaluations used."""
+    phase, R′ − R′(θ at the phase's start) in the ``refit`` phase), the checks, the candidates evaluated
+    (``evaluations``), how many of them the request and held-out checks refused before the pass over the kept
+    sample (``screened``), and the corrected candidates evaluated on those checks (``corrections``)."""
 
     step: int
     scale: float
@@ -140,6 +149,30 @@ class StepRecord:
     accepted: bool
     reason: str = ""
     phase: str = "forget"
+    screened: int = 0
+    corrections: int = 0
+
+
+@dataclass
+class _Search:
+    """One step's line search(es): the accepted (scale, state, objective, kl, held-out, removed) or None, the
+    candidates evaluated, those refused before the kept pass, the corrections, the last refusal, and whether a
+    function-space check (not the objective's decrease) refused a candidate."""
+
+    accepted: tuple | None = None
+    evaluations: int = 0
+    screened: int = 0
+    corrections: int = 0
+    last_reason: str = ""
+    guarded: bool = False
+
+    def absorb(self, other: _Search) -> None:
+        """Add another line search's counts to these (a retry at a larger damping) and take its outcome."""
+        self.accepted, self.last_reason = other.accepted, other.last_reason or self.last_reason
+        self.evaluations += other.evaluations
+        self.screened += other.screened
+        self.corrections += other.corrections
+        self.guarded = self.guarded or other.guarded
 
 
 @dataclass
@@ -160,14 +193,24 @@ class TrustRegionResult:
 
 
 @dataclass
-class _State:
-    """What the model does at one θ on the sets the checks use."""
+class _RequestLosses:
+    """What the model does at one θ on the requests' examples and the held-out set: the checks that need no
+    pass over the kept sample (a candidate they refuse costs ~1/4 of a full evaluation on the pii bench)."""
 
     theta: Tensor
-    kept: ResponsePredictions
     new_losses: np.ndarray
     removed_losses: np.ndarray
     heldout_losses: np.ndarray | None
+
+
+@dataclass
+class _State(_RequestLosses):
+    """What the model does at one θ on every set the checks and the objective use."""
+
+    kept: ResponsePredictions
+
+
+Corrector = Callable[[_RequestLosses], "Tensor | None"]  # a refused candidate → the point to try instead, or None
 
 
 def kept_sample(train: Sequence[Example], pairs: Sequence[EditPair], count: int, seed: int) -> list[Example]:
@@ -251,7 +294,7 @@ def trust_region_update(
         shared_at, guard_at = [], list(range(len(heldout)))
     level_at = shared_at or list(range(len(heldout)))  # whose loss the removed examples are taken to
 
-    def heldout_mean(state: _State, at: list[int]) -> float | None:
+    def heldout_mean(state: _RequestLosses, at: list[int]) -> float | None:
         return float(state.heldout_losses[at].mean()) if state.heldout_losses is not None and at else None
 
     token_config = TokenizationConfig(max_length=max_length, loss_scope=loss_scope)
@@ -264,13 +307,20 @@ def trust_region_update(
     def gradient_sum() -> Tensor:  # w-free: Σ_sample (|K|/m) ∇ℓ_j + Σ_S' ∇ℓ'_i at the model's current θ
         return summed_gradient(model, params, items, pad, batch_size, signs) if items else torch.zeros_like(b)
 
-    def observe(theta: Tensor) -> _State:
+    def observe_requests(theta: Tensor) -> _RequestLosses:
         params.assign(theta)
-        predictions = response_predictions(model, tokenizer, kept, theta, max_length, batch_size, loss_scope)
         new_losses = _losses(model, tokenizer, new_versions, theta, max_length, batch_size, loss_scope)
         removed_losses = _losses(model, tokenizer, removed, theta, max_length, batch_size, loss_scope)
         heldout_losses = _losses(model, tokenizer, heldout, theta, max_length, batch_size, loss_scope) if heldout else None
-        return _State(theta, predictions, new_losses, removed_losses, heldout_losses)
+        return _RequestLosses(theta, new_losses, removed_losses, heldout_losses)
+
+    def with_kept(requests: _RequestLosses) -> _State:
+        predictions = response_predictions(model, tokenizer, kept, requests.theta, max_length, batch_size, loss_scope)
+        params.assign(requests.theta)
+        return _State(requests.theta, requests.new_losses, requests.removed_losses, requests.heldout_losses, predictions)
+
+    def observe(theta: Tensor) -> _State:
+        return with_kept(observe_requests(theta))
 
     try:
         base = observe(theta_hat)
@@ -282,6 +332,9 @@ def trust_region_update(
         base_new_loss = float(base.new_losses.mean()) if new_versions else 0.0
 
         removed_floor: float | None = None  # the refit phase's lower bound on the removed examples' mean loss
+        # never-seen examples show at least the guard's loss at θ̂: a ceiling's lower bound when the level's own
+        # examples (those sharing the removed examples' content) are still fitted through the removed ones at θ̂
+        base_guard_level = heldout_mean(base, guard_at) or 0.0
 
         def fitted_loss_change(state: _State, reference_kept: np.ndarray, reference_new: np.ndarray) -> float:
             """Σ_K ℓ_j(θ) − ℓ_j(θ_ref) (estimated on the kept sample) + Σ_S' ℓ'_i(θ) − ℓ'_i(θ_ref), given the
@@ -298,25 +351,32 @@ def trust_region_update(
             params.assign(theta)
             return weight * (gradient_sum() - base_gradient) + weight_decay * (theta - theta_hat) - b
 
-        def checks(state: _State) -> tuple[float, float | None, float | None, str]:
-            kl = float(base.kept.kl_to(state.kept).mean()) if len(kept) else 0.0
-            heldout_loss = heldout_mean(state, guard_at)
-            level = heldout_mean(state, level_at)
+        def request_problem(state: _RequestLosses, floor: bool = True) -> str:
+            """The first refusal among the checks that need no pass over the kept sample ('' if none): the
+            held-out guard, the removed examples' ceiling (with replacements) and (``floor``) their floor."""
+            heldout_loss, level = heldout_mean(state, guard_at), heldout_mean(state, level_at)
             removed_loss = float(state.removed_losses.mean()) if len(removed) else None
-            problem = ""
             base_guard = heldout_mean(base, guard_at)
             if heldout_loss is not None and base_guard is not None:
                 limit = base_guard * (1 + settings.heldout_tolerance)
                 if heldout_loss > limit:
-                    problem = f"held-out loss {heldout_loss:.4f} > {limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
-            if not problem and bounded and removed_loss is not None and level is not None:
-                ceiling = max(level, base_removed_loss) * (1 + settings.heldout_tolerance)
+                    return f"held-out loss {heldout_loss:.4f} > {limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
+            if bounded and removed_loss is not None and level is not None:
+                ceiling = removed_ceiling(level, base_removed_loss, base_guard_level, settings.heldout_tolerance)
                 if removed_loss > ceiling:
-                    problem = (f"removed examples' loss {removed_loss:.4f} > {ceiling:.4f} (the held-out level or "
-                               f"their loss at θ̂, + {settings.heldout_tolerance:g})")
-            if not problem and removed_floor is not None and removed_loss is not None and removed_loss < removed_floor:
-                problem = (f"removed examples' loss {removed_loss:.4f} < {removed_floor:.4f} (where the forgetting "
-                           f"steps left them or the held-out level, − {settings.heldout_tolerance:g})")
+                    return (f"removed examples' loss {removed_loss:.4f} > {ceiling:.4f} (the held-out levels or "
+                            f"their loss at θ̂, + {settings.heldout_tolerance:g})")
+            if floor and removed_floor is not None and removed_loss is not None and removed_loss < removed_floor:
+                return (f"removed examples' loss {removed_loss:.4f} < {removed_floor:.4f} (where the forgetting "
+                        f"steps left them or the held-out level, − {settings.heldout_tolerance:g})")
+            return ""
+
+        def checks(state: _State) -> tuple[float, float | None, float | None, str]:
+            """(KL on the kept sample, held-out guard loss, removed loss, the first refusal or '')."""
+            kl = float(base.kept.kl_to(state.kept).mean()) if len(kept) else 0.0
+            heldout_loss = heldout_mean(state, guard_at)
+            removed_loss = float(state.removed_losses.mean()) if len(removed) else None
+            problem = request_problem(state)
             if not problem and bounded and len(kept):
                 new_loss = float(state.new_losses.mean())
                 floor = min(float(state.kept.losses().mean()), base_new_loss) * (1 - settings.heldout_tolerance)
@@ -340,42 +400,69 @@ def trust_region_update(
                 return False
             return not new_versions or (len(kept) > 0 and float(state.new_losses.mean()) <= float(state.kept.losses().mean()))
 
-        def line_search(direction: Tensor, slope: float, objective: Callable[[_State], float],
-                        to_level: bool) -> tuple[tuple | None, int, str, bool]:
+        def evaluate(theta: Tensor, search: _Search, correct: Corrector | None) -> tuple[_State | None, str]:
+            """The candidate at θ and its refusal by a function-space check ('' if none). The checks on the
+            requests' examples and the held-out set come first: a candidate they refuse gets no pass over the kept
+            sample (None, counted as screened). With ``correct``, a candidate they refuse is replaced by
+            ``correct``'s point (when it offers one), at most ``MAX_CORRECTIONS`` times."""
+            search.evaluations += 1
+            requests = observe_requests(theta)
+            problem = request_problem(requests)
+            for _ in range(MAX_CORRECTIONS if problem else 0):
+                corrected = correct(requests) if correct is not None else None
+                if corrected is None:
+                    break
+                search.corrections += 1
+                requests = observe_requests(corrected)
+                problem = request_problem(requests)
+                if not problem:
+                    break
+            if problem:
+                search.screened += 1
+                return None, problem
+            return with_kept(requests), ""
+
+        def line_search(direction: Tensor, slope: float, objective: Callable[[_State], float], to_level: bool,
+                        correct: Corrector | None) -> _Search:
             """Backtrack from s = 1 until a step is accepted, then expand while it still is and the objective
-            keeps falling (and, when ``to_level``, the requests are not at their levels yet). Returns (scale,
-            state, objective, kl, held-out, removed) or None, the evaluations, the last refusal and whether a
-            function-space check (not Armijo) refused a candidate."""
-            accepted, evaluations, scale, last_reason, guarded = None, 0, 1.0, "", False
-            for _ in range(MAX_BACKTRACKS + 1):
-                candidate = observe(current.theta + scale * direction)
-                evaluations += 1
+            keeps falling (and, when ``to_level``, the requests are not at their levels yet)."""
+            search = _Search()
+
+            def assess(scale: float, bound: float) -> tuple | None:
+                """(scale, state, objective, kl, held-out, removed) of the step of size ``scale`` when every
+                check passes and the objective is at most ``bound``; None otherwise (the refusal recorded)."""
+                candidate, problem = evaluate(current.theta + scale * direction, search, correct)
+                if candidate is None:
+                    search.guarded, search.last_reason = True, problem
+                    return None
                 value = objective(candidate)
                 kl, heldout_loss, removed_loss, problem = checks(candidate)
-                guarded = guarded or bool(problem)
-                if not math.isfinite(value):
+                search.guarded = search.guarded or bool(problem)
+                if not problem and not math.isfinite(value):
                     problem = f"Φ is {value}"
-                elif value > current_phi + ARMIJO * scale * slope:
-                    problem = problem or f"Φ does not decrease enough ({value:.4g} vs {current_phi:.4g})"
-                if not problem:
-                    accepted = (scale, candidate, value, kl, heldout_loss, removed_loss)
+                elif not problem and value > bound:
+                    problem = f"Φ does not decrease enough ({value:.4g} vs {current_phi:.4g})"
+                if problem:
+                    search.last_reason = problem
+                    return None
+                return (scale, candidate, value, kl, heldout_loss, removed_loss)
+
+            scale = 1.0
+            for _ in range(MAX_BACKTRACKS + 1):
+                search.accepted = assess(scale, current_phi + ARMIJO * scale * slope)
+                if search.accepted is not None:
                     break
-                last_reason = problem
                 scale /= 2
-            if accepted is not None and accepted[0] == 1.0 and not (to_level and reached_level(accepted[1])):
+            if search.accepted is not None and search.accepted[0] == 1.0 and not (to_level and reached_level(search.accepted[1])):
                 for _ in range(MAX_EXPANSIONS):
-                    bigger = 2 * accepted[0]
-                    candidate = observe(current.theta + bigger * direction)
-                    evaluations += 1
-                    value = objective(candidate)
-                    kl, heldout_loss, removed_loss, problem = checks(candidate)
-                    guarded = guarded or bool(problem)
-                    if problem or not math.isfinite(value) or value > min(accepted[2], current_phi + ARMIJO * bigger * slope):
+                    bigger = 2 * search.accepted[0]
+                    larger = assess(bigger, min(search.accepted[2], current_phi + ARMIJO * bigger * slope))
+                    if larger is None:
                         break
-                    accepted = (bigger, candidate, value, kl, heldout_loss, removed_loss)
-                    if to_level and reached_level(candidate):
+                    search.accepted = larger
+                    if to_level and reached_level(larger[1]):
                         break
-            return accepted, evaluations, last_reason, guarded
+            return search
 
         records: list[StepRecord] = []
         current, current_phi = base, 0.0
@@ -385,11 +472,13 @@ def trust_region_update(
 
         def descend(phase: str, steps: int, objective: Callable[[_State], float], gradient_of: Callable[[Tensor], Tensor],
                     gradient: Tensor, to_level: bool,
-                    project: Callable[[Tensor, Callable[[Tensor], Tensor], Tensor], Tensor] | None = None) -> str:
+                    project: Callable[[Tensor, Callable[[Tensor], Tensor], Tensor], Tensor] | None = None,
+                    correct: Corrector | None = None) -> str:
             """Preconditioned, line-searched steps on ``objective`` (0 at the starting θ) from ``current``;
             appends to ``records`` and returns why it stopped. ``to_level``: stop once the requests reach their
             levels (the forgetting phase); ``project(d, P, g)``: the direction actually taken, given the step
-            d, the (L-BFGS-corrected) preconditioner P and the gradient g. The secant pairs carry over between phases: the
+            d, the (L-BFGS-corrected) preconditioner P and the gradient g; ``correct``: the line search's
+            correction of a refused candidate (``evaluate``). The secant pairs carry over between phases: the
             objectives differ by a linear term, so their gradients' changes, the y_k, are the same."""
             nonlocal current, current_phi
             lam, lam_floor = damping, damping * settings.min_damping
@@ -400,7 +489,7 @@ def trust_region_update(
                 gradient_norm = float(gradient.norm())
                 if gradient_norm <= settings.tol * b_norm:
                     return f"‖∇{'Φ' if phase == 'forget' else 'R′'}‖ = {gradient_norm:.3g} ≤ tol · ‖b‖"
-                accepted, evaluations, last_reason, guarded = None, 0, "", False
+                search = _Search()
                 for attempt in range(2 if adaptive else 1):  # a refused step is retried once at a larger damping
                     use_first = step == 0 and attempt == 0
 
@@ -421,22 +510,22 @@ def trust_region_update(
                             direction = project(direction, operator, gradient)
                         slope = float(gradient @ direction)
                     if not slope < 0:
-                        last_reason = f"the preconditioned direction is not a descent direction (slope {slope:.3g})"
+                        search.last_reason = (f"the preconditioned direction is not a descent direction "
+                                              f"(slope {slope:.3g})")
                         break
-                    accepted, used, last_reason, refused = line_search(direction, slope, objective, to_level)
-                    evaluations += used
-                    guarded = guarded or refused
-                    if accepted is not None:
+                    search.absorb(line_search(direction, slope, objective, to_level, correct))
+                    if search.accepted is not None:
                         break
                     lam /= settings.damping_factor ** 2
-                if accepted is None:
+                if search.accepted is None:
                     records.append(StepRecord(step, 0.0, lam, current_phi, gradient_norm, float("nan"), None, None,
-                                              evaluations, False, last_reason, phase))
-                    return f"step {step}: no step size accepted ({last_reason})"
+                                              search.evaluations, False, search.last_reason, phase, search.screened,
+                                              search.corrections))
+                    return f"step {step}: no step size accepted ({search.last_reason})"
                 step_start, previous_phi = current.theta, current_phi
-                scale, current, current_phi, kl, heldout_loss, removed_loss = accepted
+                scale, current, current_phi, kl, heldout_loss, removed_loss = search.accepted
                 records.append(StepRecord(step, scale, lam, current_phi, gradient_norm, kl, heldout_loss, removed_loss,
-                                          evaluations, True, "", phase))
+                                          search.evaluations, True, "", phase, search.screened, search.corrections))
                 if progress:
                     progress(f"trust region {phase} step {step}: λ = {lam:.3g}, s = {scale:g}, objective = "
                              f"{current_phi:.4g}, kept KL = {kl:.3g}, removed loss = {removed_loss}, "
@@ -444,7 +533,7 @@ def trust_region_update(
                 if to_level and reached_level(current):
                     return (f"step {step}: the requests reached their levels (removed: held-out, replacements: kept)"
                             if new_versions else f"step {step}: the removed examples' loss reached the held-out level")
-                if guarded and stalled(previous_phi, current_phi, settings.stall_fraction):
+                if search.guarded and stalled(previous_phi, current_phi, settings.stall_fraction):
                     return (f"step {step}: a check bounds the step and the objective fell by "
                             f"{previous_phi - current_phi:.3g}, under {settings.stall_fraction:g} of its fall so far "
                             f"(the update is at the trust region's edge)")
@@ -487,6 +576,7 @@ def trust_region_update(
 
             removed_items = tokenize_examples(tokenizer, removed, token_config)
             projections = 0
+            lift: dict[str, Any] = {}  # at the step's start: θ, c (the removed loss's gradient there), Pc, cᵀPc
 
             def hold_removed_loss(direction: Tensor, operator: Callable[[Tensor], Tensor], gradient: Tensor) -> Tensor:
                 """d + μ Pc (c: the removed loss's gradient), the least change to d in P⁻¹'s norm that keeps the
@@ -495,26 +585,49 @@ def trust_region_update(
                 least to cᵀd = 0 (then gᵀd stays ≤ 0 by Cauchy–Schwarz in P's inner product); μ = 0 when d
                 does not take the removed loss below its level."""
                 nonlocal projections
-                params.assign(current.theta)
-                c = summed_gradient(model, params, removed_items, pad, batch_size) / len(removed_items)
+                if lift.get("theta") is not current.theta:  # c once per step (a retry changes P, not c)
+                    params.assign(current.theta)
+                    c = summed_gradient(model, params, removed_items, pad, batch_size) / len(removed_items)
+                    lift.update(theta=current.theta, c=c)
+                c = lift["c"]
+                pc = operator(c)
+                lift.update(pc=pc, curvature=float(c @ pc))
                 along = float(c @ direction)
                 short = (hold_level - float(current.removed_losses.mean())) - along
                 if short <= 0:
                     return direction
-                pc = operator(c)
-                curvature, slope, cost = float(c @ pc), float(gradient @ direction), float(gradient @ pc)
+                curvature, slope, cost = lift["curvature"], float(gradient @ direction), float(gradient @ pc)
                 hold = max(0.0, -along) / curvature
-                lift = short / curvature
+                lifted = short / curvature
                 if cost > 0:  # lifting the removed loss costs descent: keep at least half the slope
-                    lift = min(lift, -0.5 * slope / cost)
+                    lifted = min(lifted, -0.5 * slope / cost)
                 projections += 1
-                return direction + max(hold, lift) * pc
+                return direction + max(hold, lifted) * pc
+
+            def correct_slip(candidate: _RequestLosses) -> Tensor | None:
+                """The second-order correction of a candidate that took the removed loss below its floor (the
+                first-order hold above slips where that loss curves down; Nocedal & Wright, Numerical
+                Optimization, §15.6): the linearised loss of the step's start, c and P kept, now measured at the
+                candidate, says how far along Pc the held level is: θ_c + ((held − L(θ_c)) / cᵀPc) Pc. None when
+                the floor is not the only check that refuses the candidate, or when the correction would be longer
+                than half the step (then the slip is not a second-order one and a shorter step is tried instead)."""
+                loss = float(candidate.removed_losses.mean())
+                if (removed_floor is None or loss >= removed_floor or "pc" not in lift or not lift["curvature"] > 0
+                        or request_problem(candidate, floor=False)):
+                    return None
+                correction = ((hold_level - loss) / lift["curvature"]) * lift["pc"]
+                if float(correction.norm()) > 0.5 * float((candidate.theta - lift["theta"]).norm()):
+                    return None
+                return candidate.theta + correction
 
             refit_stopped = descend("refit", settings.refit_steps, retraining_objective, retraining_gradient,
                                     retraining_gradient(anchor.theta), to_level=False,
-                                    project=hold_removed_loss if removed else None)
-            refit = {"steps": sum(r.accepted and r.phase == "refit" for r in records), "stopped": refit_stopped,
-                     "objective": current_phi, "removed_floor": removed_floor, "projected_steps": projections}
+                                    project=hold_removed_loss if removed else None,
+                                    correct=correct_slip if removed else None)
+            refit_records = [r for r in records if r.phase == "refit"]
+            refit = {"steps": sum(r.accepted for r in refit_records), "stopped": refit_stopped,
+                     "objective": current_phi, "removed_floor": removed_floor, "projected_steps": projections,
+                     "corrections": sum(r.corrections for r in refit_records)}
             stopped = f"{stopped}; refit: {refit_stopped}"
         kl, heldout_loss, removed_loss, _ = checks(current)
         acceptance = {
@@ -538,6 +651,16 @@ def trust_region_update(
                                  {"kept_scale": kept_scale, "settings": asdict(settings)})
     finally:
         params.assign(theta_hat)
+
+
+def removed_ceiling(level: float, removed_at_start: float, guard_at_start: float, tolerance: float) -> float:
+    """The most the removed examples' mean loss may reach while replacements are still being learnt (nats per
+    token): (1 + ``tolerance``) × max(the never-seen ``level`` now, their loss at θ̂, the held-out guard's loss
+    at θ̂). The guard's term matters when the level's own examples (held-out ones sharing the removed
+    examples' content) are still taught that content through the removed examples: then the level is as low
+    as the removed loss and would refuse the forgetting itself (pii bench, seed 2: one step of 1/32), though
+    examples nobody taught show the guard's loss."""
+    return max(level, removed_at_start, guard_at_start) * (1 + tolerance)
 
 
 def stalled(previous_phi: float, phi: float, fraction: float) -> bool:
