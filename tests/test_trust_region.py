@@ -10,7 +10,12 @@ from test_eraser_convex import WEIGHT_DECAY, retrained_change, trained  # noqa: 
 from llmeraser.adapter import AdapterParameters
 from llmeraser.eraser import erase
 from llmeraser.requests import CorrectResponse, Remove, resolve
-from llmeraser.trust_region import TrustRegionSettings, kept_sample, removed_ceiling, trust_region_update
+from llmeraser.trust_region import (
+    TrustRegionSettings,
+    kept_sample,
+    removed_ceiling,
+    trust_region_update,
+)
 
 
 def relative_error(update: torch.Tensor, change: torch.Tensor) -> float:
@@ -436,3 +441,4 @@ def test_a_step_the_guard_cuts_short_with_little_progress_ends_the_update(traine
     kept_loss = stopping.acceptance["kept_loss"]
     assert kept_loss["after"] <= kept_loss["before"] * 1.01
     assert torch.equal(params.flat(), theta)
+
