@@ -309,8 +309,8 @@ def trust_region_update(
         return _RequestLosses(theta, new_losses, removed_losses, heldout_losses)
 
     def with_kept(requests: _RequestLosses) -> _State:
-        predictions = response_predictions(model, tokenizer, kept, requests.theta, max_length, batch_size, loss_scope)
         params.assign(requests.theta)
+        predictions = response_predictions(model, tokenizer, kept, requests.theta, max_length, batch_size, loss_scope)
         return _State(requests.theta, requests.new_losses, requests.removed_losses, requests.heldout_losses, predictions)
 
     def observe(theta: Tensor) -> _State:
@@ -326,9 +326,7 @@ def trust_region_update(
         base_new_loss = float(base.new_losses.mean()) if new_versions else 0.0
 
         removed_floor: float | None = None  # the refit phase's lower bound on the removed examples' mean loss
-        # never-seen examples show at least the guard's loss at θ̂: a ceiling's lower bound when the level's own
-        # examples (those sharing the removed examples' content) are still fitted through the removed ones at θ̂
-        base_guard_level = heldout_mean(base, guard_at) or 0.0
+        base_guard = heldout_mean(base, guard_at)  # the held-out guard's loss at θ̂ (None: no guard examples)
 
         def fitted_loss_change(state: _State, reference_kept: np.ndarray, reference_new: np.ndarray) -> float:
             """Σ_K ℓ_j(θ) − ℓ_j(θ_ref) (estimated on the kept sample) + Σ_S' ℓ'_i(θ) − ℓ'_i(θ_ref), given the
@@ -345,22 +343,21 @@ def trust_region_update(
             params.assign(theta)
             return weight * (gradient_sum() - base_gradient) + weight_decay * (theta - theta_hat) - b
 
-        def request_problem(state: _RequestLosses, floor: bool = True) -> str:
+        def request_problem(state: _RequestLosses) -> str:
             """The first refusal among the checks that need no pass over the kept sample ('' if none): the
-            held-out guard, the removed examples' ceiling (with replacements) and (``floor``) their floor."""
+            held-out guard, the removed examples' ceiling (with replacements) and their floor (refit phase)."""
             heldout_loss, level = heldout_mean(state, guard_at), heldout_mean(state, level_at)
             removed_loss = float(state.removed_losses.mean()) if len(removed) else None
-            base_guard = heldout_mean(base, guard_at)
             if heldout_loss is not None and base_guard is not None:
                 limit = base_guard * (1 + settings.heldout_tolerance)
                 if heldout_loss > limit:
                     return f"held-out loss {heldout_loss:.4f} > {limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
             if bounded and removed_loss is not None and level is not None:
-                ceiling = removed_ceiling(level, base_removed_loss, base_guard_level, settings.heldout_tolerance)
+                ceiling = removed_ceiling(level, base_removed_loss, base_guard or 0.0, settings.heldout_tolerance)
                 if removed_loss > ceiling:
                     return (f"removed examples' loss {removed_loss:.4f} > {ceiling:.4f} (the held-out levels or "
                             f"their loss at θ̂, + {settings.heldout_tolerance:g})")
-            if floor and removed_floor is not None and removed_loss is not None and removed_loss < removed_floor:
+            if removed_floor is not None and removed_loss is not None and removed_loss < removed_floor:
                 return (f"removed examples' loss {removed_loss:.4f} < {removed_floor:.4f} (where the forgetting "
                         f"steps left them or the held-out level, − {settings.heldout_tolerance:g})")
             return ""
