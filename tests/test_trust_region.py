@@ -442,3 +442,63 @@ def test_a_step_the_guard_cuts_short_with_little_progress_ends_the_update(traine
     assert kept_loss["after"] <= kept_loss["before"] * 1.01
     assert torch.equal(params.flat(), theta)
 
+
+
+def test_held_direction_adds_the_least_lift_that_keeps_the_bound_to_first_order():
+    """P = I, objective gradient g: a step inside its room is left alone; one that would cross the bound is
+    turned until cᵀd′ = 0 (the loss held); one from past the bound lifts it back by the room when that costs
+    under half the slope, else keeps exactly half the slope."""
+    from llmeraser.trust_region import held_direction
+
+    identity = lambda v: v  # noqa: E731
+    g = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    c = torch.tensor([0.6, 0.8], dtype=torch.float64)  # ∇ of the bounded loss, ‖c‖ = 1
+    d = torch.tensor([1.0, -1.0], dtype=torch.float64)  # cᵀd = −0.2: the step lowers that loss by 0.2
+    same, moved = held_direction(d, identity, g, c, room=0.3)
+    assert not moved and torch.equal(same, d)
+    held, moved = held_direction(d, identity, g, c, room=0.1)
+    assert moved and float(c @ held) == pytest.approx(0.0, abs=1e-12)
+    assert torch.allclose(held, d + 0.2 * c) and float(g @ held) < 0  # μ = 0.2/‖c‖², still a descent direction
+    lifted, _ = held_direction(d, identity, torch.tensor([-1.0, -1.0], dtype=torch.float64), c, room=-0.1)
+    assert float(c @ lifted) == pytest.approx(0.1)  # past the bound by 0.1: lifted back to it (cost cᵀg < 0: free)
+    costly_g = torch.tensor([-0.1, 1.0], dtype=torch.float64)  # gᵀd = −1.1, gᵀc = 0.74 > 0: lifting costs descent
+    capped, _ = held_direction(d, identity, costly_g, c, room=-5.0)
+    assert float(costly_g @ capped) == pytest.approx(0.5 * float(costly_g @ d))
+
+
+def test_following_the_held_out_guard_turns_a_step_the_guard_would_cut(trained):
+    """A step that raises the removed examples' loss and, to first order, the held-out one: the guard cuts it
+    short; with ``follow_bounds`` it is turned along the guard (its held-out part taken out) and accepted at
+    full length, Φ lower, the held-out loss within the tolerance."""
+    from llmeraser.data import TokenizationConfig, tokenize_examples
+    from llmeraser.gradients import summed_gradient
+
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    pairs = resolve([Remove("ex3"), Remove("ex7"), Remove("ex20")], train)
+    heldout = toy_examples(12, seed=7)
+
+    def gradient(examples):
+        items = tokenize_examples(tokenizer, examples, TokenizationConfig(max_length=128))
+        return summed_gradient(model, params, items, tokenizer.pad_token_id, 40) / len(items)
+
+    up, worse = gradient([p.old for p in pairs]), gradient(heldout)
+    up = up - (up @ worse) / (worse @ worse) * worse
+    direction = 0.1 * (up / up.norm() + worse / worse.norm())  # small: first order holds
+
+    def run(follow):
+        settings = TrustRegionSettings(steps=1, kept_examples=20, heldout_tolerance=0.01, damping_factor=1.0,
+                                       stop_at_heldout_level=False, follow_bounds=follow)
+        return trust_region_update(model, tokenizer, train, pairs, 2.0 * direction, lambda g, damping: g,
+                                   damping=0.0, weight_decay=WEIGHT_DECAY, scaling="retrain", max_length=128,
+                                   batch_size=40, settings=settings, heldout=heldout, first_direction=direction)
+
+    cut, turned = run(False), run(True)
+    assert turned.acceptance["bounds_followed"]["heldout_guard"] == 1 and cut.acceptance["bounds_followed"] is None
+    assert cut.steps[0].accepted and cut.steps[0].scale < 1.0  # measured: s = 1/2, then s = 2 when turned
+    assert turned.steps[0].accepted and turned.steps[0].scale >= 1.0 and turned.steps[0].phi < cut.steps[0].phi
+    assert turned.steps[0].removed_loss > cut.steps[0].removed_loss
+    before = turned.acceptance["heldout_loss"]["before"]
+    assert turned.acceptance["heldout_loss"]["after"] <= before * 1.01
+    assert torch.equal(params.flat(), theta)

@@ -92,7 +92,8 @@ class EraseConfig:
       the damping of each step adapts by ``trust_region_damping_factor`` (1: fixed at ``damping``);
       ``trust_region_memory`` secant pairs correct the curvature along the steps taken (L-BFGS; 0: none);
       ``trust_region_refit_steps`` steps on the retraining objective itself follow, the removed examples' loss
-      held at its level (0: none).
+      held at its level (0: none); ``trust_region_follow_bounds``: steps that would cross the held-out guard
+      or the replacements' floor are turned along it instead of cut short.
     """
 
     solver: SolverName = option("cg", help="inverse-HVP solver")
@@ -147,6 +148,10 @@ class EraseConfig:
         TrustRegionSettings.refit_steps, min=0,
         help="after the forgetting steps, trust-region steps on the retraining objective itself (the kept examples "
         "refitted, the removed examples' loss held at its level; 0: none)")
+    trust_region_follow_bounds: bool = option(
+        TrustRegionSettings.follow_bounds,
+        help="turn a trust-region step that would cross the held-out guard or the replacements' floor along it "
+        "(first order) instead of cutting it short there")
 
     def __post_init__(self) -> None:
         validate(self)
@@ -506,7 +511,8 @@ def erase(
             settings=TrustRegionSettings(config.trust_region_steps, config.kept_examples, config.heldout_tolerance,
                                          config.kl_budget, damping_factor=config.trust_region_damping_factor,
                                          memory=config.trust_region_memory, kept_tolerance=config.kept_tolerance,
-                                         refit_steps=config.trust_region_refit_steps, seed=config.seed),
+                                         refit_steps=config.trust_region_refit_steps,
+                                         follow_bounds=config.trust_region_follow_bounds, seed=config.seed),
             progress=(lambda line: tqdm.write(line)) if progress else None,
         )
         update = trust_region.update

@@ -112,7 +112,8 @@ class TrustRegionSettings:
     lowers it); ``stall_fraction``: stop after a step that a function-space check cut short and that lowered Φ
     by less than this fraction of its fall so far (the checks bind: later steps slide along their boundary);
     ``refit_steps``: steps on the retraining objective R′ itself after the forgetting steps (module docstring;
-    0: none)."""
+    0: none); ``follow_bounds``: steps that would cross the held-out guard or the replacements' floor are
+    turned along it (``held_direction``) instead of being cut short there."""
 
     steps: int = 8
     kept_examples: int = 64
@@ -128,6 +129,7 @@ class TrustRegionSettings:
     kept_tolerance: float | None = None
     stall_fraction: float = 0.01
     refit_steps: int = 0
+    follow_bounds: bool = False
 
 
 @dataclass
@@ -444,6 +446,35 @@ def trust_region_update(
                         break
             return search
 
+        guard_items = tokenize_examples(tokenizer, [heldout[i] for i in guard_at], token_config) if guard_at else []
+        bound_gradients: dict[str, tuple[Tensor, Tensor]] = {}  # name → (θ it was taken at, mean loss gradient)
+        followed = {"heldout_guard": 0, "replacements_floor": 0}
+
+        def mean_gradient_at_current(name: str, examples: list) -> Tensor:
+            """∇ of the mean loss of ``examples`` at ``current``'s θ, once per θ (a retry changes P, not θ)."""
+            cached = bound_gradients.get(name)
+            if cached is None or cached[0] is not current.theta:
+                params.assign(current.theta)
+                cached = (current.theta, summed_gradient(model, params, examples, pad, batch_size) / len(examples))
+                bound_gradients[name] = cached
+            return cached[1]
+
+        def follow_bounds(direction: Tensor, operator: Callable[[Tensor], Tensor], gradient: Tensor) -> Tensor:
+            """The direction kept inside the held-out guard's ceiling and the replacements' floor to first order
+            (``held_direction``): where a step would cross one, it slides along it instead of stopping there."""
+            if base_guard is not None and guard_items:
+                room = base_guard * (1 + settings.heldout_tolerance) - float(heldout_mean(current, guard_at) or 0.0)
+                c = -mean_gradient_at_current("heldout_guard", guard_items)
+                direction, moved = held_direction(direction, operator, gradient, c, room)
+                followed["heldout_guard"] += moved
+            if bounded and new_items and len(kept):
+                floor = min(float(current.kept.losses().mean()), base_new_loss) * (1 - settings.heldout_tolerance)
+                room = float(current.new_losses.mean()) - floor
+                c = mean_gradient_at_current("replacements", new_items)
+                direction, moved = held_direction(direction, operator, gradient, c, room)
+                followed["replacements_floor"] += moved
+            return direction
+
         records: list[StepRecord] = []
         current, current_phi = base, 0.0
         secants: list[tuple[Tensor, Tensor]] = []  # (s_k, y_k) of the last accepted steps, oldest first
@@ -530,7 +561,8 @@ def trust_region_update(
                        "before any step: the removed examples' loss is already at the held-out level "
                        "(the adapter does not fit them better than examples it never saw)")
         else:
-            stopped = descend("forget", settings.steps, phi, gradient_at, -b, to_level=True)
+            stopped = descend("forget", settings.steps, phi, gradient_at, -b, to_level=True,
+                              project=follow_bounds if settings.follow_bounds else None)
         forget_phi = current_phi
         refit: dict[str, Any] = {"steps": 0}
         if settings.refit_steps and any(r.accepted for r in records):
@@ -553,36 +585,20 @@ def trust_region_update(
 
             removed_items = tokenize_examples(tokenizer, removed, token_config)
             projections = 0
-            removed_gradient: dict[str, Tensor] = {}  # θ at the step's start and c, the removed loss's gradient there
 
             def hold_removed_loss(direction: Tensor, operator: Callable[[Tensor], Tensor], gradient: Tensor) -> Tensor:
-                """d + μ Pc (c: the removed loss's gradient), the least change to d in P⁻¹'s norm that keeps the
-                removed loss at its held level to first order: μ lifts cᵀd to r = held level − its current
-                value (back up after a slip) as far as the step still descends R′ at half its slope, and at
-                least to cᵀd = 0 (then gᵀd stays ≤ 0 by Cauchy–Schwarz in P's inner product); μ = 0 when d
-                does not take the removed loss below its level."""
+                """The direction kept from taking the removed examples' loss below its held level
+                (``held_direction``; the floor is the hold level, so a slip below it is lifted back)."""
                 nonlocal projections
-                if removed_gradient.get("theta") is not current.theta:  # once per step: a retry changes P, not c
-                    params.assign(current.theta)
-                    removed_gradient.update(theta=current.theta, c=summed_gradient(
-                        model, params, removed_items, pad, batch_size) / len(removed_items))
-                c = removed_gradient["c"]
-                along = float(c @ direction)
-                short = (hold_level - float(current.removed_losses.mean())) - along
-                if short <= 0:
-                    return direction
-                pc = operator(c)
-                curvature, slope, cost = float(c @ pc), float(gradient @ direction), float(gradient @ pc)
-                hold = max(0.0, -along) / curvature
-                lift = short / curvature
-                if cost > 0:  # lifting the removed loss costs descent: keep at least half the slope
-                    lift = min(lift, -0.5 * slope / cost)
-                projections += 1
-                return direction + max(hold, lift) * pc
+                c = mean_gradient_at_current("removed", removed_items)
+                room = float(current.removed_losses.mean()) - hold_level
+                direction, moved = held_direction(direction, operator, gradient, c, room)
+                projections += moved
+                return follow_bounds(direction, operator, gradient) if settings.follow_bounds else direction
 
             refit_stopped = descend("refit", settings.refit_steps, retraining_objective, retraining_gradient,
                                     retraining_gradient(anchor.theta), to_level=False,
-                                    project=hold_removed_loss if removed else None)
+                                    project=hold_removed_loss if removed else (follow_bounds if settings.follow_bounds else None))
             refit_records = [r for r in records if r.phase == "refit"]
             refit = {"steps": sum(r.accepted for r in refit_records), "stopped": refit_stopped,
                      "objective": current_phi, "removed_floor": removed_floor, "projected_steps": projections}
@@ -604,6 +620,7 @@ def trust_region_update(
                                  "kept_level": float(current.kept.losses().mean()) if len(kept) else None},
             "phi": forget_phi,
             "refit": refit,
+            "bounds_followed": followed if settings.follow_bounds else None,
         }
         return TrustRegionResult(current.theta - theta_hat, records, stopped, acceptance, time.perf_counter() - start,
                                  {"kept_scale": kept_scale, "settings": asdict(settings)})
@@ -619,6 +636,26 @@ def removed_ceiling(level: float, removed_at_start: float, guard_at_start: float
     as the removed loss and would refuse the forgetting itself (pii bench, seed 2: one step of 1/32), though
     examples nobody taught show the guard's loss."""
     return max(level, removed_at_start, guard_at_start) * (1 + tolerance)
+
+
+def held_direction(direction: Tensor, operator: Callable[[Tensor], Tensor], gradient: Tensor, c: Tensor,
+                   room: float) -> tuple[Tensor, bool]:
+    """(d′, whether d was changed): d + μ Pc, the least change to the step d in P⁻¹'s norm (P = ``operator``)
+    that keeps a mean loss q with ∇q = ``c`` from falling more than ``room`` (= q − its floor; for a ceiling
+    pass c = −∇q and room = ceiling − q) to first order. μ lifts cᵀd to −room as far as the step still descends
+    the objective (gradient g) at half its slope, and at least to cᵀd = 0 (then gᵀd stays ≤ 0 by
+    Cauchy–Schwarz in P's inner product); μ = 0 when cᵀd ≥ −room already. Shapes (p,)."""
+    along = float(c @ direction)
+    short = -room - along
+    if short <= 0:
+        return direction, False
+    pc = operator(c)
+    curvature, slope, cost = float(c @ pc), float(gradient @ direction), float(gradient @ pc)
+    hold = max(0.0, -along) / curvature
+    lift = short / curvature
+    if cost > 0:  # lifting the loss costs descent: keep at least half the slope
+        lift = min(lift, -0.5 * slope / cost)
+    return direction + max(hold, lift) * pc, True
 
 
 def stalled(previous_phi: float, phi: float, fraction: float) -> bool:
