@@ -328,6 +328,7 @@ def test_bench_checkpoints_after_every_seed(tmp_path) -> None:
     ratio = config.ratios[0]  # the effect chart's title counts the seeds scored, not the seeds configured
     assert "mean over 1 paired seed," in effect_plot_title(snapshots[0], ratio)
     assert "mean over 2 paired seeds," in effect_plot_title(results, ratio)
+    assert "mean over 2 paired seeds," in effect_plot_title(results, str(ratio))  # the summary's key, as plotted
 
 
 def test_mixture_decoding_with_per_theta_caches_equals_recomputing_every_prefix() -> None:

@@ -68,6 +68,12 @@ reference for how far a retrain with the recipe fits the kept examples: R′'s m
 bench, 3 seeds: a refit allowed longer steps took one seed's kept loss to 0.44, the retrained models' range
 0.546–0.552, and its deleted answers' MIA back up to 0.48; benchmarks/results/bench/pii-refit-soc-3seeds/).
 
+With ``follow_bounds`` a step that would cross the held-out guard's ceiling or the replacements' floor to
+first order is turned along it (``held_direction``: the least change in P⁻¹'s norm that holds that loss, the
+same correction the refit uses for the removed loss): on pii the forgetting steps of two seeds in three end
+at the guard (Φ's push raises the other held-out people's loss) and the third's at the replacements' floor,
+well short of the never-seen level.
+
 Every candidate is first evaluated on the requests' examples and the held-out set alone; one that a check on
 those refuses (the held-out guard, the removed examples' ceiling or floor) gets no forward pass over the kept
 sample (a step record's ``screened``).

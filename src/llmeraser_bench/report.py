@@ -425,10 +425,10 @@ def _save(fig: Any, path: Path) -> Path:
 EFFECT_AXIS = (-1.0, 3.0)  # the effect-captured chart's y range; values beyond are printed at its edge
 
 
-def effect_plot_title(results: dict[str, Any], ratio: float) -> str:
-    """The effect-captured chart's title: the task, the ratio and the seeds scored at that ratio (a partial
-    run's fewer than the configured ones)."""
-    seeds = len({row["seed"] for row in results["rows"] if row["ratio"] == ratio})
+def effect_plot_title(results: dict[str, Any], ratio: float | str) -> str:
+    """The effect-captured chart's title: the task, the ratio (a number, or the summary's key for it) and the
+    seeds scored at that ratio (a partial run's fewer than the configured ones)."""
+    seeds = len({row["seed"] for row in results["rows"] if float(row["ratio"]) == float(ratio)})
     return (f"{results['config']['task']}, ratio {ratio}: mean over {seeds} paired seed{'s' * (seeds != 1)}, "
             "95 % intervals")
 
@@ -461,16 +461,23 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             x = np.arange(len(keys)) + (k - (len(shown) - 1) / 2) * width
             errors = np.array([[v - lo for v, lo in zip(values, low)], [hi - v for v, hi in zip(values, high)]])
             clipped = np.clip(np.nan_to_num(values), *EFFECT_AXIS)
-            ax.bar(x, clipped, width, label=method)
+            bars = ax.bar(x, clipped, width, label=method)
+            for bar, key in zip(bars, keys):  # an effect within the noise: a ratio of noise, drawn faint
+                if not block["resolution"][key]["resolved"]:
+                    bar.set_alpha(0.3)
+                    bar.set_hatch("..")
             ax.errorbar(x, clipped, yerr=np.nan_to_num(errors), fmt="none", ecolor="black", capsize=3, lw=1)
-            for xi, value in zip(x, values):  # a value off the axis is printed at its edge
+            for xi, value, lo, hi in zip(x, values, low, high):  # what lies off the axis is printed at its edge
                 if math.isfinite(value) and not EFFECT_AXIS[0] <= value <= EFFECT_AXIS[1]:
                     ax.text(xi, float(np.clip(value, *EFFECT_AXIS)), f"{value:.1f}", ha="center",
                             va="bottom" if value > 0 else "top", fontsize=7)
+                elif math.isfinite(lo) and math.isfinite(hi) and (lo < EFFECT_AXIS[0] or hi > EFFECT_AXIS[1]):
+                    ax.text(xi, EFFECT_AXIS[1], f"[{lo:.1f}, {hi:.1f}]", ha="center", va="bottom", fontsize=7,
+                            bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
         ax.axhline(1.0, color="black", ls="--", lw=1, label="Retrain (mean)")
         ax.axhline(0.0, color="grey", lw=0.8)
         resolution = block["resolution"]
-        ax.set_xticks(np.arange(len(keys)), [f"{key}\n{'' if resolution[key]['resolved'] else '(effect not resolved)'}"
+        ax.set_xticks(np.arange(len(keys)), [f"{key}\n{'' if resolution[key]['resolved'] else '(effect not resolved: faint)'}"
                                              for key in keys], fontsize=8)
         ax.set_ylabel("effect captured (method − original) / (retrain − original)")
         ax.set_ylim(EFFECT_AXIS[0] - 0.15, EFFECT_AXIS[1] + 0.25)
@@ -495,6 +502,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
             ax.text(xi, own + once, f"{own:.1f}" + (f"\n+{once:.1f} fit" if once else ""), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(np.arange(len(methods)) + (len(ratios) - 1) * width / 2, methods, rotation=20, fontsize=8)
     ax.set_ylabel("wall time (s), mean over seeds")
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.12)  # room for the values printed on the bars
     ax.legend(fontsize=7)
     written.append(_save(fig, out / "time_per_method.png"))
 

@@ -85,6 +85,12 @@ def _erase(args: argparse.Namespace) -> None:
             removed_text += (f"; {refit['steps']} refit step(s) on the retraining objective"
                              + (f", the removed examples' loss held above {refit['removed_floor']:.4f}"
                                 if refit.get("removed_floor") is not None else ""))
+        followed = checks.get("bounds_followed") or {}
+        if any(followed.values()):
+            removed_text += ("; steps turned along " + ", ".join(
+                f"{label} {followed[key]}×" for key, label in (("heldout_guard", "the held-out guard"),
+                                                                ("replacements_floor", "the replacements' floor"))
+                if followed.get(key)))
         print(f"trust region: {len([s for s in region['steps'] if s['accepted']])} step(s) accepted, stopped: "
               f"{region['stopped']}; KL on {checks['kept_examples']} kept examples {checks['kept_kl']:.3g}"
               + heldout_text + removed_text)
