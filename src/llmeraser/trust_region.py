@@ -335,6 +335,12 @@ def trust_region_update(
 
         removed_floor: float | None = None  # the refit phase's lower bound on the removed examples' mean loss
         base_guard = heldout_mean(base, guard_at)  # the held-out guard's loss at θ̂ (None: no guard examples)
+        guard_limit = base_guard * (1 + settings.heldout_tolerance) if base_guard is not None else None
+
+        def replacements_floor(state: _State) -> float:
+            """The least mean loss the replacements may reach at ``state``: min(the kept sample's, theirs at θ̂),
+            less the tolerance."""
+            return min(float(state.kept.losses().mean()), base_new_loss) * (1 - settings.heldout_tolerance)
 
         def fitted_loss_change(state: _State, reference_kept: np.ndarray, reference_new: np.ndarray) -> float:
             """Σ_K ℓ_j(θ) − ℓ_j(θ_ref) (estimated on the kept sample) + Σ_S' ℓ'_i(θ) − ℓ'_i(θ_ref), given the
@@ -356,10 +362,8 @@ def trust_region_update(
             held-out guard, the removed examples' ceiling (with replacements) and their floor (refit phase)."""
             heldout_loss, level = heldout_mean(state, guard_at), heldout_mean(state, level_at)
             removed_loss = float(state.removed_losses.mean()) if len(removed) else None
-            if heldout_loss is not None and base_guard is not None:
-                limit = base_guard * (1 + settings.heldout_tolerance)
-                if heldout_loss > limit:
-                    return f"held-out loss {heldout_loss:.4f} > {limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
+            if heldout_loss is not None and guard_limit is not None and heldout_loss > guard_limit:
+                return f"held-out loss {heldout_loss:.4f} > {guard_limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
             if bounded and removed_loss is not None and level is not None:
                 ceiling = removed_ceiling(level, base_removed_loss, base_guard or 0.0, settings.heldout_tolerance)
                 if removed_loss > ceiling:
@@ -378,7 +382,7 @@ def trust_region_update(
             problem = request_problem(state)
             if not problem and bounded and len(kept):
                 new_loss = float(state.new_losses.mean())
-                floor = min(float(state.kept.losses().mean()), base_new_loss) * (1 - settings.heldout_tolerance)
+                floor = replacements_floor(state)
                 if new_loss < floor:
                     problem = (f"replacements' loss {new_loss:.4f} < {floor:.4f} (the kept examples' level or "
                                f"theirs at θ̂, − {settings.heldout_tolerance:g})")
@@ -468,14 +472,13 @@ def trust_region_update(
         def follow_bounds(direction: Tensor, operator: Callable[[Tensor], Tensor], gradient: Tensor) -> Tensor:
             """The direction kept inside the held-out guard's ceiling and the replacements' floor to first order
             (``held_direction``): where a step would cross one, it slides along it instead of stopping there."""
-            if base_guard is not None and guard_items:
-                room = base_guard * (1 + settings.heldout_tolerance) - float(heldout_mean(current, guard_at) or 0.0)
+            if guard_limit is not None and guard_items:
+                room = guard_limit - float(heldout_mean(current, guard_at) or 0.0)
                 c = -mean_gradient_at_current("heldout_guard", guard_items)
                 direction, moved = held_direction(direction, operator, gradient, c, room)
                 followed["heldout_guard"] += moved
             if bounded and new_items and len(kept):
-                floor = min(float(current.kept.losses().mean()), base_new_loss) * (1 - settings.heldout_tolerance)
-                room = float(current.new_losses.mean()) - floor
+                room = float(current.new_losses.mean()) - replacements_floor(current)
                 c = mean_gradient_at_current("replacements", new_items)
                 direction, moved = held_direction(direction, operator, gradient, c, room)
                 followed["replacements_floor"] += moved
