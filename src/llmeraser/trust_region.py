@@ -456,7 +456,8 @@ def trust_region_update(
                         break
             return search
 
-        guard_items = tokenize_examples(tokenizer, [heldout[i] for i in guard_at], token_config) if guard_at else []
+        guard_items = (tokenize_examples(tokenizer, [heldout[i] for i in guard_at], token_config)
+                       if guard_at and settings.follow_bounds else [])  # only following the guard needs its gradient
         bound_gradients: dict[str, tuple[Tensor, Tensor]] = {}  # name → (θ it was taken at, mean loss gradient)
         followed = {"heldout_guard": 0, "replacements_floor": 0}
 
