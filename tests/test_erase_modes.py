@@ -95,10 +95,13 @@ def test_default_erase_of_a_long_recipe_fits_once_and_takes_trust_region_steps(s
     assert lineage[-1]["method"] == "update" and lineage[-1]["result"]["trust_region"]["steps"]
     assert checks["bounds_followed"] is None  # off unless asked for
     # the second erase of the same adapter finds the fitted curvature (its steps turned along the bounds)
-    again = cli("erase", *args, "--out", tmp_path / "erased2", "--trust-region-follow-bounds")
+    assert checks["refit"] == {"steps": 0}  # no refit unless asked for
+    again = cli("erase", *args, "--out", tmp_path / "erased2", "--trust-region-follow-bounds",
+                "--trust-region-refit-steps", "2", "--trust-region-refit-kept-level")
     assert again.code == 0 and "fitting" not in again.out
     followed = json.loads((tmp_path / "erased2" / "erasure_report.json").read_text())["trust_region"]["acceptance"]
     assert set(followed["bounds_followed"]) == {"heldout_guard", "replacements_floor"}
+    assert followed["refit"]["kept_level"] == pytest.approx(followed["kept_loss"]["before"])  # θ̂'s kept loss
     assert followed["heldout_loss"]["after"] <= followed["heldout_loss"]["before"] * 1.02 + 1e-12
     assert digest(root / "long") == before
 

@@ -502,3 +502,49 @@ def test_following_the_held_out_guard_turns_a_step_the_guard_would_cut(trained):
     before = turned.acceptance["heldout_loss"]["before"]
     assert turned.acceptance["heldout_loss"]["after"] <= before * 1.01
     assert torch.equal(params.flat(), theta)
+
+
+
+
+
+def test_refit_to_the_kept_level_stops_where_the_kept_loss_is_back_at_the_original(trained):
+    """A forgetting step that raises the kept examples' loss, from θ̂ off the minimum: three refit steps
+    alone take the kept loss below θ̂'s, past the tolerance; with ``refit_kept_level`` the step that went past
+    is refused, a shorter one accepted, and the refit ends there, the kept loss back at θ̂'s and not more than
+    the tolerance below."""
+    from llmeraser.data import TokenizationConfig, tokenize_examples
+    from llmeraser.gradients import summed_gradient
+
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    noise = torch.randn(params.dim, generator=torch.Generator().manual_seed(0), dtype=params.flat().dtype)
+    theta = moved_off_the_minimum(model, tokenizer, train, noise)
+    pairs = resolve(REMOVALS, train)
+    edited = {p.old.id for p in pairs}
+    items = tokenize_examples(tokenizer, [e for e in train if e.id not in edited], TokenizationConfig(max_length=128))
+    up = summed_gradient(model, params, items, tokenizer.pad_token_id, 40)
+    direction = 0.1 * up / up.norm()  # raises the kept loss
+    tolerance = 0.01
+
+    def run(level: bool, refit_steps: int):
+        settings = TrustRegionSettings(steps=1, kept_examples=40, heldout_tolerance=tolerance, damping_factor=1.0,
+                                       stop_at_heldout_level=False, memory=5, refit_steps=refit_steps,
+                                       refit_kept_level=level)
+        return trust_region_update(model, tokenizer, train, pairs, 2.0 * direction, lambda g, damping: 50 * g,
+                                   damping=0.0, weight_decay=WEIGHT_DECAY, scaling="retrain", max_length=128,
+                                   batch_size=40, settings=settings, first_direction=direction)
+
+    try:
+        free, levelled = run(False, 3), run(True, 8)
+    finally:
+        params.assign(theta)
+    level = levelled.acceptance["kept_loss"]["before"]
+    floor = level * (1 - tolerance)
+    assert levelled.steps[0].phase == "forget" and levelled.steps[0].accepted
+    assert free.acceptance["refit"]["kept_level"] is None and free.acceptance["kept_loss"]["after"] < floor
+    refit = levelled.acceptance["refit"]
+    assert refit["kept_level"] == pytest.approx(level) and "back at θ̂'s" in refit["stopped"]
+    assert refit["steps"] == 3  # measured: the third step at s = ¼ where the free refit's was s = ½
+    assert levelled.steps[-1].scale < free.steps[-1].scale
+    assert floor <= levelled.acceptance["kept_loss"]["after"] <= level
+    assert torch.equal(params.flat(), theta)

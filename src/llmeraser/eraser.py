@@ -93,7 +93,8 @@ class EraseConfig:
       ``trust_region_memory`` secant pairs correct the curvature along the steps taken (L-BFGS; 0: none);
       ``trust_region_refit_steps`` steps on the retraining objective itself follow, the removed examples' loss
       held at its level (0: none); ``trust_region_follow_bounds``: steps that would cross the held-out guard
-      or the replacements' floor are turned along it instead of cut short.
+      or the replacements' floor are turned along it instead of cut short; ``trust_region_refit_kept_level``:
+      the refit ends once the kept examples' loss is back at the original adapter's.
     """
 
     solver: SolverName = option("cg", help="inverse-HVP solver")
@@ -148,6 +149,11 @@ class EraseConfig:
         TrustRegionSettings.refit_steps, min=0,
         help="after the forgetting steps, trust-region steps on the retraining objective itself (the kept examples "
         "refitted, the removed examples' loss held at its level; 0: none)")
+    trust_region_refit_kept_level: bool = option(
+        TrustRegionSettings.refit_kept_level,
+        help="end the refit once the kept examples' loss is back at the original adapter's, and never take it more "
+        "than the held-out tolerance below (what the recipe fitted them to), instead of descending as far as the "
+        "steps allow")
     trust_region_follow_bounds: bool = option(
         TrustRegionSettings.follow_bounds,
         help="turn a trust-region step that would cross the held-out guard or the replacements' floor along it "
@@ -512,6 +518,7 @@ def erase(
                                          config.kl_budget, damping_factor=config.trust_region_damping_factor,
                                          memory=config.trust_region_memory, kept_tolerance=config.kept_tolerance,
                                          refit_steps=config.trust_region_refit_steps,
+                                         refit_kept_level=config.trust_region_refit_kept_level,
                                          follow_bounds=config.trust_region_follow_bounds, seed=config.seed),
             progress=(lambda line: tqdm.write(line)) if progress else None,
         )

@@ -67,12 +67,19 @@ change in P⁻¹'s norm that keeps that loss at its held level to first order. T
 reference for how far a retrain with the recipe fits the kept examples: R′'s minimiser fits them further (pii
 bench, 3 seeds: a refit allowed longer steps took one seed's kept loss to 0.44, the retrained models' range
 0.546–0.552, and its deleted answers' MIA back up to 0.48; benchmarks/results/bench/pii-refit-soc-3seeds/).
+With ``refit_kept_level`` the kept sample's mean loss at θ̂ is that reference: the refit ends once the kept loss
+is back there and never takes it more than ``heldout_tolerance`` below (it repairs what the forgetting steps
+cost the kept examples, it does not fit them further than the recipe did; on pii the retrained models' kept
+loss is 6 % under θ̂'s, R′'s minimiser's 40 %). Not where θ̂ is far from the recipe's end point: on the convex
+toy moved off its minimum, retraining fits the kept examples well below θ̂'s level.
 
 With ``follow_bounds`` a step that would cross the held-out guard's ceiling or the replacements' floor to
 first order is turned along it (``held_direction``: the least change in P⁻¹'s norm that holds that loss, the
 same correction the refit uses for the removed loss): on pii the forgetting steps of two seeds in three end
 at the guard (Φ's push raises the other held-out people's loss) and the third's at the replacements' floor,
-well short of the never-seen level.
+well short of the never-seen level. A followed step aims ``BOUND_MARGIN`` of the bound's tolerance band inside
+it: one held exactly on the bound to first order crosses it at every length once the curvature counts (pii,
+seed 1: the refit ended there after 4 steps).
 
 Every candidate is first evaluated on the requests' examples and the held-out set alone; one that a check on
 those refuses (the held-out guard, the removed examples' ceiling or floor) gets no forward pass over the kept
@@ -100,6 +107,7 @@ from llmeraser.gradients import summed_gradient
 from llmeraser.requests import EditPair
 
 ARMIJO = 1e-4
+BOUND_MARGIN = 0.25  # followed steps aim this fraction of a bound's tolerance band inside it (module docstring)
 MAX_BACKTRACKS = 5
 MAX_EXPANSIONS = 3
 
@@ -119,7 +127,9 @@ class TrustRegionSettings:
     by less than this fraction of its fall so far (the checks bind: later steps slide along their boundary);
     ``refit_steps``: steps on the retraining objective R′ itself after the forgetting steps (module docstring;
     0: none); ``follow_bounds``: steps that would cross the held-out guard or the replacements' floor are
-    turned along it (``held_direction``) instead of being cut short there."""
+    turned along it (``held_direction``) instead of being cut short there; ``refit_kept_level``: the refit
+    ends once the kept sample's mean loss is back at θ̂'s and never goes more than ``heldout_tolerance`` below
+    it (what the recipe fitted them to), instead of descending R′ as far as the steps allow."""
 
     steps: int = 8
     kept_examples: int = 64
@@ -136,6 +146,7 @@ class TrustRegionSettings:
     stall_fraction: float = 0.01
     refit_steps: int = 0
     follow_bounds: bool = False
+    refit_kept_level: bool = False
 
 
 @dataclass
@@ -334,13 +345,17 @@ def trust_region_update(
         base_new_loss = float(base.new_losses.mean()) if new_versions else 0.0
 
         removed_floor: float | None = None  # the refit phase's lower bound on the removed examples' mean loss
+        kept_floor: float | None = None  # the refit phase's lower bound on the kept sample's mean loss (its level)
         base_guard = heldout_mean(base, guard_at)  # the held-out guard's loss at θ̂ (None: no guard examples)
         guard_limit = base_guard * (1 + settings.heldout_tolerance) if base_guard is not None else None
 
+        def replacements_level(state: _State) -> float:
+            """The replacements' level at ``state``: min(the kept sample's mean loss, theirs at θ̂)."""
+            return min(float(state.kept.losses().mean()), base_new_loss)
+
         def replacements_floor(state: _State) -> float:
-            """The least mean loss the replacements may reach at ``state``: min(the kept sample's, theirs at θ̂),
-            less the tolerance."""
-            return min(float(state.kept.losses().mean()), base_new_loss) * (1 - settings.heldout_tolerance)
+            """The least mean loss the replacements may reach at ``state``: their level less the tolerance."""
+            return replacements_level(state) * (1 - settings.heldout_tolerance)
 
         def fitted_loss_change(state: _State, reference_kept: np.ndarray, reference_new: np.ndarray) -> float:
             """Σ_K ℓ_j(θ) − ℓ_j(θ_ref) (estimated on the kept sample) + Σ_S' ℓ'_i(θ) − ℓ'_i(θ_ref), given the
@@ -386,6 +401,9 @@ def trust_region_update(
                 if new_loss < floor:
                     problem = (f"replacements' loss {new_loss:.4f} < {floor:.4f} (the kept examples' level or "
                                f"theirs at θ̂, − {settings.heldout_tolerance:g})")
+            if not problem and kept_floor is not None and float(state.kept.losses().mean()) < kept_floor:
+                problem = (f"kept examples' loss {float(state.kept.losses().mean()):.4f} < {kept_floor:.4f} "
+                           f"(θ̂'s, − {settings.heldout_tolerance:g})")
             if not problem and settings.kept_tolerance is not None and len(kept):
                 kept_loss, kept_limit = float(state.kept.losses().mean()), float(base_kept.mean()) * (1 + settings.kept_tolerance)
                 if kept_loss > kept_limit:
@@ -403,6 +421,13 @@ def trust_region_update(
                 return False
             return not new_versions or (len(kept) > 0 and float(state.new_losses.mean()) <= float(state.kept.losses().mean()))
 
+        def requests_at_level(state: _State) -> str:
+            """Why the forgetting phase is done ('' while it is not): every kind of request at its level."""
+            if not reached_level(state):
+                return ""
+            return ("the requests reached their levels (removed: held-out, replacements: kept)" if new_versions
+                    else "the removed examples' loss reached the held-out level")
+
         def evaluate(theta: Tensor, search: _Search) -> tuple[_State | None, str]:
             """The candidate at θ and its refusal by a function-space check ('' if none). The checks on the
             requests' examples and the held-out set come first: a candidate they refuse gets no pass over the kept
@@ -415,9 +440,11 @@ def trust_region_update(
                 return None, problem
             return with_kept(requests), ""
 
-        def line_search(direction: Tensor, slope: float, objective: Callable[[_State], float], to_level: bool) -> _Search:
+        def line_search(direction: Tensor, slope: float, objective: Callable[[_State], float],
+                        at_level: Callable[[_State], str] | None) -> _Search:
             """Backtrack from s = 1 until a step is accepted, then expand while it still is and the objective
-            keeps falling (and, when ``to_level``, the requests are not at their levels yet)."""
+            keeps falling (and, given ``at_level``, the phase's level is not reached yet: ``at_level`` says why
+            it is, '' while it is not)."""
             search = _Search()
 
             def assess(scale: float, bound: float) -> tuple | None:
@@ -445,14 +472,14 @@ def trust_region_update(
                 if search.accepted is not None:
                     break
                 scale /= 2
-            if search.accepted is not None and search.accepted[0] == 1.0 and not (to_level and reached_level(search.accepted[1])):
+            if search.accepted is not None and search.accepted[0] == 1.0 and not (at_level and at_level(search.accepted[1])):
                 for _ in range(MAX_EXPANSIONS):
                     bigger = 2 * search.accepted[0]
                     larger = assess(bigger, min(search.accepted[2], current_phi + ARMIJO * bigger * slope))
                     if larger is None:
                         break
                     search.accepted = larger
-                    if to_level and reached_level(larger[1]):
+                    if at_level and at_level(larger[1]):
                         break
             return search
 
@@ -472,14 +499,18 @@ def trust_region_update(
 
         def follow_bounds(direction: Tensor, operator: Callable[[Tensor], Tensor], gradient: Tensor) -> Tensor:
             """The direction kept inside the held-out guard's ceiling and the replacements' floor to first order
-            (``held_direction``): where a step would cross one, it slides along it instead of stopping there."""
+            (``held_direction``): where a step would cross one, it slides along it instead of stopping there,
+            ``BOUND_MARGIN`` of the tolerance band inside it (a step held exactly on a bound to first order
+            crosses it at every length once its curvature counts)."""
             if guard_limit is not None and guard_items:
-                room = guard_limit - float(heldout_mean(current, guard_at) or 0.0)
+                band = guard_limit - (base_guard or 0.0)
+                room = guard_limit - float(heldout_mean(current, guard_at) or 0.0) - BOUND_MARGIN * band
                 c = -mean_gradient_at_current("heldout_guard", guard_items)
                 direction, moved = held_direction(direction, operator, gradient, c, room)
                 followed["heldout_guard"] += moved
             if bounded and new_items and len(kept):
-                room = float(current.new_losses.mean()) - replacements_floor(current)
+                band = replacements_level(current) * settings.heldout_tolerance  # level − floor
+                room = float(current.new_losses.mean()) - replacements_floor(current) - BOUND_MARGIN * band
                 c = mean_gradient_at_current("replacements", new_items)
                 direction, moved = held_direction(direction, operator, gradient, c, room)
                 followed["replacements_floor"] += moved
@@ -492,11 +523,11 @@ def trust_region_update(
         adaptive = settings.damping_factor != 1.0
 
         def descend(phase: str, steps: int, objective: Callable[[_State], float], gradient_of: Callable[[Tensor], Tensor],
-                    gradient: Tensor, to_level: bool,
+                    gradient: Tensor, at_level: Callable[[_State], str] | None,
                     project: Callable[[Tensor, Callable[[Tensor], Tensor], Tensor], Tensor] | None = None) -> str:
             """Preconditioned, line-searched steps on ``objective`` (0 at the starting θ) from ``current``;
-            appends to ``records`` and returns why it stopped. ``to_level``: stop once the requests reach their
-            levels (the forgetting phase); ``project(d, P, g)``: the direction actually taken, given the step
+            appends to ``records`` and returns why it stopped. ``at_level``: why the phase's level is reached ('' while
+            it is not; the phase stops there); ``project(d, P, g)``: the direction actually taken, given the step
             d, the (L-BFGS-corrected) preconditioner P and the gradient g. The secant pairs carry over between phases: the
             objectives differ by a linear term, so their gradients' changes, the y_k, are the same."""
             nonlocal current, current_phi
@@ -532,7 +563,7 @@ def trust_region_update(
                         search.last_reason = (f"the preconditioned direction is not a descent direction "
                                               f"(slope {slope:.3g})")
                         break
-                    search.absorb(line_search(direction, slope, objective, to_level))
+                    search.absorb(line_search(direction, slope, objective, at_level))
                     if search.accepted is not None:
                         break
                     lam /= settings.damping_factor ** 2
@@ -548,9 +579,8 @@ def trust_region_update(
                     progress(f"trust region {phase} step {step}: λ = {lam:.3g}, s = {scale:g}, objective = "
                              f"{current_phi:.4g}, kept KL = {kl:.3g}, removed loss = {removed_loss}, "
                              f"held-out loss = {heldout_loss}")
-                if to_level and reached_level(current):
-                    return (f"step {step}: the requests reached their levels (removed: held-out, replacements: kept)"
-                            if new_versions else f"step {step}: the removed examples' loss reached the held-out level")
+                if at_level and (why := at_level(current)):
+                    return f"step {step}: {why}"
                 if search.guarded and stalled(previous_phi, current_phi, settings.stall_fraction):
                     return (f"step {step}: a check bounds the step and the objective fell by "
                             f"{previous_phi - current_phi:.3g}, under {settings.stall_fraction:g} of its fall so far "
@@ -571,7 +601,7 @@ def trust_region_update(
                        "before any step: the removed examples' loss is already at the held-out level "
                        "(the adapter does not fit them better than examples it never saw)")
         else:
-            stopped = descend("forget", settings.steps, phi, gradient_at, -b, to_level=True,
+            stopped = descend("forget", settings.steps, phi, gradient_at, -b, at_level=requests_at_level,
                               project=follow_bounds if settings.follow_bounds else None)
         forget_phi = current_phi
         refit: dict[str, Any] = {"steps": 0}
@@ -606,12 +636,30 @@ def trust_region_update(
                 projections += moved
                 return follow_bounds(direction, operator, gradient) if settings.follow_bounds else direction
 
-            refit_stopped = descend("refit", settings.refit_steps, retraining_objective, retraining_gradient,
-                                    retraining_gradient(anchor.theta), to_level=False,
-                                    project=hold_removed_loss if removed else (follow_bounds if settings.follow_bounds else None))
+            kept_level = float(base_kept.mean()) if settings.refit_kept_level and len(kept) else None
+
+            def kept_at_level(state: _State) -> str:
+                """Why the refit is done ('' while it is not): the kept sample's loss back at θ̂'s."""
+                kept_loss = float(state.kept.losses().mean())
+                return (f"the kept examples' loss {kept_loss:.4f} is back at θ̂'s {kept_level:.4f}"
+                        if kept_level is not None and kept_loss <= kept_level else "")
+
+            if kept_at_level(anchor):
+                refit_stopped = (f"before any step: the forgetting steps left the kept examples' loss at or below "
+                                 f"θ̂'s ({float(anchor_kept.mean()):.4f} ≤ {kept_level:.4f})")
+                current_phi = 0.0
+            else:
+                if kept_level is not None:
+                    kept_floor = kept_level * (1 - settings.heldout_tolerance)
+                refit_stopped = descend("refit", settings.refit_steps, retraining_objective, retraining_gradient,
+                                        retraining_gradient(anchor.theta),
+                                        at_level=kept_at_level if kept_level is not None else None,
+                                        project=hold_removed_loss if removed else
+                                        (follow_bounds if settings.follow_bounds else None))
             refit_records = [r for r in records if r.phase == "refit"]
             refit = {"steps": sum(r.accepted for r in refit_records), "stopped": refit_stopped,
-                     "objective": current_phi, "removed_floor": removed_floor, "projected_steps": projections}
+                     "objective": current_phi, "removed_floor": removed_floor, "kept_level": kept_level,
+                     "projected_steps": projections}
             stopped = f"{stopped}; refit: {refit_stopped}"
         kl, heldout_loss, removed_loss, _ = checks(current)
         acceptance = {

@@ -84,7 +84,9 @@ def _erase(args: argparse.Namespace) -> None:
         if refit.get("steps"):
             removed_text += (f"; {refit['steps']} refit step(s) on the retraining objective"
                              + (f", the removed examples' loss held above {refit['removed_floor']:.4f}"
-                                if refit.get("removed_floor") is not None else ""))
+                                if refit.get("removed_floor") is not None else "")
+                             + (f", the kept examples' loss not below θ̂'s {refit['kept_level']:.4f} (− tolerance)"
+                                if refit.get("kept_level") is not None else ""))
         followed = checks.get("bounds_followed") or {}
         if any(followed.values()):
             removed_text += ("; steps turned along " + ", ".join(
@@ -150,7 +152,8 @@ def _erase_flags(erase: argparse.ArgumentParser) -> None:
                  defaults={"trust_region_steps": None},
                  helps={"trust_region_steps": f"trust-region steps at most (default {EraseConfig.trust_region_steps})"})
     _add_options(erase, EraseConfig, ["kept_examples", "heldout_tolerance", "kept_tolerance", "kl_budget",
-                                      "trust_region_memory", "trust_region_refit_steps", "trust_region_follow_bounds",
+                                      "trust_region_memory", "trust_region_refit_steps", "trust_region_refit_kept_level",
+                                      "trust_region_follow_bounds",
                                       "auto_damping"])
     _add_dry_run(erase, "erasure (prepare, gradients, solve, save)")
 
