@@ -70,8 +70,10 @@ bench, 3 seeds: a refit allowed longer steps took one seed's kept loss to 0.44, 
 With ``refit_kept_level`` the kept sample's mean loss at θ̂ is that reference: the refit ends once the kept loss
 is back there and never takes it more than ``heldout_tolerance`` below (it repairs what the forgetting steps
 cost the kept examples, it does not fit them further than the recipe did; on pii the retrained models' kept
-loss is 6 % under θ̂'s, R′'s minimiser's 40 %). Not where θ̂ is far from the recipe's end point: on the convex
-toy moved off its minimum, retraining fits the kept examples well below θ̂'s level.
+loss is 7 % under θ̂'s, where 8 free refit steps took one seed's 38 % under; with the level every seed's
+refit ended at it, kept loss 0.586 ± 0.008, benchmarks/results/bench/pii-kept-level-3seeds/). Not where θ̂ is
+far from the recipe's end point: on the convex toy moved off its minimum, retraining fits the kept examples
+well below θ̂'s level.
 
 With ``follow_bounds`` a step that would cross the held-out guard's ceiling or the replacements' floor to
 first order is turned along it (``held_direction``: the least change in P⁻¹'s norm that holds that loss, the
