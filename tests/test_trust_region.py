@@ -548,3 +548,86 @@ def test_refit_to_the_kept_level_stops_where_the_kept_loss_is_back_at_the_origin
     assert levelled.steps[-1].scale < free.steps[-1].scale
     assert floor <= levelled.acceptance["kept_loss"]["after"] <= level
     assert torch.equal(params.flat(), theta)
+
+
+def test_calibrated_level_offset_is_the_base_models_difficulty_gap():
+    import numpy as np
+
+    from llmeraser.trust_region import calibrated_level_offset
+
+    assert calibrated_level_offset(np.array([1.0, 3.0]), np.array([0.5, 0.5, 2.0])) == pytest.approx(1.0)
+
+
+def test_adapter_disabled_computes_the_base_model_and_keeps_theta_trainable(trained):
+    """Inside, the model's losses are those at θ with the LoRA B factors zeroed (ΔW = 0), whatever θ is;
+    every requires_grad flag is as before, inside and after (lora_A is frozen in this fixture)."""
+    from llmeraser.adapter import adapter_disabled
+    from llmeraser.evaluate import response_predictions
+
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    zeroed = torch.cat([torch.zeros_like(t).flatten() if "lora_B" in name else t.detach().flatten()
+                        for name, t in model.named_parameters() if t.requires_grad])
+    base = response_predictions(model, tokenizer, train[:8], zeroed, 128, 8).losses()
+    with adapter_disabled(model):
+        assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+        inside = response_predictions(model, tokenizer, train[:8], theta, 128, 8).losses()
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert inside == pytest.approx(base, abs=1e-10)
+    assert torch.equal(params.flat(), theta)
+
+
+
+def test_the_calibrated_level_sees_never_seen_examples_that_are_harder_by_nature(trained):
+    """Held-out examples the base model finds harder than the removed ones (the adapter switched off), with a
+    mean loss under the adapter just above the removed examples': the uncalibrated rule takes steps to lift
+    the removed examples to it; calibrated for difficulty, the removed examples are at their never-seen level
+    already and no step is taken. The report gives the offset, as computed from the base model's losses."""
+    from llmeraser.adapter import adapter_disabled
+    from llmeraser.evaluate import response_predictions
+    from llmeraser.trust_region import calibrated_level_offset
+
+    model, tokenizer, train = trained
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    pairs = resolve(REMOVALS, train)
+    removed = [p.old for p in pairs]
+    candidates = [e for e in toy_examples(300, seed=11) if e.prompt not in {t.prompt for t in train}]
+    losses = lambda examples: response_predictions(model, tokenizer, examples, theta, 128, 40).losses()  # noqa: E731
+    removed_loss, candidate_loss = losses(removed), losses(candidates)
+    with adapter_disabled(model):
+        removed_base, candidate_base = losses(removed), losses(candidates)
+    harder = [i for i in range(len(candidates)) if candidate_base[i] > removed_base.mean() + 0.05
+              and 0 < candidate_loss[i] - removed_loss.mean() < 0.09]
+    heldout = [candidates[i] for i in harder]
+    gap = candidate_loss[harder].mean() - removed_loss.mean()
+    offset = calibrated_level_offset(removed_base, candidate_base[harder])
+    assert len(heldout) >= 3 and 0 < gap < -offset, (len(heldout), gap, offset)
+
+    def run(calibrate: bool):
+        settings = TrustRegionSettings(steps=2, kept_examples=20, split_heldout=False, heldout_tolerance=0.5,
+                                       calibrate_level=calibrate)
+        return trust_region_update(model, tokenizer, train, pairs, -gradient_of_removed(model, tokenizer, removed),
+                                   lambda g, damping: g, damping=0.0, weight_decay=WEIGHT_DECAY, scaling="retrain",
+                                   max_length=128, batch_size=40, settings=settings, heldout=heldout)
+
+    raw, calibrated = run(False), run(True)
+    assert any(step.accepted for step in raw.steps)
+    assert raw.acceptance["removed_loss"]["after"] > raw.acceptance["removed_loss"]["before"]
+    assert calibrated.steps == [] and "already at the held-out level" in calibrated.stopped
+    checks = calibrated.acceptance["removed_loss"]
+    assert checks["level_offset"] == pytest.approx(offset)
+    assert checks["never_seen_level"] == pytest.approx(candidate_loss[harder].mean() + offset)
+    assert raw.acceptance["removed_loss"]["level_offset"] == 0.0
+    assert torch.equal(params.flat(), theta)
+
+
+def gradient_of_removed(model, tokenizer, removed):
+    """∇ of the removed examples' summed loss at θ̂: −b of a removal, up to its weight."""
+    from llmeraser.data import TokenizationConfig, tokenize_examples
+    from llmeraser.gradients import summed_gradient
+
+    items = tokenize_examples(tokenizer, removed, TokenizationConfig(max_length=128))
+    return -summed_gradient(model, AdapterParameters.of(model), items, tokenizer.pad_token_id, 40) / 40

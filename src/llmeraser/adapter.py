@@ -3,9 +3,10 @@ trainable tensors as one flat vector (``AdapterParameters``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,22 @@ def check_adapter_fits(base: Any, adapter_dir: str | Path) -> None:
         more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
         raise InputError("the base model's weights do not fit the adapter: " + "; ".join(problems[:2]) + more
                          + " (a base model of another size or architecture?)", adapter_dir)
+
+
+@contextlib.contextmanager
+def adapter_disabled(model: Any) -> Iterator[Any]:
+    """While active, ``model`` (a PEFT model) computes as its base model, the adapter switched off; each
+    parameter's ``requires_grad`` stays as it was, inside too (PEFT freezes the adapter there, and
+    ``AdapterParameters`` finds θ by it)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with model.disable_adapter():
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
+            yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 @dataclass

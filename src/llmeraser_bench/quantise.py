@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from llmeraser.adapter import adapter_disabled
+
 
 def quantise_rows(weight: Tensor, bits: int) -> Tensor:
     """Symmetric per-output-channel round-to-nearest of a 2-D ``weight`` at ``bits`` bits (module docstring),
@@ -65,19 +67,14 @@ def quantised_merged(model: Any, bits: int | None) -> Iterator[Any]:
     if not layers:
         raise ValueError("the model has no LoRA layers to merge")
     saved = [(layer.get_base_layer().weight, layer.get_base_layer().weight.detach().clone()) for _, layer in layers]
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         with torch.no_grad():
             for (_, layer), (weight, _) in zip(layers, saved):
                 merged = merged_weight(layer)
                 weight.copy_(merged if bits is None else quantise_rows(merged, bits))
-        with model.disable_adapter():  # PEFT freezes the adapter here: θ stays trainable (``AdapterParameters``)
-            for parameter, flag in grad_flags:
-                parameter.requires_grad_(flag)
+        with adapter_disabled(model):
             yield model
     finally:
         with torch.no_grad():
             for weight, original in saved:
                 weight.copy_(original)
-        for parameter, flag in grad_flags:
-            parameter.requires_grad_(flag)
