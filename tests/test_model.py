@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_lora_model
 
-from llmeraser.adapter import AdapterParameters, load_adapter, save_adapter
+from llmeraser.adapter import AdapterParameters, adapter_disabled, load_adapter, save_adapter
 from llmeraser.errors import InputError
 from llmeraser.models import build_tiny_model, load_base_model
 
@@ -74,6 +74,38 @@ def test_adapter_parameters_reject_wrong_shapes_and_frozen_models(lora):
     base, _ = load_base_model("tiny")
     with pytest.raises(InputError, match="no trainable"):
         AdapterParameters.of(base)
+
+
+
+def test_adapter_disabled_computes_the_base_model_and_keeps_theta_trainable(lora):
+    """Inside, the outputs are those with the LoRA B factors zeroed (ΔW = 0), whatever θ is; every
+    requires_grad flag is as before, inside and after (one adapter tensor frozen by hand here)."""
+    model, _, _ = lora
+    params = AdapterParameters.of(model)
+    theta = params.flat()
+    frozen = next(p for name, p in model.named_parameters() if "lora_A" in name)
+    frozen.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    tokens = torch.tensor([[1, 5, 7, 9]])
+    try:
+        params = AdapterParameters.of(model)
+        moved = params.flat() + 0.5  # the B factors non-zero: the adapter changes the outputs
+        params.assign(moved)
+        with torch.no_grad():
+            adapted = model(tokens).logits
+            with adapter_disabled(model):
+                assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+                base = model(tokens).logits
+            for name, tensor in model.named_parameters():
+                if "lora_B" in name:
+                    tensor.zero_()
+            zeroed = model(tokens).logits
+        assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+        assert not torch.allclose(adapted, base)
+        torch.testing.assert_close(base, zeroed)
+    finally:
+        frozen.requires_grad_(True)
+        AdapterParameters.of(model).assign(theta)
 
 
 def test_save_adapter_writes_a_loadable_peft_directory(tmp_path, lora):

@@ -94,8 +94,7 @@ class EraseConfig:
       ``trust_region_refit_steps`` steps on the retraining objective itself follow, the removed examples' loss
       held at its level (0: none); ``trust_region_follow_bounds``: steps that would cross the held-out guard
       or the replacements' floor are turned along it instead of cut short; ``trust_region_refit_kept_level``:
-      the refit ends once the kept examples' loss is back at the original adapter's;
-      ``trust_region_calibrate_level``: the never-seen level calibrated by the base model's losses.
+      the refit ends once the kept examples' loss is back at the original adapter's.
     """
 
     solver: SolverName = option("cg", help="inverse-HVP solver")
@@ -155,10 +154,6 @@ class EraseConfig:
         help="end the refit once the kept examples' loss is back at the original adapter's, and never take it more "
         "than the held-out tolerance below (what the recipe fitted them to), instead of descending as far as the "
         "steps allow")
-    trust_region_calibrate_level: bool = option(
-        TrustRegionSettings.calibrate_level,
-        help="shift the never-seen level the removed examples are taken to by how much harder they are than the "
-        "held-out examples for the base model (the adapter switched off): each set compared with its own difficulty")
     trust_region_follow_bounds: bool = option(
         TrustRegionSettings.follow_bounds,
         help="turn a trust-region step that would cross the held-out guard or the replacements' floor along it "
@@ -524,7 +519,6 @@ def erase(
                                          memory=config.trust_region_memory, kept_tolerance=config.kept_tolerance,
                                          refit_steps=config.trust_region_refit_steps,
                                          refit_kept_level=config.trust_region_refit_kept_level,
-                                         calibrate_level=config.trust_region_calibrate_level,
                                          follow_bounds=config.trust_region_follow_bounds, seed=config.seed),
             progress=(lambda line: tqdm.write(line)) if progress else None,
         )

@@ -44,12 +44,6 @@ Held-out examples whose answers share a word n-gram that only the removed exampl
 ``removed_only_ngrams``) are forgotten by retraining too; with ``split_heldout`` they alone give that level
 and the held-out guard watches the others (on the pii benchmark the retrained model itself lifts such an
 example 0.67 → 6.15 and fails the unsplit guard by +42 %, while the others fall 3 %).
-With ``calibrate_level`` that level is calibrated for difficulty: the removed examples are taken to the level
-examples' loss plus mean ℓ₀(removed) − mean ℓ₀(level examples), ℓ₀ the base model's loss (the adapter
-switched off), as membership inference calibrates by a reference model: on a TALLRec removal of whole users
-(10 epochs) the removed examples' mean loss was above the held-out one at θ̂ already (0.322 vs 0.311), so the
-uncalibrated rule took no step, while the paired retrain raised it to 0.380 and the loss attack fell from 0.61
-to 0.29 (benchmarks/results/bench/removal-user-10ep/).
 Replacements (corrections, query edits) have a level too: a retrained model fits them as it fits its other
 training examples, so their mean loss is taken down to the kept sample's mean loss and not below. With
 replacements among the requests, the update ends once every kind of request is at its level (the removed
@@ -108,7 +102,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llmeraser.adapter import AdapterParameters, adapter_disabled
+from llmeraser.adapter import AdapterParameters
 from llmeraser.data import Example, TokenizationConfig, tokenize_examples
 from llmeraser.evaluate import ResponsePredictions, response_predictions
 from llmeraser.gradients import summed_gradient
@@ -137,9 +131,7 @@ class TrustRegionSettings:
     0: none); ``follow_bounds``: steps that would cross the held-out guard or the replacements' floor are
     turned along it (``held_direction``) instead of being cut short there; ``refit_kept_level``: the refit
     ends once the kept sample's mean loss is back at θ̂'s and never goes more than ``heldout_tolerance`` below
-    it (what the recipe fitted them to), instead of descending R′ as far as the steps allow;
-    ``calibrate_level``: the never-seen level is shifted by how much harder the removed examples are than the
-    level's examples for the base model, the adapter switched off (``calibrated_level_offset``)."""
+    it (what the recipe fitted them to), instead of descending R′ as far as the steps allow."""
 
     steps: int = 8
     kept_examples: int = 64
@@ -157,7 +149,6 @@ class TrustRegionSettings:
     refit_steps: int = 0
     follow_bounds: bool = False
     refit_kept_level: bool = False
-    calibrate_level: bool = False
 
 
 @dataclass
@@ -321,19 +312,6 @@ def trust_region_update(
     def heldout_mean(state: _RequestLosses, at: list[int]) -> float | None:
         return float(state.heldout_losses[at].mean()) if state.heldout_losses is not None and at else None
 
-    level_offset = 0.0  # the never-seen level's difficulty calibration (nats per token; 0: not calibrated)
-    if settings.calibrate_level and removed and heldout:
-        with adapter_disabled(model):
-            level_offset = calibrated_level_offset(
-                _losses(model, tokenizer, removed, theta_hat, max_length, batch_size, loss_scope),
-                _losses(model, tokenizer, [heldout[i] for i in level_at], theta_hat, max_length, batch_size,
-                        loss_scope))
-
-    def never_seen_level(state: _RequestLosses) -> float | None:
-        """The loss the removed examples are taken to: the level examples' mean, calibrated."""
-        level = heldout_mean(state, level_at)
-        return None if level is None else level + level_offset
-
     token_config = TokenizationConfig(max_length=max_length, loss_scope=loss_scope)
     kept_items = tokenize_examples(tokenizer, kept, token_config)
     new_items = tokenize_examples(tokenizer, new_versions, token_config)
@@ -399,7 +377,7 @@ def trust_region_update(
         def request_problem(state: _RequestLosses) -> str:
             """The first refusal among the checks that need no pass over the kept sample ('' if none): the
             held-out guard, the removed examples' ceiling (with replacements) and their floor (refit phase)."""
-            heldout_loss, level = heldout_mean(state, guard_at), never_seen_level(state)
+            heldout_loss, level = heldout_mean(state, guard_at), heldout_mean(state, level_at)
             removed_loss = float(state.removed_losses.mean()) if len(removed) else None
             if heldout_loss is not None and guard_limit is not None and heldout_loss > guard_limit:
                 return f"held-out loss {heldout_loss:.4f} > {guard_limit:.4f} (θ̂'s + {settings.heldout_tolerance:g})"
@@ -425,8 +403,9 @@ def trust_region_update(
                 if new_loss < floor:
                     problem = (f"replacements' loss {new_loss:.4f} < {floor:.4f} (the kept examples' level or "
                                f"theirs at θ̂, − {settings.heldout_tolerance:g})")
-            if not problem and kept_floor is not None and (kept_loss := float(state.kept.losses().mean())) < kept_floor:
-                problem = f"kept examples' loss {kept_loss:.4f} < {kept_floor:.4f} (θ̂'s, − {settings.heldout_tolerance:g})"
+            if not problem and kept_floor is not None and float(state.kept.losses().mean()) < kept_floor:
+                problem = (f"kept examples' loss {float(state.kept.losses().mean()):.4f} < {kept_floor:.4f} "
+                           f"(θ̂'s, − {settings.heldout_tolerance:g})")
             if not problem and settings.kept_tolerance is not None and len(kept):
                 kept_loss, kept_limit = float(state.kept.losses().mean()), float(base_kept.mean()) * (1 + settings.kept_tolerance)
                 if kept_loss > kept_limit:
@@ -439,7 +418,7 @@ def trust_region_update(
             """Every kind of request at its level: removed loss ≥ held-out loss, replacements' loss ≤ kept loss."""
             if not settings.stop_at_heldout_level or not (removed or new_versions):
                 return False
-            level = never_seen_level(state)
+            level = heldout_mean(state, level_at)
             if removed and (level is None or float(state.removed_losses.mean()) < level):
                 return False
             return not new_versions or (len(kept) > 0 and float(state.new_losses.mean()) <= float(state.kept.losses().mean()))
@@ -633,7 +612,7 @@ def trust_region_update(
             anchor_kept, anchor_norm = anchor.kept.losses(), float(anchor.theta @ anchor.theta)
             hold_level = 0.0  # where the removed examples' mean loss is held: min(reached, never-seen level)
             if len(removed):
-                level = never_seen_level(anchor)
+                level = heldout_mean(anchor, level_at)
                 reached = float(anchor.removed_losses.mean())
                 hold_level = min(reached, level if level is not None else reached)
                 removed_floor = hold_level * (1 - settings.heldout_tolerance)
@@ -694,7 +673,7 @@ def trust_region_update(
                              "tolerance": settings.heldout_tolerance, "examples": len(guard_at),
                              "sharing_removed_content": len(shared_at)},
             "removed_loss": {"before": float(base.removed_losses.mean()) if len(removed) else None, "after": removed_loss,
-                             "never_seen_level": never_seen_level(current), "level_offset": level_offset,
+                             "never_seen_level": heldout_mean(current, level_at),
                              "never_seen_examples": len(level_at)},
             "replacement_loss": {"before": float(base.new_losses.mean()) if len(new_versions) else None,
                                  "after": float(current.new_losses.mean()) if len(new_versions) else None,
@@ -717,15 +696,6 @@ def removed_ceiling(level: float, removed_at_start: float, guard_at_start: float
     as the removed loss and would refuse the forgetting itself (pii bench, seed 2: one step of 1/32), though
     examples nobody taught show the guard's loss."""
     return max(level, removed_at_start, guard_at_start) * (1 + tolerance)
-
-
-def calibrated_level_offset(removed_base: np.ndarray, level_base: np.ndarray) -> float:
-    """mean ℓ₀(removed) − mean ℓ₀(level examples), ℓ₀ the base model's per-example losses (nats per token):
-    what the removed examples' loss exceeds the level examples' by when neither was trained on. Taking the
-    removed examples to (level examples' loss + this) compares each set with its own difficulty (the
-    difficulty calibration of membership inference, Watson et al., ICLR 2022): where examples differ in
-    difficulty more than training moves them, an uncalibrated mean says "never seen" too early or too late."""
-    return float(removed_base.mean()) - float(level_base.mean())
 
 
 def held_direction(direction: Tensor, operator: Callable[[Tensor], Tensor], gradient: Tensor, c: Tensor,

@@ -153,7 +153,6 @@ def _erase_flags(erase: argparse.ArgumentParser) -> None:
                  helps={"trust_region_steps": f"trust-region steps at most (default {EraseConfig.trust_region_steps})"})
     _add_options(erase, EraseConfig, ["kept_examples", "heldout_tolerance", "kept_tolerance", "kl_budget",
                                       "trust_region_memory", "trust_region_refit_steps", "trust_region_refit_kept_level",
-                                      "trust_region_calibrate_level",
                                       "trust_region_follow_bounds",
                                       "auto_damping"])
     _add_dry_run(erase, "erasure (prepare, gradients, solve, save)")

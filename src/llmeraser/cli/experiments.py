@@ -16,8 +16,7 @@ from llmeraser.errors import InputError
 # the options of bench, in --help's order: BenchConfig's fields, and those of its eraser and recipe
 _BENCH_FIELDS = ("data", "format", "ratios", "model", "methods", "n_train", "n_test")
 _ERASER_FIELDS = ("solver", "max_iters", "curvature_examples", "damping", "kept_tolerance", "trust_region_memory",
-                  "trust_region_refit_steps", "trust_region_refit_kept_level", "trust_region_calibrate_level",
-                  "trust_region_follow_bounds")
+                  "trust_region_refit_steps", "trust_region_refit_kept_level", "trust_region_follow_bounds")
 _RECIPE_FIELDS = ("epochs",)
 _MORE_BENCH_FIELDS = ("cache_method", "removal_unit", "trust_region_steps", "query_mode", "relearn_steps", "quantise_bits")
 _HELPS = {"solver": "LLMEraser's solver", "max_iters": "LLMEraser's solver iterations",
@@ -25,8 +24,6 @@ _HELPS = {"solver": "LLMEraser's solver", "max_iters": "LLMEraser's solver itera
           "epochs": "training epochs of the recipe",
           "trust_region_refit_kept_level": "end LLMEraser's refit once the kept examples' loss is back at the "
                                            "original adapter's (default: off)",
-          "trust_region_calibrate_level": "calibrate the never-seen level LLMEraser's trust region takes the removed "
-                                          "examples to by the base model's losses (default: off)",
           "trust_region_follow_bounds": "turn LLMEraser's trust-region steps along the held-out guard and the "
                                         "replacements' floor instead of cutting them short there (default: off)"}
 
