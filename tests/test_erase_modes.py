@@ -94,8 +94,8 @@ def test_default_erase_of_a_long_recipe_fits_once_and_takes_trust_region_steps(s
     lineage = [json.loads(line) for line in (tmp_path / "erased" / "lineage.jsonl").read_text().splitlines()]
     assert lineage[-1]["method"] == "update" and lineage[-1]["result"]["trust_region"]["steps"]
     assert checks["bounds_followed"] is None  # off unless asked for
-    # the second erase of the same adapter finds the fitted curvature (its steps turned along the bounds)
     assert checks["refit"] == {"steps": 0}  # no refit unless asked for
+    # the second erase of the same adapter finds the fitted curvature (its steps turned along the bounds)
     again = cli("erase", *args, "--out", tmp_path / "erased2", "--trust-region-follow-bounds",
                 "--trust-region-refit-steps", "2", "--trust-region-refit-kept-level")
     assert again.code == 0 and "fitting" not in again.out

@@ -403,9 +403,8 @@ def trust_region_update(
                 if new_loss < floor:
                     problem = (f"replacements' loss {new_loss:.4f} < {floor:.4f} (the kept examples' level or "
                                f"theirs at θ̂, − {settings.heldout_tolerance:g})")
-            if not problem and kept_floor is not None and float(state.kept.losses().mean()) < kept_floor:
-                problem = (f"kept examples' loss {float(state.kept.losses().mean()):.4f} < {kept_floor:.4f} "
-                           f"(θ̂'s, − {settings.heldout_tolerance:g})")
+            if not problem and kept_floor is not None and (kept_loss := float(state.kept.losses().mean())) < kept_floor:
+                problem = f"kept examples' loss {kept_loss:.4f} < {kept_floor:.4f} (θ̂'s, − {settings.heldout_tolerance:g})"
             if not problem and settings.kept_tolerance is not None and len(kept):
                 kept_loss, kept_limit = float(state.kept.losses().mean()), float(base_kept.mean()) * (1 + settings.kept_tolerance)
                 if kept_loss > kept_limit:
@@ -642,9 +641,9 @@ def trust_region_update(
 
             def kept_at_level(state: _State) -> str:
                 """Why the refit is done ('' while it is not): the kept sample's loss back at θ̂'s."""
-                kept_loss = float(state.kept.losses().mean())
-                return (f"the kept examples' loss {kept_loss:.4f} is back at θ̂'s {kept_level:.4f}"
-                        if kept_level is not None and kept_loss <= kept_level else "")
+                if kept_level is None or (kept_loss := float(state.kept.losses().mean())) > kept_level:
+                    return ""
+                return f"the kept examples' loss {kept_loss:.4f} is back at θ̂'s {kept_level:.4f}"
 
             if kept_at_level(anchor):
                 refit_stopped = (f"before any step: the forgetting steps left the kept examples' loss at or below "
